@@ -1,0 +1,1 @@
+"""stalroute: a multi-protocol e-mail routing proxy on Twisted."""

@@ -1,0 +1,265 @@
+"""The backend leg (SPEC §3 step 6–7, §6), shared by every protocol.
+
+``BackendConnector.open`` resolves the destination, connects (from ``source_ips``, with
+retries for connect-class errors), sends the PROXY header, starts TLS, and drives the
+protocol's :class:`~stalroute.protocols.base.BackendDialogue` until the backend is ready for
+the login.  ``BackendLeg.login`` then replays the login.  After a successful login the leg is
+attached to the client session and only relays bytes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from twisted.internet import error as neterror
+from twisted.internet.defer import Deferred, CancelledError
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from stalroute import proxyproto
+from stalroute.config import Config, DestinationConfig
+from stalroute.protocols.base import (
+    BackendDialogue, BackendError, BackendEvent, BackendReady, BackendSend, BackendSettings,
+    BackendStartTLS, ForwardingInfo, LoginFailed, LoginSucceeded,
+)
+from stalroute.sasl import Credentials
+from stalroute.tls import TLSDetails, backend_tls
+
+RETRY_DELAY = 0.2
+
+#: Failures worth another attempt: nothing reached the backend yet.
+_RETRYABLE = (neterror.ConnectionRefusedError, neterror.TCPTimedOutError,
+              neterror.NoRouteError, neterror.TimeoutError)
+
+
+class BackendUnavailable(Exception):
+    """No usable leg to the destination: the client gets a temporary failure."""
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """The client side of a session, as backends must learn it."""
+
+    peer: tuple[str, int]
+    local: tuple[str, int]
+    tls: TLSDetails | None
+    session_id: str
+    ttl: int
+    helo: str | None = None  # SMTP: the name the client greeted with
+
+
+def proxy_header(version: int, client: ClientInfo) -> bytes:
+    """The PROXY header announcing ``client``; v2 carries the TLS and session TLVs."""
+    if version == 1:
+        return proxyproto.encode_v1(client.peer, client.local)
+    tlvs = [(proxyproto.PP2_TYPE_UNIQUE_ID, client.session_id.encode())]
+    if client.tls is not None:
+        tlvs.append((proxyproto.PP2_TYPE_SSL,
+                     proxyproto.ssl_tlv(client.tls.version, client.tls.cipher)))
+        if client.tls.server_name:
+            tlvs.append((proxyproto.PP2_TYPE_AUTHORITY, client.tls.server_name.encode()))
+    return proxyproto.encode_v2(client.peer, client.local, tlvs)
+
+
+def forwarding_info(client: ClientInfo) -> ForwardingInfo:
+    """What XCLIENT / IMAP ID announce about ``client``."""
+    return ForwardingInfo(client_ip=client.peer[0], client_port=client.peer[1],
+                          local_ip=client.local[0], local_port=client.local[1],
+                          session_id=client.session_id, ttl=client.ttl,
+                          client_tls=client.tls is not None)
+
+
+@implementer(IHandshakeListener)
+class BackendLeg(Protocol):
+    """One connection to a backend: the dialogue first, then a relay for a client session."""
+
+    def __init__(self, dialogue: BackendDialogue, tls_mode: str, preamble: bytes,
+                 tls: IOpenSSLClientConnectionCreator | None) -> None:
+        self.dialogue = dialogue
+        self._tls_mode = tls_mode
+        self._preamble = preamble
+        self._tls = tls
+        self._starttls_pending = False
+        #: Fires with the leg when the backend is ready for the login, or with the outcome.
+        self._waiting: Deferred | None = Deferred(canceller=self._abort)
+        self._relay_to: Callable[[bytes], None] | None = None
+        self._on_lost: Callable[[], None] | None = None
+
+    # establishment and login --------------------------------------------------------
+
+    def ready(self) -> Deferred[BackendLeg]:
+        return self._waiting
+
+    def login(self, credentials: Credentials, context: object) -> Deferred[BackendEvent]:
+        """Replay the login; fires with :class:`LoginSucceeded` or :class:`LoginFailed`."""
+        self._waiting = Deferred(canceller=self._abort)
+        waiting = self._waiting
+        self._handle(self.dialogue.login(credentials, context))
+        return waiting
+
+    def _abort(self, _d: Deferred) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionMade(self) -> None:
+        if self._preamble:
+            self.transport.write(self._preamble)
+        if self._tls_mode == "implicit":
+            self.transport.startTLS(self._tls)
+
+    def handshakeCompleted(self) -> None:
+        if self._starttls_pending:
+            self._starttls_pending = False
+            self._handle(self.dialogue.tls_started())
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._relay_to is not None:
+            self._relay_to(data)
+        else:
+            self._handle(self.dialogue.receive(data))
+
+    def _handle(self, events: list[BackendEvent]) -> None:
+        for event in events:
+            if isinstance(event, BackendSend):
+                self.transport.write(event.data)
+            elif isinstance(event, BackendStartTLS):
+                self._starttls_pending = True
+                self.transport.startTLS(self._tls)
+            elif isinstance(event, BackendReady):
+                self._settle(self)
+            elif isinstance(event, (LoginSucceeded, LoginFailed)):
+                self._settle(event)
+            elif isinstance(event, BackendError):
+                self._settle(Failure(BackendUnavailable(event.reason)))
+                self.transport.abortConnection()
+                return
+
+    def _settle(self, result) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(result) if not isinstance(result, Failure) else waiting.errback(result)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self._waiting is not None:
+            self._settle(Failure(BackendUnavailable(
+                f"backend closed the connection ({reason.getErrorMessage()})")))
+        if self._on_lost is not None:
+            self._on_lost()
+
+    # relay ---------------------------------------------------------------------------
+
+    def attach(self, relay_to: Callable[[bytes], None], on_lost: Callable[[], None]) -> None:
+        """Hand the leg to a client session: backend bytes go to ``relay_to`` from now on."""
+        self._relay_to = relay_to
+        self._on_lost = on_lost
+        leftover = self.dialogue.leftover
+        if leftover:
+            relay_to(leftover)
+
+    def close(self) -> None:
+        self._on_lost = None
+        if self.transport is not None and self.transport.connected:
+            self.transport.loseConnection()
+
+
+class BackendConnector:
+    """Opens backend legs for one configuration (TLS settings and source rotation per destination)."""
+
+    def __init__(self, reactor, config: Config) -> None:
+        self._reactor = reactor
+        self._config = config
+        self._tls = {name: backend_tls(dest) for name, dest in config.destinations.items()
+                     if any(p.tls != "plain" for p in dest.protocols.values())}
+        self._sources: dict[tuple[str, int], Iterator[str]] = {}
+        self._own = {(ipaddress.ip_address(host), port)
+                     for listener in config.listeners.values() for host, port in listener.bind}
+
+    async def open(self, destination: DestinationConfig, protocol: str,
+                   make_dialogue: Callable[[BackendSettings], BackendDialogue],
+                   client: ClientInfo) -> BackendLeg:
+        """A leg ready for the login, within ``backend_timeout``."""
+        leg_config = destination.protocols.get(protocol)
+        if leg_config is None:
+            raise BackendUnavailable(f"destination {destination.name} does not serve {protocol}")
+        if leg_config.tls == "plain" and not destination.allow_plaintext_auth:
+            raise BackendUnavailable(f"destination {destination.name}: cleartext {protocol} leg "
+                                     "refused (allow_plaintext_auth is off)")
+        forwarding = destination.forwarding_for(protocol)
+        dialogue = make_dialogue(BackendSettings(
+            tls_mode=leg_config.tls,
+            forwarding=forwarding_info(client) if forwarding == "xclient" else None,
+            hide_auth_errors=destination.hide_auth_errors,
+            ehlo_name=client.helo or self._config.server.hostname))
+        preamble = b""
+        if forwarding == "proxy":
+            preamble = proxy_header(destination.proxy_protocol_version, client)
+        d = Deferred.fromCoroutine(self._establish(destination, leg_config, dialogue, preamble))
+        d.addTimeout(self._config.server.backend_timeout, self._reactor)
+        try:
+            return await d
+        except (CancelledError, neterror.TimeoutError) as exc:
+            raise BackendUnavailable(f"destination {destination.name}: timed out") from exc
+
+    async def _establish(self, destination: DestinationConfig, leg_config,
+                         dialogue: BackendDialogue, preamble: bytes) -> BackendLeg:
+        addresses = await self._resolve(destination.host, leg_config.port)
+        attempts = 1 + self._config.server.backend_connect_retries
+        for attempt in range(attempts):
+            address = addresses[attempt % len(addresses)]
+            leg = BackendLeg(dialogue, leg_config.tls, preamble, self._tls.get(destination.name))
+            try:
+                await connectProtocol(self._endpoint(destination, address, leg_config.port), leg)
+            except _RETRYABLE as exc:
+                if attempt + 1 == attempts:
+                    raise BackendUnavailable(
+                        f"destination {destination.name}: {exc.__class__.__name__}") from exc
+                await deferLater(self._reactor, RETRY_DELAY)
+                continue
+            except neterror.ConnectError as exc:
+                raise BackendUnavailable(f"destination {destination.name}: {exc}") from exc
+            return await leg.ready()
+        raise AssertionError("unreachable")
+
+    async def _resolve(self, host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        """The addresses of ``host`` (resolved at every connect), minus our own listeners."""
+        try:
+            addresses = [ipaddress.ip_address(host)]
+        except ValueError:
+            try:
+                infos = await deferToThread(socket.getaddrinfo, host, port,
+                                            type=socket.SOCK_STREAM)
+            except OSError as exc:
+                raise BackendUnavailable(f"cannot resolve {host}: {exc}") from exc
+            addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+        usable = [address for address in addresses if not self._is_own(address, port)]
+        if not usable:
+            raise BackendUnavailable(f"{host}:{port} is one of stalroute's own listeners (loop)")
+        return usable
+
+    def _is_own(self, address, port: int) -> bool:
+        return any(port == own_port and (own == address or (own.is_unspecified
+                   and own.version == address.version and address.is_loopback))
+                   for own, own_port in self._own)
+
+    def _endpoint(self, destination: DestinationConfig, address, port: int):
+        family = address.version
+        sources = [ip for ip in destination.source_ips if ip.version == family]
+        bind = None
+        if sources:
+            rotation = self._sources.setdefault((destination.name, family),
+                                                itertools.cycle([str(ip) for ip in sources]))
+            bind = (next(rotation), 0)
+        endpoint_class = TCP4ClientEndpoint if family == 4 else TCP6ClientEndpoint
+        return endpoint_class(self._reactor, str(address), port,
+                              timeout=max(1, int(self._config.server.backend_timeout)),
+                              bindAddress=bind)
+

@@ -1,0 +1,61 @@
+"""Account identifier → destination: cache, then store, then the default (SPEC §3 step 5)."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from stalroute.logs import logger
+from twisted.python.failure import Failure
+
+from stalroute.config import Config, DestinationConfig
+from stalroute.identity import redact
+from stalroute.mapping import MappingStore, StoreError
+from stalroute.mapping.cache import RoutingCache
+
+log = logger("stalroute.router")
+
+
+class RoutingUnavailable(Exception):
+    """The store failed and ``on_store_error = "tempfail"``: the client should retry later."""
+
+
+class Router:
+    """Resolves identifiers against one store through one cache."""
+
+    def __init__(self, config: Config, store: MappingStore, cache: RoutingCache) -> None:
+        self.config = config
+        self.store = store
+        self.cache = cache
+
+    @property
+    def default(self) -> DestinationConfig:
+        return self.config.destinations[self.config.routing.default_destination]
+
+    def resolve(self, identifier: str | None) -> Deferred[DestinationConfig]:
+        """The destination for ``identifier`` (already stripped and normalized).
+
+        No identifier (a token we cannot read) means the default destination.
+        """
+        if identifier is None:
+            return succeed(self.default)
+        d = self.cache.resolve(identifier, self.store.lookup)
+        d.addCallbacks(self._named, self._store_failed, callbackArgs=(identifier,),
+                       errbackArgs=(identifier,))
+        return d
+
+    def _named(self, name: str | None, identifier: str) -> DestinationConfig:
+        if name is None:
+            return self.default
+        destination = self.config.destinations.get(name)
+        if destination is None:
+            log.warn("mapping for {identifier} names undeclared destination {name!r}; "
+                     "using the default", identifier=redact(identifier), name=name)
+            return self.default
+        return destination
+
+    def _store_failed(self, failure: Failure, identifier: str) -> DestinationConfig:
+        failure.trap(StoreError)
+        if self.config.routing.on_store_error == "default":
+            log.warn("store error for {identifier} ({error}); routing to the default",
+                     identifier=redact(identifier), error=failure.getErrorMessage())
+            return self.default
+        raise RoutingUnavailable(failure.getErrorMessage())

@@ -1,0 +1,86 @@
+"""Builds the running proxy from a :class:`~stalroute.config.Config`."""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.internet.defer import DeferredList
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+
+from stalroute.backend import BackendConnector
+from stalroute.config import Config, MappingConfig
+from stalroute.logs import logger, set_level
+from stalroute.mapping import MappingStore
+from stalroute.mapping.cache import RoutingCache
+from stalroute.mapping.file import FileMappingStore
+from stalroute.protocols import PROTOCOLS
+from stalroute.router import Router
+from stalroute.session import Runtime, SessionFactory, SessionRegistry
+from stalroute.tls import ServerTLS
+
+log = logger("stalroute.service")
+
+
+class UnsupportedSetting(Exception):
+    """A valid setting this version cannot run yet (named by its key)."""
+
+
+def build_store(mapping: MappingConfig, destinations: list[str]) -> MappingStore:
+    if mapping.source == "file":
+        return FileMappingStore(mapping.file.path, destinations, mapping.normalize)
+    raise UnsupportedSetting(f"mapping.source: the {mapping.source!r} store is not available "
+                             "in this version yet")
+
+
+def build_runtime(reactor, config: Config, registry: SessionRegistry) -> Runtime:
+    """Everything a configuration needs at run time; raises before anything binds."""
+    for name, listener in config.listeners.items():
+        if listener.protocol not in PROTOCOLS:
+            raise UnsupportedSetting(f"listener.{name}.protocol: {listener.protocol!r} is not "
+                                     "available in this version yet")
+    store = build_store(config.mapping, list(config.destinations))
+    cache = RoutingCache(reactor, config.mapping.positive_ttl, config.mapping.negative_ttl,
+                         config.mapping.cache_max_entries, config.mapping.lookup_timeout)
+    return Runtime(config=config, router=Router(config, store, cache),
+                   connector=BackendConnector(reactor, config),
+                   server_tls=ServerTLS(config.tls, config.server.hostname),
+                   registry=registry)
+
+
+class StalrouteService(service.Service):
+    """Listens on every configured address and serves sessions with the current runtime."""
+
+    def __init__(self, reactor, config: Config) -> None:
+        self.reactor = reactor
+        set_level(config.server.log_level)
+        self.runtime = build_runtime(reactor, config, SessionRegistry())
+        self.factories: dict[str, SessionFactory] = {}
+        self._ports = []
+
+    def startService(self) -> None:
+        super().startService()
+        config = self.runtime.config
+        for name, listener in config.listeners.items():
+            factory = SessionFactory(self.reactor, self.runtime, name, PROTOCOLS[listener.protocol])
+            self.factories[name] = factory
+            for host, port in listener.bind:
+                endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
+                endpoint = endpoint_class(self.reactor, port, backlog=1024, interface=host)
+                # Binding failures surface synchronously for TCP endpoints: twistd stops.
+                self._ports.append(endpoint.listen(factory).addCallback(self._listening, name))
+        log.info("stalroute started: {listeners} listeners, {destinations} destinations",
+                 listeners=len(config.listeners), destinations=len(config.destinations))
+
+    def _listening(self, port, name: str):
+        address = port.getHost()
+        log.info("listener {name} on {host}:{port}", name=name, host=address.host,
+                 port=address.port)
+        return port
+
+    def stopService(self):
+        super().stopService()
+        ports = DeferredList(self._ports)
+        ports.addCallback(lambda results: DeferredList(
+            [port.stopListening() for ok, port in results if ok]))
+        for session in list(self.runtime.registry.sessions.values()):
+            session.close("shutdown")
+        return ports.addCallback(lambda _: self.runtime.router.store.close())

@@ -1,0 +1,336 @@
+"""The shared pipeline of every interactive protocol (SPEC §3).
+
+A :class:`ClientSession` runs a protocol's sans-IO :class:`PreAuthMachine` on the client
+connection, resolves the account, opens a backend leg through the
+:class:`~stalroute.backend.BackendConnector`, replays the login, and on success splices the two
+connections with flow control (each transport is the other's producer, so a client that stops
+reading pauses the backend) until either side closes, ``bridge_idle`` passes, or a kick.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from stalroute.backend import BackendConnector, BackendLeg, BackendUnavailable, ClientInfo
+from stalroute.config import Config, ListenerConfig
+from stalroute.identity import (
+    InvalidIdentifier, account_from_credentials, redact, routing_identifier,
+)
+from stalroute.logs import logger
+from stalroute.protocols.base import (
+    Authenticate, Close, LoginFailed, LoginSucceeded, PreAuthSettings, ProtocolSpec, Reply,
+    StartTLS,
+)
+from stalroute.router import Router, RoutingUnavailable
+from stalroute.tls import ServerTLS, TLSDetails, tls_details
+
+log = logger("stalroute.session")
+
+#: How long a closing connection may take to flush before it is aborted.
+CLOSE_GRACE = 5.0
+
+
+class LoopDetected(Exception):
+    """The hop TTL announced by an upstream proxy is exhausted."""
+
+
+@dataclass
+class Runtime:
+    """Everything sessions share; a reload builds a new one, live sessions keep theirs."""
+
+    config: Config
+    router: Router
+    connector: BackendConnector
+    server_tls: ServerTLS
+    registry: SessionRegistry
+
+
+@dataclass
+class SessionRegistry:
+    """Live spliced sessions, for kicks, listings and metrics."""
+
+    sessions: dict[str, ClientSession] = field(default_factory=dict)
+
+    def add(self, session: ClientSession) -> None:
+        self.sessions[session.id] = session
+
+    def discard(self, session: ClientSession) -> None:
+        self.sessions.pop(session.id, None)
+
+
+def preauth_settings(config: Config, listener: ListenerConfig) -> PreAuthSettings:
+    capabilities = getattr(config.capabilities, listener.protocol)
+    return PreAuthSettings(
+        hostname=config.server.hostname, tls_mode=listener.tls, sasl=tuple(capabilities.sasl),
+        allow_plain_auth_without_tls=capabilities.allow_plain_auth_without_tls,
+        banner=capabilities.banner, max_auth_attempts=listener.max_auth_attempts,
+        extra={"advertise": capabilities.advertise, "ehlo": capabilities.ehlo,
+               "sieve": capabilities.sieve, "implementation": capabilities.implementation})
+
+
+class SessionFactory(Factory):
+    """Sessions of one listener; counts its connection slots (``max_connections``)."""
+
+    def __init__(self, reactor, runtime: Runtime, listener_name: str,
+                 spec: ProtocolSpec) -> None:
+        self.reactor = reactor
+        self.runtime = runtime
+        self.listener_name = listener_name
+        self.spec = spec
+        self.active = 0
+        self.rejected = 0
+
+    def buildProtocol(self, addr) -> ClientSession:
+        return ClientSession(self, self.runtime)
+
+    def take_slot(self, listener: ListenerConfig) -> bool:
+        if self.active >= listener.max_connections:
+            self.rejected += 1
+            return False
+        self.active += 1
+        return True
+
+    def release_slot(self) -> None:
+        self.active -= 1
+
+
+@implementer(IHandshakeListener)
+class ClientSession(Protocol):
+    """One client connection through pre-auth, routing, login replay and splice."""
+
+    def __init__(self, factory: SessionFactory, runtime: Runtime) -> None:
+        self.factory = factory
+        self.runtime = runtime
+        self.listener = runtime.config.listeners[factory.listener_name]
+        self.spec = factory.spec
+        self.id = f"{runtime.config.cluster.node_id}-{secrets.token_hex(6)}"
+        self.state = "new"  # new → preauth ⇄ routing → spliced → closed
+        self.outcome = "client_closed"
+        self.account: str | None = None
+        self.destination: str | None = None
+        self.tls: TLSDetails | None = None
+        self.bytes_in = self.bytes_out = 0
+        self.leg: BackendLeg | None = None
+        self._has_slot = False
+        self._starttls_pending = False
+        self._timer = None
+        self._last_activity = 0.0
+
+    # connection ----------------------------------------------------------------------
+
+    @property
+    def _clock(self):
+        return self.factory.reactor
+
+    @property
+    def _account_label(self) -> str:
+        """The account as logs may show it (redacted)."""
+        return redact(self.account) if self.account else "-"
+
+    def connectionMade(self) -> None:
+        peer, local = self.transport.getPeer(), self.transport.getHost()
+        self.client = (peer.host, peer.port)
+        self.local = (local.host, local.port)
+        if not self.factory.take_slot(self.listener):
+            self.outcome = "rejected"
+            self.transport.abortConnection()
+            return
+        self._has_slot = True
+        self.started = self._clock.seconds()
+        self.state = "preauth"
+        self.machine = self.spec.preauth(preauth_settings(self.runtime.config, self.listener))
+        self._timer = self._clock.callLater(self.listener.preauth_timeout, self._preauth_expired)
+        if self.listener.tls == "implicit":
+            self.transport.startTLS(self.runtime.server_tls.options)
+        self._run(self.machine.greeting())
+
+    def handshakeCompleted(self) -> None:
+        self.tls = tls_details(self.transport)
+        if self._starttls_pending:
+            self._starttls_pending = False
+            self._run(self.machine.tls_started())
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == "spliced":
+            self.bytes_in += len(data)
+            self._last_activity = self._clock.seconds()
+            self.leg.transport.write(data)
+        elif self.state in ("preauth", "routing"):
+            self._run(self.machine.receive(data))
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        was_spliced = self.state == "spliced"
+        self.state = "closed"
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if not self._has_slot:
+            return
+        self._has_slot = False
+        self.factory.release_slot()
+        if self.leg is not None:
+            self.leg.close()
+        self.runtime.registry.discard(self)
+        if was_spliced and self.outcome == "client_closed" and not reason.check(ConnectionDone):
+            self.outcome = "client_error"
+        log.info("session {session} {protocol} client={client} account={account} "
+                 "destination={destination} outcome={outcome} in={bytes_in} out={bytes_out} "
+                 "duration={duration:.3f}s", session=self.id, protocol=self.spec.name,
+                 client=f"{self.client[0]}:{self.client[1]}",
+                 account=self._account_label,
+                 destination=self.destination or "-", outcome=self.outcome,
+                 bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                 duration=self._clock.seconds() - self.started)
+
+    def close(self, outcome: str) -> None:
+        """End the session (and its backend leg); abort if the client does not drain."""
+        if self.state == "closed":
+            return
+        self.outcome = outcome
+        if self.leg is not None:
+            self.leg.close()
+        self.transport.loseConnection()
+        self._clock.callLater(CLOSE_GRACE, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if self.state != "closed":
+            self.transport.abortConnection()
+
+    # pre-auth ------------------------------------------------------------------------
+
+    def _run(self, events) -> None:
+        for event in events:
+            if self.state == "closed":
+                return
+            match event:
+                case Reply(data=data):
+                    self.transport.write(data)
+                case StartTLS():
+                    self._starttls_pending = True
+                    self.transport.startTLS(self.runtime.server_tls.options)
+                case Authenticate():
+                    self.state = "routing"
+                    Deferred.fromCoroutine(self._login(event))
+                case Close():
+                    self.close(self.outcome if self.outcome != "client_closed" else "closed")
+                    return
+
+    def _preauth_expired(self) -> None:
+        self.outcome = "preauth_timeout"
+        self._run(self.machine.timed_out())
+
+    # routing, backend leg, replay ----------------------------------------------------
+
+    async def _login(self, event: Authenticate) -> None:
+        leg = None
+        try:
+            self.account = self._identifier(event)
+            destination = await self.runtime.router.resolve(self.account)
+            self.destination = destination.name
+            leg = await self.runtime.connector.open(
+                destination, self.spec.name, self.spec.dialogue, self._client_info())
+            if self.state == "closed":
+                leg.close()
+                return
+            outcome = await self._with_timeout(leg.login(event.credentials, event.context))
+        except (InvalidIdentifier, RoutingUnavailable, BackendUnavailable, LoopDetected) as exc:
+            self._unavailable(leg, str(exc))
+            return
+        except Exception:
+            log.failure("session {session}: unexpected error during login", session=self.id)
+            self._unavailable(leg, "internal error")
+            return
+        if self.state == "closed":
+            leg.close()
+        elif isinstance(outcome, LoginFailed):
+            leg.close()
+            self.state = "preauth"
+            self.outcome = "auth_failed"
+            log.info("session {session}: login refused by {destination} for {account}",
+                     session=self.id, destination=self.destination,
+                     account=self._account_label)
+            self._run(self.machine.auth_failed(outcome.reply))
+        else:
+            self._splice(leg, outcome)
+
+    def _identifier(self, event: Authenticate) -> str | None:
+        config = self.runtime.config
+        account = account_from_credentials(event.credentials, config.oauth.jwt_username_claim)
+        if account is None:
+            return None
+        return routing_identifier(account, config.routing.master_user_separators,
+                                  config.mapping.normalize)
+
+    def _client_info(self) -> ClientInfo:
+        announced = self.machine.proxy_ttl
+        ttl = (self.runtime.config.server.proxy_ttl if announced is None else announced) - 1
+        if ttl < 0:
+            raise LoopDetected("proxy hop TTL exhausted (loop?)")
+        return ClientInfo(peer=self.client, local=self.local, tls=self.tls,
+                          session_id=self.id, ttl=ttl)
+
+    async def _with_timeout(self, d: Deferred):
+        d.addTimeout(self.runtime.config.server.backend_timeout, self._clock)
+        try:
+            return await d
+        except CancelledError as exc:
+            raise BackendUnavailable("backend login timed out") from exc
+
+    def _unavailable(self, leg: BackendLeg | None, reason: str) -> None:
+        if leg is not None:
+            leg.close()
+        if self.state == "closed":
+            return
+        log.warn("session {session}: temporary failure for {account}: {reason}",
+                 session=self.id, account=self._account_label,
+                 reason=reason)
+        self.state = "preauth"
+        self.outcome = "tempfail"
+        self._run(self.machine.auth_unavailable(reason))
+
+    # splice --------------------------------------------------------------------------
+
+    def _splice(self, leg: BackendLeg, outcome: LoginSucceeded) -> None:
+        self._timer.cancel()
+        self.leg = leg
+        self.state = "spliced"
+        self.outcome = "client_closed"
+        self.transport.write(outcome.reply)
+        pipelined = self.machine.auth_succeeded()
+        leg.attach(self._from_backend, self._backend_lost)
+        if pipelined:
+            self.bytes_in += len(pipelined)
+            leg.transport.write(pipelined)
+        self.transport.registerProducer(leg.transport, True)
+        leg.transport.registerProducer(self.transport, True)
+        self.runtime.registry.add(self)
+        self._last_activity = self._clock.seconds()
+        self._timer = self._clock.callLater(self.runtime.config.server.bridge_idle,
+                                            self._idle_check)
+        log.info("session {session}: {account} logged in at {destination}", session=self.id,
+                 account=self._account_label,
+                 destination=self.destination)
+
+    def _from_backend(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self._last_activity = self._clock.seconds()
+        self.transport.write(data)
+
+    def _backend_lost(self) -> None:
+        self.leg = None
+        self.close("backend_closed")
+
+    def _idle_check(self) -> None:
+        limit = self.runtime.config.server.bridge_idle
+        idle_for = self._clock.seconds() - self._last_activity
+        if idle_for >= limit:
+            self.close("idle")
+        else:
+            self._timer = self._clock.callLater(limit - idle_for, self._idle_check)
