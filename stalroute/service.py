@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet.defer import DeferredList
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
@@ -11,7 +12,7 @@ from stalroute.config import Config, MappingConfig
 from stalroute.logs import logger, set_level
 from stalroute.mapping import MappingStore
 from stalroute.mapping.cache import RoutingCache
-from stalroute.mapping.file import FileMappingStore
+from stalroute.mapping.file import FileMappingStore, MappingFileError
 from stalroute.protocols import PROTOCOLS
 from stalroute.router import Router
 from stalroute.session import Runtime, SessionFactory, SessionRegistry
@@ -20,7 +21,11 @@ from stalroute.tls import ServerTLS
 log = logger("stalroute.service")
 
 
-class UnsupportedSetting(Exception):
+class StartupError(Exception):
+    """The configuration is valid but cannot run: the message names the key or file."""
+
+
+class UnsupportedSetting(StartupError):
     """A valid setting this version cannot run yet (named by its key)."""
 
 
@@ -32,18 +37,27 @@ def build_store(mapping: MappingConfig, destinations: list[str]) -> MappingStore
 
 
 def build_runtime(reactor, config: Config, registry: SessionRegistry) -> Runtime:
-    """Everything a configuration needs at run time; raises before anything binds."""
+    """Everything a configuration needs at run time.
+
+    Raises :class:`StartupError` (naming the key or file) before anything binds.
+    """
     for name, listener in config.listeners.items():
         if listener.protocol not in PROTOCOLS:
             raise UnsupportedSetting(f"listener.{name}.protocol: {listener.protocol!r} is not "
                                      "available in this version yet")
-    store = build_store(config.mapping, list(config.destinations))
+    try:
+        store = build_store(config.mapping, list(config.destinations))
+    except MappingFileError as exc:
+        raise StartupError(f"mapping.file.path: {exc}") from exc
+    try:
+        server_tls = ServerTLS(config.tls, config.server.hostname)
+        connector = BackendConnector(reactor, config)
+    except (OSError, ValueError, SSL.Error) as exc:
+        raise StartupError(f"cannot load TLS material: {exc}") from exc
     cache = RoutingCache(reactor, config.mapping.positive_ttl, config.mapping.negative_ttl,
                          config.mapping.cache_max_entries, config.mapping.lookup_timeout)
-    return Runtime(config=config, router=Router(config, store, cache),
-                   connector=BackendConnector(reactor, config),
-                   server_tls=ServerTLS(config.tls, config.server.hostname),
-                   registry=registry)
+    return Runtime(config=config, router=Router(config, store, cache), connector=connector,
+                   server_tls=server_tls, registry=registry)
 
 
 class StalrouteService(service.Service):
@@ -52,6 +66,8 @@ class StalrouteService(service.Service):
     def __init__(self, reactor, config: Config) -> None:
         self.reactor = reactor
         set_level(config.server.log_level)
+        for warning in config.warnings:
+            log.warn("configuration: {warning}", warning=str(warning))
         self.runtime = build_runtime(reactor, config, SessionRegistry())
         self.factories: dict[str, SessionFactory] = {}
         self._ports = []

@@ -61,9 +61,13 @@ def tls_details(transport) -> TLSDetails | None:
 class _TunedOptions(ssl.CertificateOptions):
     """CertificateOptions whose context gets our cipher and ordering settings applied."""
 
-    def __init__(self, tune: Callable[[SSL.Context], None], **kwargs) -> None:
+    def __init__(self, tune: Callable[[SSL.Context], None], server_order: bool,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self._tune = tune
+        if not server_order:
+            # Twisted always prefers the server's cipher order; honour the client's instead.
+            self._options &= ~SSL.OP_CIPHER_SERVER_PREFERENCE
 
     def _makeContext(self, *args, **kwargs) -> SSL.Context:
         context = super()._makeContext(*args, **kwargs)
@@ -135,7 +139,8 @@ class ServerTLS:
 
     def _options(self, material: Material, **kwargs) -> ssl.CertificateOptions:
         cert, key, chain = material
-        return _TunedOptions(self._tune, privateKey=key, certificate=cert, extraCertChain=chain,
+        return _TunedOptions(self._tune, self._settings.ignore_client_order,
+                             privateKey=key, certificate=cert, extraCertChain=chain,
                              raiseMinimumTo=_MIN_VERSION[self._settings.min_version], **kwargs)
 
     def _tune(self, context: SSL.Context) -> None:
@@ -147,9 +152,6 @@ class ServerTLS:
                     ("DEFAULT:" + ":".join(f"!{name}" for name in tls12)).encode())
             tls13 = [name for name in _TLS13_DEFAULT_SUITES if name not in disabled]
             context.set_tls13_ciphersuites(":".join(tls13).encode())
-        if not self._settings.ignore_client_order:
-            # Twisted always prefers the server's order; pyOpenSSL cannot clear an option.
-            SSL._lib.SSL_CTX_clear_options(context._context, SSL.OP_CIPHER_SERVER_PREFERENCE)
 
     def context_for(self, server_name: bytes | None) -> SSL.Context:
         """SNI selection: exact name, then parent domains, then the fallback."""

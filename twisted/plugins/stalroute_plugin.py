@@ -35,7 +35,7 @@ class StalrouteServiceMaker:
         from twisted.internet import reactor
 
         from stalroute.config import ConfigError, load_config
-        from stalroute.service import StalrouteService, UnsupportedSetting
+        from stalroute.service import StalrouteService, StartupError
 
         try:
             config = load_config(options["config"], env=os.environ)
@@ -43,7 +43,7 @@ class StalrouteServiceMaker:
         except ConfigError as exc:
             for problem in exc.problems:
                 print(f"{options['config']}: {problem}", file=sys.stderr)
-        except (UnsupportedSetting, OSError) as exc:
+        except (StartupError, OSError) as exc:
             print(f"{options['config']}: {exc}", file=sys.stderr)
         raise SystemExit(1)
 
