@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+
 from OpenSSL import SSL
 from twisted.application import service
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 
 from stalroute.backend import BackendConnector
@@ -74,6 +76,7 @@ class StalrouteService(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload_mappings))
         config = self.runtime.config
         for name, listener in config.listeners.items():
             factory = SessionFactory(self.reactor, self.runtime, name, PROTOCOLS[listener.protocol])
@@ -91,6 +94,20 @@ class StalrouteService(service.Service):
         log.info("listener {name} on {host}:{port}", name=name, host=address.host,
                  port=address.port)
         return port
+
+    def reload_mappings(self) -> Deferred[int | None]:
+        """SIGHUP: re-read the mapping table (a bad file is refused, the old one kept)."""
+        router = self.runtime.router
+
+        def reloaded(entries: int | None) -> None:
+            router.cache.invalidate()
+            log.info("mappings reloaded: {entries} entries", entries=entries)
+
+        def refused(failure) -> None:
+            log.error("mapping reload refused, keeping the old table: {error}",
+                      error=failure.getErrorMessage())
+
+        return router.store.reload().addCallbacks(reloaded, refused)
 
     def stopService(self):
         super().stopService()

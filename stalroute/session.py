@@ -269,8 +269,11 @@ class ClientSession(Protocol):
                                   config.mapping.normalize)
 
     def _client_info(self) -> ClientInfo:
-        announced = self.machine.proxy_ttl
-        ttl = (self.runtime.config.server.proxy_ttl if announced is None else announced) - 1
+        # An upstream proxy may lower the hop TTL, never raise it above ours.
+        ttl = self.runtime.config.server.proxy_ttl
+        if self.machine.proxy_ttl is not None:
+            ttl = min(ttl, self.machine.proxy_ttl)
+        ttl -= 1
         if ttl < 0:
             raise LoopDetected("proxy hop TTL exhausted (loop?)")
         return ClientInfo(peer=self.client, local=self.local, tls=self.tls,
