@@ -10,11 +10,11 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 
 from stalroute.backend import BackendConnector
-from stalroute.config import Config, MappingConfig
+from stalroute.config import Config
 from stalroute.logs import logger, set_level
-from stalroute.mapping import MappingStore
 from stalroute.mapping.cache import RoutingCache
-from stalroute.mapping.file import FileMappingStore, MappingFileError
+from stalroute.mapping.factory import UnsupportedStore, build_store
+from stalroute.mapping.file import MappingFileError
 from stalroute.protocols import PROTOCOLS
 from stalroute.router import Router
 from stalroute.session import Runtime, SessionFactory, SessionRegistry
@@ -31,13 +31,6 @@ class UnsupportedSetting(StartupError):
     """A valid setting this version cannot run yet (named by its key)."""
 
 
-def build_store(mapping: MappingConfig, destinations: list[str]) -> MappingStore:
-    if mapping.source == "file":
-        return FileMappingStore(mapping.file.path, destinations, mapping.normalize)
-    raise UnsupportedSetting(f"mapping.source: the {mapping.source!r} store is not available "
-                             "in this version yet")
-
-
 def build_runtime(reactor, config: Config, registry: SessionRegistry) -> Runtime:
     """Everything a configuration needs at run time.
 
@@ -51,6 +44,8 @@ def build_runtime(reactor, config: Config, registry: SessionRegistry) -> Runtime
         store = build_store(config.mapping, list(config.destinations))
     except MappingFileError as exc:
         raise StartupError(f"mapping.file.path: {exc}") from exc
+    except UnsupportedStore as exc:
+        raise UnsupportedSetting(str(exc)) from exc
     try:
         server_tls = ServerTLS(config.tls, config.server.hostname)
         connector = BackendConnector(reactor, config)

@@ -277,7 +277,7 @@ class ClientSession(Protocol):
         if ttl < 0:
             raise LoopDetected("proxy hop TTL exhausted (loop?)")
         return ClientInfo(peer=self.client, local=self.local, tls=self.tls,
-                          session_id=self.id, ttl=ttl)
+                          session_id=self.id, ttl=ttl, helo=self.machine.client_helo)
 
     async def _with_timeout(self, d: Deferred):
         d.addTimeout(self.runtime.config.server.backend_timeout, self._clock)

@@ -83,6 +83,8 @@ class PreAuthMachine(abc.ABC):
 
     #: Hop TTL announced by an upstream proxy (IMAP ``ID x-proxy-ttl``), if the client sent one.
     proxy_ttl: int | None = None
+    #: SMTP: the name the client gave in EHLO/HELO, replayed to the backend.
+    client_helo: str | None = None
 
     @abc.abstractmethod
     def __init__(self, settings: PreAuthSettings) -> None: ...
