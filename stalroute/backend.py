@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from twisted.internet import error as neterror
 from twisted.internet.defer import Deferred, CancelledError
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -99,7 +99,7 @@ class BackendLeg(Protocol):
     def ready(self) -> Deferred[BackendLeg]:
         return self._waiting
 
-    def login(self, credentials: Credentials, context: object) -> Deferred[BackendEvent]:
+    def login(self, credentials: Credentials | None, context: object) -> Deferred[BackendEvent]:
         """Replay the login; fires with :class:`LoginSucceeded` or :class:`LoginFailed`."""
         self._waiting = Deferred(canceller=self._abort)
         waiting = self._waiting
@@ -171,6 +171,18 @@ class BackendLeg(Protocol):
             self.transport.loseConnection()
 
 
+class _OneLeg(Factory):
+    """Connects one prepared leg (quietly: one factory per connection would log twice)."""
+
+    noisy = False
+
+    def __init__(self, leg: BackendLeg) -> None:
+        self._leg = leg
+
+    def buildProtocol(self, addr) -> BackendLeg:
+        return self._leg
+
+
 class BackendConnector:
     """Opens backend legs for one configuration (TLS settings and source rotation per destination)."""
 
@@ -217,7 +229,7 @@ class BackendConnector:
             address = addresses[attempt % len(addresses)]
             leg = BackendLeg(dialogue, leg_config.tls, preamble, self._tls.get(destination.name))
             try:
-                await connectProtocol(self._endpoint(destination, address, leg_config.port), leg)
+                await self._endpoint(destination, address, leg_config.port).connect(_OneLeg(leg))
             except _RETRYABLE as exc:
                 if attempt + 1 == attempts:
                     raise BackendUnavailable(

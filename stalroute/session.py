@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stalroute.backend import BackendConnector, BackendLeg, BackendUnavailable, ClientInfo
-from stalroute.config import Config, ListenerConfig
+from stalroute.config import Config, DestinationConfig, ListenerConfig
 from stalroute.identity import (
     InvalidIdentifier, account_from_credentials, redact, routing_identifier,
 )
@@ -67,17 +67,23 @@ class SessionRegistry:
 
 
 def preauth_settings(config: Config, listener: ListenerConfig) -> PreAuthSettings:
-    capabilities = getattr(config.capabilities, listener.protocol)
+    common = {"hostname": config.server.hostname, "tls_mode": listener.tls,
+              "max_auth_attempts": listener.max_auth_attempts}
+    capabilities = getattr(config.capabilities, listener.protocol, None)
+    if capabilities is None:  # SMTP/LMTP pass-through: nothing to advertise
+        return PreAuthSettings(**common, sasl=(), allow_plain_auth_without_tls=False, banner="")
     return PreAuthSettings(
-        hostname=config.server.hostname, tls_mode=listener.tls, sasl=tuple(capabilities.sasl),
+        **common, sasl=tuple(capabilities.sasl),
         allow_plain_auth_without_tls=capabilities.allow_plain_auth_without_tls,
-        banner=capabilities.banner, max_auth_attempts=listener.max_auth_attempts,
+        banner=capabilities.banner,
         extra={"advertise": capabilities.advertise, "ehlo": capabilities.ehlo,
                "sieve": capabilities.sieve, "implementation": capabilities.implementation})
 
 
 class SessionFactory(Factory):
     """Sessions of one listener; counts its connection slots (``max_connections``)."""
+
+    noisy = False
 
     def __init__(self, reactor, runtime: Runtime, listener_name: str,
                  spec: ProtocolSpec) -> None:
@@ -151,6 +157,9 @@ class ClientSession(Protocol):
         if self.listener.tls == "implicit":
             self.transport.startTLS(self.runtime.server_tls.options)
         self._run(self.machine.greeting())
+        if self.spec.passthrough:
+            self.state = "routing"
+            Deferred.fromCoroutine(self._login(None))
 
     def handshakeCompleted(self) -> None:
         self.tls = tls_details(self.transport)
@@ -228,18 +237,19 @@ class ClientSession(Protocol):
 
     # routing, backend leg, replay ----------------------------------------------------
 
-    async def _login(self, event: Authenticate) -> None:
+    async def _login(self, event: Authenticate | None) -> None:
+        """Route, open the backend leg, replay the login (``event`` is None for pass-through)."""
         leg = None
         try:
-            self.account = self._identifier(event)
-            destination = await self.runtime.router.resolve(self.account)
+            destination = await self._destination(event)
             self.destination = destination.name
             leg = await self.runtime.connector.open(
                 destination, self.spec.name, self.spec.dialogue, self._client_info())
             if self.state == "closed":
                 leg.close()
                 return
-            outcome = await self._with_timeout(leg.login(event.credentials, event.context))
+            credentials, context = (event.credentials, event.context) if event else (None, None)
+            outcome = await self._with_timeout(leg.login(credentials, context))
         except (InvalidIdentifier, RoutingUnavailable, BackendUnavailable, LoopDetected) as exc:
             self._unavailable(leg, str(exc))
             return
@@ -259,6 +269,13 @@ class ClientSession(Protocol):
             self._run(self.machine.auth_failed(outcome.reply))
         else:
             self._splice(leg, outcome)
+
+    async def _destination(self, event: Authenticate | None) -> DestinationConfig:
+        config = self.runtime.config
+        if event is None:
+            return config.destinations[config.routing.smtp_passthrough_destination]
+        self.account = self._identifier(event)
+        return await self.runtime.router.resolve(self.account)
 
     def _identifier(self, event: Authenticate) -> str | None:
         config = self.runtime.config
@@ -317,7 +334,7 @@ class ClientSession(Protocol):
         self._last_activity = self._clock.seconds()
         self._timer = self._clock.callLater(self.runtime.config.server.bridge_idle,
                                             self._idle_check)
-        log.info("session {session}: {account} logged in at {destination}", session=self.id,
+        log.info("session {session}: {account} spliced to {destination}", session=self.id,
                  account=self._account_label,
                  destination=self.destination)
 

@@ -1,7 +1,8 @@
 """One module per protocol; each exports a :class:`~stalroute.protocols.base.ProtocolSpec`."""
 
-from stalroute.protocols import imap
+from stalroute.protocols import imap, passthrough
 from stalroute.protocols.base import ProtocolSpec
 
 #: The interactive protocols the shared pipeline serves, by listener ``protocol`` name.
-PROTOCOLS: dict[str, ProtocolSpec] = {spec.name: spec for spec in (imap.SPEC,)}
+PROTOCOLS: dict[str, ProtocolSpec] = {
+    spec.name: spec for spec in (imap.SPEC, passthrough.SMTP, passthrough.LMTP)}

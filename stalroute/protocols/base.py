@@ -227,3 +227,5 @@ class ProtocolSpec:
     name: str
     preauth: type[PreAuthMachine]
     dialogue: type[BackendDialogue]
+    #: No login: every session goes to ``routing.smtp_passthrough_destination`` (SMTP, LMTP).
+    passthrough: bool = False
