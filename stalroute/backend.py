@@ -115,11 +115,15 @@ class BackendLeg(Protocol):
             self.transport.write(self._preamble)
         if self._tls_mode == "implicit":
             self.transport.startTLS(self._tls)
+        else:
+            self._handle(self.dialogue.connected())
 
     def handshakeCompleted(self) -> None:
         if self._starttls_pending:
             self._starttls_pending = False
             self._handle(self.dialogue.tls_started())
+        elif self._tls_mode == "implicit":
+            self._handle(self.dialogue.connected())
 
     def dataReceived(self, data: bytes) -> None:
         if self._relay_to is not None:

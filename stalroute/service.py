@@ -22,6 +22,9 @@ from stalroute.tls import ServerTLS
 
 log = logger("stalroute.service")
 
+#: Listener protocols served outside the login pipeline: name → factory(reactor, runtime, name).
+OTHER_LISTENERS: dict[str, object] = {}
+
 
 class StartupError(Exception):
     """The configuration is valid but cannot run: the message names the key or file."""
@@ -37,7 +40,7 @@ def build_runtime(reactor, config: Config, registry: SessionRegistry) -> Runtime
     Raises :class:`StartupError` (naming the key or file) before anything binds.
     """
     for name, listener in config.listeners.items():
-        if listener.protocol not in PROTOCOLS:
+        if listener.protocol not in PROTOCOLS and listener.protocol not in OTHER_LISTENERS:
             raise UnsupportedSetting(f"listener.{name}.protocol: {listener.protocol!r} is not "
                                      "available in this version yet")
     try:
@@ -74,7 +77,7 @@ class StalrouteService(service.Service):
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload_mappings))
         config = self.runtime.config
         for name, listener in config.listeners.items():
-            factory = SessionFactory(self.reactor, self.runtime, name, PROTOCOLS[listener.protocol])
+            factory = self._factory_for(name, listener.protocol)
             self.factories[name] = factory
             for host, port in listener.bind:
                 endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
@@ -83,6 +86,13 @@ class StalrouteService(service.Service):
                 self._ports.append(endpoint.listen(factory).addCallback(self._listening, name))
         log.info("stalroute started: {listeners} listeners, {destinations} destinations",
                  listeners=len(config.listeners), destinations=len(config.destinations))
+
+    def _factory_for(self, name: str, protocol: str):
+        """The connection factory of one listener: the shared session pipeline for the
+        interactive protocols, a protocol's own factory for the others."""
+        if protocol in OTHER_LISTENERS:
+            return OTHER_LISTENERS[protocol](self.reactor, self.runtime, name)
+        return SessionFactory(self.reactor, self.runtime, name, PROTOCOLS[protocol])
 
     def _listening(self, port, name: str):
         address = port.getHost()

@@ -202,6 +202,11 @@ class BackendDialogue(abc.ABC):
     @abc.abstractmethod
     def __init__(self, settings: BackendSettings) -> None: ...
 
+    def connected(self) -> list[BackendEvent]:
+        """The leg is up (after implicit TLS). Client-first protocols (HTTP) are ready now;
+        server-first ones wait for the greeting."""
+        return []
+
     @abc.abstractmethod
     def receive(self, data: bytes) -> list[BackendEvent]:
         """Feed backend bytes."""
