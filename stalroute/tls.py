@@ -90,7 +90,7 @@ def _stored_name(name: str) -> str:
     return name[2:] if name.startswith("*.") else name
 
 
-def self_signed_certificate(hostname: str) -> tuple[crypto.X509, crypto.PKey]:
+def self_signed_certificate(hostname: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A throwaway certificate so that TLS listeners work before one is configured."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
@@ -101,10 +101,11 @@ def self_signed_certificate(hostname: str) -> tuple[crypto.X509, crypto.PKey]:
             .not_valid_after(now + datetime.timedelta(days=365))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
             .sign(key, hashes.SHA256()))
-    return crypto.X509.from_cryptography(cert), crypto.PKey.from_cryptography_key(key)
+    return cert, key
 
 
-Material = tuple[crypto.X509, crypto.PKey, list[crypto.X509]]
+#: A certificate chain's leaf, its private key, and the rest of the chain.
+Material = tuple[x509.Certificate, object, list[x509.Certificate]]
 
 
 class ServerTLS:
@@ -118,9 +119,7 @@ class ServerTLS:
         for name, entry in tls.certificates.items():
             chain = x509.load_pem_x509_certificates(Path(entry.cert).read_bytes())
             key = serialization.load_pem_private_key(Path(entry.key).read_bytes(), None)
-            material = (crypto.X509.from_cryptography(chain[0]),
-                        crypto.PKey.from_cryptography_key(key),
-                        [crypto.X509.from_cryptography(c) for c in chain[1:]])
+            material = (chain[0], key, chain[1:])
             loaded.append(material)
             context = self._options(material).getContext()
             for subject in entry.subjects or certificate_subjects(chain[0]):
