@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stalroute import proxyproto
+from stalroute.circuit import CircuitBreaker
 from stalroute.config import Config, DestinationConfig
 from stalroute.protocols.base import (
     BackendDialogue, BackendError, BackendEvent, BackendReady, BackendSend, BackendSettings,
@@ -42,7 +43,15 @@ _RETRYABLE = (neterror.ConnectionRefusedError, neterror.TCPTimedOutError,
 
 
 class BackendUnavailable(Exception):
-    """No usable leg to the destination: the client gets a temporary failure."""
+    """No usable leg to the destination: the client gets a temporary failure.
+
+    ``connect_stage`` says whether TCP never came up, which the circuit breaker counts
+    differently from later failures (TLS, greeting, early close).
+    """
+
+    def __init__(self, reason: str, *, connect_stage: bool = False) -> None:
+        super().__init__(reason)
+        self.connect_stage = connect_stage
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,11 @@ class BackendConnector:
         self._tls = {name: backend_tls(dest) for name, dest in config.destinations.items()
                      if any(p.tls != "plain" for p in dest.protocols.values())}
         self._sources: dict[tuple[str, int], Iterator[str]] = {}
+        server = config.server
+        self.breakers = {name: CircuitBreaker(reactor, server.host_down_threshold,
+                                              server.host_down_min_clients,
+                                              server.host_down_cooldown)
+                         for name in config.destinations}
         self._own = {(ipaddress.ip_address(host), port)
                      for listener in config.listeners.values() for host, port in listener.bind}
 
@@ -218,12 +232,19 @@ class BackendConnector:
         preamble = b""
         if forwarding == "proxy":
             preamble = proxy_header(destination.proxy_protocol_version, client)
+        breaker = self.breakers[destination.name]
+        if not breaker.allow():
+            raise BackendUnavailable(f"destination {destination.name} is marked down "
+                                     "(circuit open)", connect_stage=True)
         d = Deferred.fromCoroutine(self._establish(destination, leg_config, dialogue, preamble))
         d.addTimeout(self._config.server.backend_timeout, self._reactor)
         try:
-            return await d
-        except (CancelledError, neterror.TimeoutError) as exc:
-            raise BackendUnavailable(f"destination {destination.name}: timed out") from exc
+            leg = await d
+        except BackendUnavailable as exc:
+            breaker.failed(client.peer[0], connect_stage=exc.connect_stage)
+            raise
+        breaker.succeeded()
+        return leg
 
     async def _establish(self, destination: DestinationConfig, leg_config,
                          dialogue: BackendDialogue, preamble: bytes) -> BackendLeg:
@@ -236,13 +257,21 @@ class BackendConnector:
                 await self._endpoint(destination, address, leg_config.port).connect(_OneLeg(leg))
             except _RETRYABLE as exc:
                 if attempt + 1 == attempts:
-                    raise BackendUnavailable(
-                        f"destination {destination.name}: {exc.__class__.__name__}") from exc
+                    raise BackendUnavailable(f"destination {destination.name}: "
+                                             f"{exc.__class__.__name__}", connect_stage=True) from exc
                 await deferLater(self._reactor, RETRY_DELAY)
                 continue
             except neterror.ConnectError as exc:
-                raise BackendUnavailable(f"destination {destination.name}: {exc}") from exc
-            return await leg.ready()
+                raise BackendUnavailable(f"destination {destination.name}: {exc}",
+                                         connect_stage=True) from exc
+            except CancelledError as exc:
+                raise BackendUnavailable(f"destination {destination.name}: connect timed out",
+                                         connect_stage=True) from exc
+            try:
+                return await leg.ready()
+            except CancelledError as exc:
+                raise BackendUnavailable(f"destination {destination.name}: timed out after "
+                                         "connecting") from exc
         raise AssertionError("unreachable")
 
     async def _resolve(self, host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:

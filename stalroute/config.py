@@ -1216,6 +1216,14 @@ def _build_listener(ctx: _Context, name: str, table: dict[str, Any]) -> Listener
             f'{_a(listener.protocol)} listener cannot use "starttls" '
             f'({reason}); use "plain" or "implicit"',
         )
+    if (listener.proxy_protocol == "deferred" and listener.protocol in PASSTHROUGH_PROTOCOLS
+            and listener.tls != "implicit"):
+        ctx.error(
+            _join(key, "proxy_protocol"),
+            f'"deferred" cannot work for {_a(listener.protocol)} pass-through listener: the '
+            "client waits for the backend's greeting, which needs the header first; use "
+            '"required" or "optional"',
+        )
     if listener.proxy_protocol not in (None, "off") and not listener.proxy_trusted:
         ctx.error(
             _join(key, "proxy_trusted"),

@@ -11,6 +11,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 
 from stalroute.backend import BackendConnector
 from stalroute.config import Config
+from stalroute.limits import BanList
 from stalroute.logs import logger, set_level
 from stalroute.mapping.cache import RoutingCache
 from stalroute.mapping.factory import UnsupportedStore, build_store
@@ -57,7 +58,8 @@ def build_runtime(reactor, config: Config, registry: SessionRegistry) -> Runtime
     cache = RoutingCache(reactor, config.mapping.positive_ttl, config.mapping.negative_ttl,
                          config.mapping.cache_max_entries, config.mapping.lookup_timeout)
     return Runtime(config=config, router=Router(config, store, cache), connector=connector,
-                   server_tls=server_tls, registry=registry)
+                   server_tls=server_tls, registry=registry,
+                   bans=BanList(reactor, config.security))
 
 
 class StalrouteService(service.Service):

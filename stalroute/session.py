@@ -20,15 +20,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stalroute.backend import BackendConnector, BackendLeg, BackendUnavailable, ClientInfo
-from stalroute.config import Config, DestinationConfig, ListenerConfig
+from stalroute.config import Config, DestinationConfig, ListenerConfig, ip_in_networks
 from stalroute.identity import (
     InvalidIdentifier, account_from_credentials, redact, routing_identifier,
 )
+from stalroute.limits import BanList, PerIPCounter
 from stalroute.logs import logger
 from stalroute.protocols.base import (
     Authenticate, Close, LoginFailed, LoginSucceeded, PreAuthSettings, ProtocolSpec, Reply,
     StartTLS,
 )
+from stalroute.proxyproto import NotAProxyHeader, ProxyHeaderError, ProxyHeaderParser
 from stalroute.router import Router, RoutingUnavailable
 from stalroute.tls import ServerTLS, TLSDetails, tls_details
 
@@ -36,6 +38,11 @@ log = logger("stalroute.session")
 
 #: How long a closing connection may take to flush before it is aborted.
 CLOSE_GRACE = 5.0
+
+#: How a connection that never sent a protocol byte may end and still be a harmless probe
+#: (a load balancer's health check): logged at debug level and counted, nothing else.
+PROBE_OUTCOMES = frozenset({"client_closed", "client_error", "proxy_header_timeout",
+                            "preauth_timeout", "closed"})
 
 
 class LoopDetected(Exception):
@@ -51,11 +58,12 @@ class Runtime:
     connector: BackendConnector
     server_tls: ServerTLS
     registry: SessionRegistry
+    bans: BanList
 
 
 @dataclass
 class SessionRegistry:
-    """Live spliced sessions, for kicks, listings and metrics."""
+    """Every open session (for drain), and the spliced ones (for kicks and listings)."""
 
     sessions: dict[str, ClientSession] = field(default_factory=dict)
 
@@ -64,6 +72,9 @@ class SessionRegistry:
 
     def discard(self, session: ClientSession) -> None:
         self.sessions.pop(session.id, None)
+
+    def spliced(self) -> list[ClientSession]:
+        return [s for s in self.sessions.values() if s.state == "spliced"]
 
 
 def preauth_settings(config: Config, listener: ListenerConfig) -> PreAuthSettings:
@@ -93,6 +104,8 @@ class SessionFactory(Factory):
         self.spec = spec
         self.active = 0
         self.rejected = 0
+        self.probes = 0
+        self.per_ip = PerIPCounter()
 
     def buildProtocol(self, addr) -> ClientSession:
         return ClientSession(self, self.runtime)
@@ -118,7 +131,7 @@ class ClientSession(Protocol):
         self.listener = runtime.config.listeners[factory.listener_name]
         self.spec = factory.spec
         self.id = f"{runtime.config.cluster.node_id}-{secrets.token_hex(6)}"
-        self.state = "new"  # new → preauth ⇄ routing → spliced → closed
+        self.state = "new"  # new → [proxy_header →] preauth ⇄ routing → spliced → closed
         self.outcome = "client_closed"
         self.account: str | None = None
         self.destination: str | None = None
@@ -126,6 +139,9 @@ class ClientSession(Protocol):
         self.bytes_in = self.bytes_out = 0
         self.leg: BackendLeg | None = None
         self._has_slot = False
+        self._counted_ip: str | None = None
+        self._proxy_header: ProxyHeaderParser | None = None
+        self._client_spoke = False
         self._starttls_pending = False
         self._timer = None
         self._last_activity = 0.0
@@ -145,12 +161,41 @@ class ClientSession(Protocol):
         peer, local = self.transport.getPeer(), self.transport.getHost()
         self.client = (peer.host, peer.port)
         self.local = (local.host, local.port)
+        self.started = self._clock.seconds()
         if not self.factory.take_slot(self.listener):
             self.outcome = "rejected"
             self.transport.abortConnection()
             return
         self._has_slot = True
-        self.started = self._clock.seconds()
+        self.runtime.registry.add(self)
+        mode = self.listener.proxy_protocol
+        trusted = mode != "off" and ip_in_networks(peer.host, self.listener.proxy_trusted)
+        if mode == "required" and not trusted:
+            self._refuse("untrusted_proxy")
+        elif trusted and (mode != "deferred" or self.listener.tls == "implicit"):
+            # Nothing (greeting, TLS) may happen before the header names the client.
+            self.state = "proxy_header"
+            self._proxy_header = ProxyHeaderParser()
+            self._timer = self._clock.callLater(self.listener.proxy_header_timeout,
+                                                self._refuse, "proxy_header_timeout")
+        else:
+            if trusted:  # deferred: the header comes with the client's first bytes
+                self._proxy_header = ProxyHeaderParser()
+            self._begin()
+
+    def _begin(self) -> None:
+        """The client's address is known: apply per-IP limits, then start the protocol."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        ip = self.client[0]
+        if self.runtime.bans.is_banned(ip):
+            self._refuse("banned")
+            return
+        if self.listener.max_connections_per_ip and not self._exempt_from_limits(ip):
+            if not self.factory.per_ip.take(ip, self.listener.max_connections_per_ip):
+                self._refuse("per_ip_limit")
+                return
+            self._counted_ip = ip
         self.state = "preauth"
         self.machine = self.spec.preauth(preauth_settings(self.runtime.config, self.listener))
         self._timer = self._clock.callLater(self.listener.preauth_timeout, self._preauth_expired)
@@ -160,6 +205,34 @@ class ClientSession(Protocol):
         if self.spec.passthrough:
             self.state = "routing"
             Deferred.fromCoroutine(self._login(None))
+
+    def _exempt_from_limits(self, ip: str) -> bool:
+        return (ip_in_networks(ip, self.listener.proxy_trusted)
+                or ip_in_networks(ip, self.runtime.config.security.allowed_ips))
+
+    def _refuse(self, outcome: str) -> None:
+        self.outcome = outcome
+        self.transport.abortConnection()
+
+    def _read_proxy_header(self, data: bytes) -> bytes | None:
+        """Feed the inbound PROXY header parser; the bytes after the header, once complete."""
+        try:
+            header = self._proxy_header.feed(data)
+        except NotAProxyHeader as exc:
+            self._proxy_header = None
+            if self.listener.proxy_protocol == "required":
+                self._refuse("proxy_header_missing")
+                return None
+            return exc.data
+        except ProxyHeaderError:
+            self._refuse("proxy_header_invalid")
+            return None
+        if header is None:
+            return None
+        rest, self._proxy_header = self._proxy_header.rest, None
+        if header.source is not None:
+            self.client, self.local = header.source, header.destination
+        return rest
 
     def handshakeCompleted(self) -> None:
         self.tls = tls_details(self.transport)
@@ -172,7 +245,20 @@ class ClientSession(Protocol):
             self.bytes_in += len(data)
             self._last_activity = self._clock.seconds()
             self.leg.transport.write(data)
-        elif self.state in ("preauth", "routing"):
+            return
+        if self._proxy_header is not None:
+            waiting = self.state == "proxy_header"
+            data = self._read_proxy_header(data)
+            if data is None:
+                return
+            if waiting:
+                self._begin()
+                if data and self.listener.tls == "implicit":
+                    # Bytes that came with the header (a ClientHello) belong to the TLS layer.
+                    self.transport.protocol.dataReceived(data)
+                    return
+        if data and self.state in ("preauth", "routing"):
+            self._client_spoke = True
             self._run(self.machine.receive(data))
 
     def connectionLost(self, reason: Failure = None) -> None:
@@ -184,19 +270,24 @@ class ClientSession(Protocol):
             return
         self._has_slot = False
         self.factory.release_slot()
+        if self._counted_ip is not None:
+            self.factory.per_ip.release(self._counted_ip)
         if self.leg is not None:
             self.leg.close()
         self.runtime.registry.discard(self)
         if was_spliced and self.outcome == "client_closed" and not reason.check(ConnectionDone):
             self.outcome = "client_error"
-        log.info("session {session} {protocol} client={client} account={account} "
-                 "destination={destination} outcome={outcome} in={bytes_in} out={bytes_out} "
-                 "duration={duration:.3f}s", session=self.id, protocol=self.spec.name,
-                 client=f"{self.client[0]}:{self.client[1]}",
-                 account=self._account_label,
-                 destination=self.destination or "-", outcome=self.outcome,
-                 bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-                 duration=self._clock.seconds() - self.started)
+        probe = not self._client_spoke and self.outcome in PROBE_OUTCOMES
+        if probe:
+            self.factory.probes += 1
+        (log.debug if probe else log.info)(
+            "session {session} {protocol} client={client} account={account} "
+            "destination={destination} outcome={outcome} in={bytes_in} out={bytes_out} "
+            "duration={duration:.3f}s", session=self.id, protocol=self.spec.name,
+            client=f"{self.client[0]}:{self.client[1]}", account=self._account_label,
+            destination=self.destination or "-", outcome="probe" if probe else self.outcome,
+            bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+            duration=self._clock.seconds() - self.started)
 
     def close(self, outcome: str) -> None:
         """End the session (and its backend leg); abort if the client does not drain."""
@@ -263,6 +354,7 @@ class ClientSession(Protocol):
             leg.close()
             self.state = "preauth"
             self.outcome = "auth_failed"
+            self.runtime.bans.login_refused(self.client[0])
             log.info("session {session}: login refused by {destination} for {account}",
                      session=self.id, destination=self.destination,
                      account=self._account_label)
@@ -330,7 +422,6 @@ class ClientSession(Protocol):
             leg.transport.write(pipelined)
         self.transport.registerProducer(leg.transport, True)
         leg.transport.registerProducer(self.transport, True)
-        self.runtime.registry.add(self)
         self._last_activity = self._clock.seconds()
         self._timer = self._clock.callLater(self.runtime.config.server.bridge_idle,
                                             self._idle_check)

@@ -1604,3 +1604,12 @@ def test_admin_certificate_reference(base_dir: Path, tmp_path: Path) -> None:
 def test_default_destination_property(base_dir: Path) -> None:
     config = parse(base_dir)
     assert config.default_destination is config.destinations["main"]
+
+
+def test_deferred_proxy_header_is_refused_on_passthrough_listeners(base_dir: Path) -> None:
+    document = with_(
+        ("listener.mx", {"protocol": "smtp", "bind": ["127.0.0.1:2525"], "tls": "plain",
+                         "proxy_protocol": "deferred", "proxy_trusted": ["10.0.0.0/8"]}),
+    )
+    problems = problems_of(base_dir, document)
+    assert any(p.startswith("listener.mx.proxy_protocol:") and "deferred" in p for p in problems)
