@@ -7,7 +7,8 @@ import signal
 from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
 
 from stalroute.backend import BackendConnector
 from stalroute.config import Config
@@ -18,10 +19,13 @@ from stalroute.mapping.factory import UnsupportedStore, build_store
 from stalroute.mapping.file import MappingFileError
 from stalroute.protocols import PROTOCOLS
 from stalroute.router import Router
-from stalroute.session import Runtime, SessionFactory, SessionRegistry
+from stalroute.session import CLOSE_GRACE, Runtime, SessionFactory, SessionRegistry
 from stalroute.tls import ServerTLS
 
 log = logger("stalroute.service")
+
+#: How often a drain checks whether the last session has ended.
+DRAIN_POLL = 0.1
 
 #: Listener protocols served outside the login pipeline: name → factory(reactor, runtime, name).
 OTHER_LISTENERS: dict[str, object] = {}
@@ -72,7 +76,8 @@ class StalrouteService(service.Service):
             log.warn("configuration: {warning}", warning=str(warning))
         self.runtime = build_runtime(reactor, config, SessionRegistry())
         self.factories: dict[str, SessionFactory] = {}
-        self._ports = []
+        self.draining = False
+        self._ports: list[IListeningPort] = []
 
     def startService(self) -> None:
         super().startService()
@@ -82,10 +87,12 @@ class StalrouteService(service.Service):
             factory = self._factory_for(name, listener.protocol)
             self.factories[name] = factory
             for host, port in listener.bind:
-                endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
-                endpoint = endpoint_class(self.reactor, port, backlog=1024, interface=host)
-                # Binding failures surface synchronously for TCP endpoints: twistd stops.
-                self._ports.append(endpoint.listen(factory).addCallback(self._listening, name))
+                # Synchronous, so that a port we cannot bind stops startup instead of a log line.
+                listening = self.reactor.listenTCP(port, factory, backlog=1024, interface=host)
+                address = listening.getHost()
+                log.info("listener {name} on {host}:{port}", name=name, host=address.host,
+                         port=address.port)
+                self._ports.append(listening)
         log.info("stalroute started: {listeners} listeners, {destinations} destinations",
                  listeners=len(config.listeners), destinations=len(config.destinations))
 
@@ -95,12 +102,6 @@ class StalrouteService(service.Service):
         if protocol in OTHER_LISTENERS:
             return OTHER_LISTENERS[protocol](self.reactor, self.runtime, name)
         return SessionFactory(self.reactor, self.runtime, name, PROTOCOLS[protocol])
-
-    def _listening(self, port, name: str):
-        address = port.getHost()
-        log.info("listener {name} on {host}:{port}", name=name, host=address.host,
-                 port=address.port)
-        return port
 
     def reload_mappings(self) -> Deferred[int | None]:
         """SIGHUP: re-read the mapping table (a bad file is refused, the old one kept)."""
@@ -116,11 +117,24 @@ class StalrouteService(service.Service):
 
         return router.store.reload().addCallbacks(reloaded, refused)
 
-    def stopService(self):
+    def stopService(self) -> Deferred[None]:
+        """Graceful drain: stop accepting, let sessions finish up to ``shutdown_grace``, then
+        close the rest."""
         super().stopService()
-        ports = DeferredList(self._ports)
-        ports.addCallback(lambda results: DeferredList(
-            [port.stopListening() for ok, port in results if ok]))
-        for session in list(self.runtime.registry.sessions.values()):
+        self.draining = True
+        stopped = DeferredList([port.stopListening() for port in self._ports])
+        stopped.addCallback(lambda _: Deferred.fromCoroutine(self._drain()))
+        return stopped.addCallback(lambda _: self.runtime.router.store.close())
+
+    async def _drain(self) -> None:
+        sessions = self.runtime.registry.sessions
+        grace = self.runtime.config.server.shutdown_grace
+        log.info("draining {count} sessions for up to {grace}s", count=len(sessions), grace=grace)
+        deadline = self.reactor.seconds() + grace
+        while sessions and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, DRAIN_POLL)
+        for session in list(sessions.values()):
             session.close("shutdown")
-        return ports.addCallback(lambda _: self.runtime.router.store.close())
+        deadline = self.reactor.seconds() + CLOSE_GRACE + 1
+        while sessions and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, DRAIN_POLL)

@@ -177,7 +177,7 @@ class ClientSession(Protocol):
             self.state = "proxy_header"
             self._proxy_header = ProxyHeaderParser()
             self._timer = self._clock.callLater(self.listener.proxy_header_timeout,
-                                                self._refuse, "proxy_header_timeout")
+                                                self._proxy_header_expired)
         else:
             if trusted:  # deferred: the header comes with the client's first bytes
                 self._proxy_header = ProxyHeaderParser()
@@ -213,6 +213,15 @@ class ClientSession(Protocol):
     def _refuse(self, outcome: str) -> None:
         self.outcome = outcome
         self.transport.abortConnection()
+
+    def _proxy_header_expired(self) -> None:
+        """``required``: close. ``optional``: a trusted peer that sent nothing gets served with
+        its socket address (a server-first client would otherwise wait forever)."""
+        if self.listener.proxy_protocol == "required":
+            self._refuse("proxy_header_timeout")
+        else:
+            self._proxy_header = None
+            self._begin()
 
     def _read_proxy_header(self, data: bytes) -> bytes | None:
         """Feed the inbound PROXY header parser; the bytes after the header, once complete."""
