@@ -3,7 +3,8 @@
 ``check`` loads the file through :func:`stalroute.config.load_config` and prepares the
 runtime with :func:`stalroute.service.build_runtime` (mapping table, TLS material), the same
 calls the twistd plugin makes at startup, so "check passes" and "startup accepts it" cannot
-drift apart.
+drift apart. A network mapping store (SQL, Redis) is then asked one bounded lookup: an
+unreachable store is a warning, not an error, since stalroute starts without it.
 Output is meant for people and scripts alike: on success one ``OK:`` line on stdout, on
 failure one ``key: message`` line per problem on stdout and exit status 1.  Warnings go to
 stderr so they never disturb either form.
@@ -21,6 +22,10 @@ from stalroute.config import ConfigError, config_path_from_env, load_config
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
+#: Bound of the ``check`` probe of a network mapping store.
+PROBE_TIMEOUT = 3.0
+#: What the probe looks up: only whether the store answers matters, not the answer.
+PROBE_IDENTIFIER = "stalroute-check-probe"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -57,28 +62,70 @@ def _check(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem)
         return EXIT_INVALID
-    problem = startup_problem(config)
-    if problem:
+    problem, runtime = prepare_runtime(config)
+    if problem or runtime is None:
         print(problem)
         return EXIT_INVALID
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if config.mapping.source != "file":
+        if warning := store_warning(runtime.router.store):
+            print(f"warning: {warning}", file=sys.stderr)
     listeners, destinations = len(config.listeners), len(config.destinations)
     print(f"OK: {path} ({listeners} listeners, {destinations} destinations)")
     return EXIT_OK
 
 
-def startup_problem(config) -> str | None:
-    """What would stop startup after validation (a bad mapping file, unreadable TLS material)."""
+def prepare_runtime(config):
+    """Build the runtime as startup does: ``(problem, None)`` or ``(None, runtime)``."""
     from twisted.internet import reactor
 
     from stalroute.service import StartupError, build_runtime
-    from stalroute.session import SessionRegistry
 
     try:
-        build_runtime(reactor, config, SessionRegistry())
+        return None, build_runtime(reactor, config)
     except StartupError as exc:
-        return str(exc)
+        return str(exc), None
+
+
+def startup_problem(config) -> str | None:
+    """What would stop startup after validation (a bad mapping file, unreadable TLS material)."""
+    return prepare_runtime(config)[0]
+
+
+def store_warning(store, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Ask the mapping store one lookup, bounded by ``timeout``; a warning when it fails.
+
+    A store that is down is not a configuration error (stalroute starts and tempfails
+    lookups until it is back), so ``check`` only warns. Runs the reactor once, so it can be
+    used once per process.
+    """
+    from twisted.internet import defer, error, reactor
+
+    outcome: list[str | None] = []
+
+    def failed(failure) -> str:
+        if failure.check(defer.TimeoutError, error.TimeoutError):
+            return f"no answer within {timeout:g}s"
+        return failure.getErrorMessage() or failure.type.__name__
+
+    def probe() -> None:
+        d = defer.maybeDeferred(store.lookup, PROBE_IDENTIFIER)
+        d.addTimeout(timeout, reactor)
+        d.addCallbacks(lambda _: None, failed)
+        d.addCallback(outcome.append)
+        d.addBoth(lambda _: store.close())
+        d.addBoth(lambda _: reactor.stop())
+
+    if reactor.running:  # pragma: no cover - check is a command, not a library call
+        return None
+    reactor.callWhenRunning(probe)
+    try:
+        reactor.run(installSignalHandlers=False)
+    except error.ReactorNotRestartable:
+        return "mapping store not probed (the reactor already ran in this process)"
+    if outcome and outcome[0]:
+        return f"mapping store unreachable: {outcome[0]}"
     return None
 
 

@@ -18,7 +18,8 @@ class BanList:
 
     def __init__(self, clock: IReactorTime, security: SecurityConfig) -> None:
         self._clock = clock
-        self._security = security
+        #: Replaced on a config reload; the failure history and bans are kept.
+        self.security = security
         self._failures: dict[str, deque[float]] = {}
         self._banned_until: dict[str, float] = {}
         self.bans = 0
@@ -33,17 +34,17 @@ class BanList:
         return False
 
     def login_refused(self, ip: str) -> None:
-        threshold = self._security.auth_fail_ban_threshold
-        if not threshold or ip_in_networks(ip, self._security.allowed_ips):
+        threshold = self.security.auth_fail_ban_threshold
+        if not threshold or ip_in_networks(ip, self.security.allowed_ips):
             return
         now = self._clock.seconds()
         recent = self._failures.setdefault(ip, deque())
         recent.append(now)
-        while recent and recent[0] <= now - self._security.auth_fail_ban_window:
+        while recent and recent[0] <= now - self.security.auth_fail_ban_window:
             recent.popleft()
         if len(recent) >= threshold:
             del self._failures[ip]
-            self._banned_until[ip] = now + self._security.ban_duration
+            self._banned_until[ip] = now + self.security.ban_duration
             self.bans += 1
 
 
@@ -63,3 +64,34 @@ class PerIPCounter:
         self._counts[ip] -= 1
         if self._counts[ip] <= 0:
             del self._counts[ip]
+
+
+class LoginDelays:
+    """Logins held for a while per account (admin ``POST /connections/delay``), e.g. while the
+    account's mailbox is copied to its new destination."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._until: dict[str, float] = {}
+
+    def delay(self, identifier: str, seconds: float) -> None:
+        """Hold new logins of ``identifier`` for ``seconds`` from now (0 lifts the delay)."""
+        if seconds <= 0:
+            self._until.pop(identifier, None)
+        else:
+            self._until[identifier] = self._clock.seconds() + seconds
+
+    def remaining(self, identifier: str) -> float:
+        until = self._until.get(identifier)
+        if until is None:
+            return 0.0
+        left = until - self._clock.seconds()
+        if left <= 0:
+            del self._until[identifier]
+            return 0.0
+        return left
+
+    def active(self) -> dict[str, float]:
+        """Every current delay: identifier → seconds left."""
+        return {identifier: left for identifier in list(self._until)
+                if (left := self.remaining(identifier)) > 0}

@@ -11,8 +11,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 
 from stalroute.backend import BackendConnector
-from stalroute.config import Config
-from stalroute.limits import BanList
+from stalroute.config import Config, ConfigError, load_config
+from stalroute.limits import BanList, LoginDelays
 from stalroute.logs import logger, set_level
 from stalroute.mapping.cache import RoutingCache
 from stalroute.mapping.factory import UnsupportedStore, build_store
@@ -23,6 +23,9 @@ from stalroute.session import CLOSE_GRACE, Runtime, SessionFactory, SessionRegis
 from stalroute.tls import ServerTLS
 
 log = logger("stalroute.service")
+
+#: How long a replaced runtime's store stays open for logins that were already resolving.
+RETIRE_DELAY = 30.0
 
 #: How often a drain checks whether the last session has ended.
 DRAIN_POLL = 0.1
@@ -39,10 +42,12 @@ class UnsupportedSetting(StartupError):
     """A valid setting this version cannot run yet (named by its key)."""
 
 
-def build_runtime(reactor, config: Config, registry: SessionRegistry) -> Runtime:
+def build_runtime(reactor, config: Config, previous: Runtime | None = None) -> Runtime:
     """Everything a configuration needs at run time.
 
-    Raises :class:`StartupError` (naming the key or file) before anything binds.
+    On a reload, ``previous`` hands over what must survive it: the live sessions, bans, login
+    delays and the circuit state of destinations that still exist. Raises
+    :class:`StartupError` (naming the key or file) before anything binds or is swapped.
     """
     for name, listener in config.listeners.items():
         if listener.protocol not in PROTOCOLS and listener.protocol not in OTHER_LISTENERS:
@@ -61,9 +66,27 @@ def build_runtime(reactor, config: Config, registry: SessionRegistry) -> Runtime
         raise StartupError(f"cannot load TLS material: {exc}") from exc
     cache = RoutingCache(reactor, config.mapping.positive_ttl, config.mapping.negative_ttl,
                          config.mapping.cache_max_entries, config.mapping.lookup_timeout)
+    if previous is None:
+        registry, bans, delays = SessionRegistry(), BanList(reactor, config.security), \
+            LoginDelays(reactor)
+    else:
+        registry, bans, delays = previous.registry, previous.bans, previous.delays
+        bans.security = config.security
+        for name in connector.breakers.keys() & previous.connector.breakers.keys():
+            connector.breakers[name] = previous.connector.breakers[name]
     return Runtime(config=config, router=Router(config, store, cache), connector=connector,
-                   server_tls=server_tls, registry=registry,
-                   bans=BanList(reactor, config.security))
+                   server_tls=server_tls, registry=registry, bans=bans, delays=delays)
+
+
+def settings_needing_restart(old: Config, new: Config) -> list[str]:
+    """Changed settings a reload cannot apply: listener sockets, the admin endpoint, workers."""
+    changed = [f"listener.{name}" for name in sorted(old.listeners.keys() | new.listeners.keys())
+               if old.listeners.get(name) != new.listeners.get(name)]
+    if old.admin != new.admin:
+        changed.append("admin")
+    if old.server.workers != new.server.workers:
+        changed.append("server.workers")
+    return changed
 
 
 class StalrouteService(service.Service):
@@ -74,14 +97,14 @@ class StalrouteService(service.Service):
         set_level(config.server.log_level)
         for warning in config.warnings:
             log.warn("configuration: {warning}", warning=str(warning))
-        self.runtime = build_runtime(reactor, config, SessionRegistry())
+        self.runtime = build_runtime(reactor, config)
         self.factories: dict[str, SessionFactory] = {}
         self.draining = False
         self._ports: list[IListeningPort] = []
 
     def startService(self) -> None:
         super().startService()
-        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload_mappings))
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._reload_on_signal))
         config = self.runtime.config
         for name, listener in config.listeners.items():
             factory = self._factory_for(name, listener.protocol)
@@ -103,19 +126,33 @@ class StalrouteService(service.Service):
             return OTHER_LISTENERS[protocol](self.reactor, self.runtime, name)
         return SessionFactory(self.reactor, self.runtime, name, PROTOCOLS[protocol])
 
-    def reload_mappings(self) -> Deferred[int | None]:
-        """SIGHUP: re-read the mapping table (a bad file is refused, the old one kept)."""
-        router = self.runtime.router
+    def reload_config(self) -> list[str]:
+        """Validate and build the new configuration completely, then swap it in atomically.
 
-        def reloaded(entries: int | None) -> None:
-            router.cache.invalidate()
-            log.info("mappings reloaded: {entries} entries", entries=entries)
+        New connections use it; live sessions keep the runtime they started with. Returns the
+        changed settings that need a restart. Raises ConfigError or StartupError (the running
+        configuration is kept).
+        """
+        old = self.runtime
+        new = build_runtime(self.reactor, load_config(old.config.source_path), previous=old)
+        self.runtime = new
+        for factory in self.factories.values():
+            factory.runtime = new
+        set_level(new.config.server.log_level)
+        # In-flight lookups of sessions still holding the old runtime may use the old store.
+        self.reactor.callLater(RETIRE_DELAY, old.router.store.close)
+        not_applied = settings_needing_restart(old.config, new.config)
+        log.info("configuration reloaded; needs a restart to apply: {changed}",
+                 changed=", ".join(not_applied) or "nothing")
+        return not_applied
 
-        def refused(failure) -> None:
-            log.error("mapping reload refused, keeping the old table: {error}",
-                      error=failure.getErrorMessage())
-
-        return router.store.reload().addCallbacks(reloaded, refused)
+    def _reload_on_signal(self) -> None:
+        try:
+            self.reload_config()
+        except (ConfigError, StartupError) as exc:
+            problems = exc.problems if isinstance(exc, ConfigError) else [exc]
+            log.error("configuration reload refused, keeping the running one: {problems}",
+                      problems="; ".join(str(p) for p in problems))
 
     def stopService(self) -> Deferred[None]:
         """Graceful drain: stop accepting, let sessions finish up to ``shutdown_grace``, then

@@ -16,6 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -24,7 +25,7 @@ from stalroute.config import Config, DestinationConfig, ListenerConfig, ip_in_ne
 from stalroute.identity import (
     InvalidIdentifier, account_from_credentials, redact, routing_identifier,
 )
-from stalroute.limits import BanList, PerIPCounter
+from stalroute.limits import BanList, LoginDelays, PerIPCounter
 from stalroute.logs import logger
 from stalroute.protocols.base import (
     Authenticate, Close, LoginFailed, LoginSucceeded, PreAuthSettings, ProtocolSpec, Reply,
@@ -59,6 +60,7 @@ class Runtime:
     server_tls: ServerTLS
     registry: SessionRegistry
     bans: BanList
+    delays: LoginDelays
 
 
 @dataclass
@@ -376,6 +378,10 @@ class ClientSession(Protocol):
         if event is None:
             return config.destinations[config.routing.smtp_passthrough_destination]
         self.account = self._identifier(event)
+        if self.account and (held := self.runtime.delays.remaining(self.account)):
+            log.info("session {session}: holding the login of {account} for {held:.1f}s",
+                     session=self.id, account=self._account_label, held=held)
+            await deferLater(self._clock, held)
         return await self.runtime.router.resolve(self.account)
 
     def _identifier(self, event: Authenticate) -> str | None:

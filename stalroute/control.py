@@ -1,0 +1,183 @@
+"""Operations on a running proxy, for the admin API and signals (SPEC §7, §8, §9).
+
+The admin HTTP layer stays a thin translation of requests into these calls; everything here
+works on the service's *current* runtime, so a config reload is picked up at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stalroute.identity import normalize_identifier, redact
+from stalroute.logs import logger
+from stalroute.mapping import ReadOnlyStore
+from stalroute.service import StalrouteService
+from stalroute.session import ClientSession, Runtime
+
+log = logger("stalroute.admin")
+
+#: Looked up by readiness checks; identifiers can never contain a space, so no row matches.
+READINESS_PROBE_KEY = "stalroute readiness probe"
+
+
+class UnknownDestination(ValueError):
+    """A mapping write names a destination the configuration does not declare."""
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    reasons: tuple[str, ...]
+
+
+class Control:
+    """What an operator can ask of, and do to, a running stalroute."""
+
+    def __init__(self, service: StalrouteService) -> None:
+        self._service = service
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._service.runtime
+
+    # health --------------------------------------------------------------------------
+
+    async def readiness(self) -> Readiness:
+        """Not ready while draining, while the store does not answer, or while the default
+        destination's circuit is open."""
+        reasons = []
+        if self._service.draining:
+            reasons.append("draining")
+        runtime = self.runtime
+        default = runtime.config.routing.default_destination
+        if runtime.connector.breakers[default].state == "open":
+            reasons.append(f"default destination {default} is marked down")
+        lookup = runtime.router.store.lookup(READINESS_PROBE_KEY)
+        lookup.addTimeout(runtime.config.mapping.lookup_timeout, self._service.reactor)
+        try:
+            await lookup
+        except Exception as exc:
+            reasons.append(f"mapping store unreachable ({exc.__class__.__name__})")
+        return Readiness(not reasons, tuple(reasons))
+
+    # statistics ----------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        runtime = self.runtime
+        sessions = list(runtime.registry.sessions.values())
+        spliced = runtime.registry.spliced()
+        return {
+            "draining": self._service.draining,
+            "listeners": {
+                name: {"protocol": runtime.config.listeners[name].protocol,
+                       "active_connections": factory.active,
+                       "rejected_connections": factory.rejected, "probes": factory.probes}
+                for name, factory in self._service.factories.items()},
+            "sessions": {"open": len(sessions), "spliced": len(spliced),
+                         "preauth": len(sessions) - len(spliced)},
+            "cache": {"entries": len(runtime.router.cache),
+                      "counters": dict(runtime.router.cache.counters)},
+            "bans": runtime.bans.bans,
+            "login_delays": len(runtime.delays.active()),
+        }
+
+    def destinations(self) -> list[dict]:
+        runtime = self.runtime
+        spliced = runtime.registry.spliced()
+        return [{"name": name, "host": destination.host,
+                 "protocols": sorted(destination.protocols),
+                 "circuit": runtime.connector.breakers[name].state,
+                 "consecutive_failures": runtime.connector.breakers[name].failures,
+                 "trips": runtime.connector.breakers[name].trips,
+                 "sessions": sum(1 for s in spliced if s.destination == name),
+                 "default": name == runtime.config.routing.default_destination}
+                for name, destination in runtime.config.destinations.items()]
+
+    def reset_destination(self, name: str) -> bool:
+        breaker = self.runtime.connector.breakers.get(name)
+        if breaker is None:
+            return False
+        breaker.reset()
+        log.info("admin: circuit of destination {name} reset", name=name)
+        return True
+
+    # mappings ------------------------------------------------------------------------
+
+    def normalize(self, identifier: str) -> str:
+        return normalize_identifier(identifier, self.runtime.config.mapping.normalize)
+
+    async def get_mapping(self, identifier: str) -> str | None:
+        return await self.runtime.router.store.lookup(self.normalize(identifier))
+
+    async def put_mapping(self, identifier: str, destination: str) -> None:
+        """Write to the store, then drop the cached answer so the next login sees it."""
+        runtime = self.runtime
+        if destination not in runtime.config.destinations:
+            raise UnknownDestination(destination)
+        if not runtime.router.store.writable:
+            raise ReadOnlyStore("the mapping store is read-only")
+        key = self.normalize(identifier)
+        await runtime.router.store.upsert(key, destination)
+        runtime.router.cache.invalidate(key)
+        log.info("admin: mapped {identifier} to {destination}", identifier=redact(key),
+                 destination=destination)
+
+    async def delete_mapping(self, identifier: str) -> bool:
+        runtime = self.runtime
+        if not runtime.router.store.writable:
+            raise ReadOnlyStore("the mapping store is read-only")
+        key = self.normalize(identifier)
+        existed = await runtime.router.store.delete(key)
+        runtime.router.cache.invalidate(key)
+        log.info("admin: mapping of {identifier} deleted", identifier=redact(key))
+        return existed
+
+    async def reload_mappings(self) -> int | None:
+        runtime = self.runtime
+        entries = await runtime.router.store.reload()
+        runtime.router.cache.invalidate()
+        log.info("admin: mappings reloaded ({entries} entries)", entries=entries)
+        return entries
+
+    def invalidate(self, identifier: str | None = None) -> int:
+        key = None if identifier is None else self.normalize(identifier)
+        dropped = self.runtime.router.cache.invalidate(key)
+        log.info("admin: cache invalidated for {what}",
+                 what="everything" if key is None else redact(key))
+        return dropped
+
+    # sessions ------------------------------------------------------------------------
+
+    def connections(self) -> list[dict]:
+        now = self._service.reactor.seconds()
+        return [{"id": s.id, "protocol": s.spec.name, "listener": s.listener.name,
+                 "client": f"{s.client[0]}:{s.client[1]}", "identifier": s.account,
+                 "destination": s.destination, "bytes_in": s.bytes_in,
+                 "bytes_out": s.bytes_out, "age": round(now - s.started, 3)}
+                for s in self.runtime.registry.spliced()]
+
+    def kick(self, identifier: str | None = None, destination: str | None = None) -> int:
+        """Close the spliced sessions of an account and/or on a destination (drain a node)."""
+        key = None if identifier is None else self.normalize(identifier)
+        victims: list[ClientSession] = [
+            s for s in self.runtime.registry.spliced()
+            if (key is None or s.account == key)
+            and (destination is None or s.destination == destination)]
+        for session in victims:
+            session.close("kicked")
+        log.info("admin: kicked {count} sessions (identifier={identifier}, "
+                 "destination={destination})", count=len(victims),
+                 identifier=redact(key) if key else "-", destination=destination or "-")
+        return len(victims)
+
+    def delay(self, identifier: str, seconds: float) -> None:
+        key = self.normalize(identifier)
+        self.runtime.delays.delay(key, seconds)
+        log.info("admin: logins of {identifier} held for {seconds}s", identifier=redact(key),
+                 seconds=seconds)
+
+    # configuration -------------------------------------------------------------------
+
+    def reload_config(self) -> list[str]:
+        """See :meth:`StalrouteService.reload_config`; raises ConfigError / StartupError."""
+        return self._service.reload_config()
