@@ -39,3 +39,10 @@ class MappingStore(Protocol):
 
     def close(self) -> Deferred[None]:
         """Release connections."""
+
+
+class ListableStore(MappingStore, Protocol):
+    """A store that can also list every mapping (bulk export); not every store can."""
+
+    def entries(self) -> Deferred[list[tuple[str, str]]]:
+        """Every ``(identifier, destination)`` pair."""

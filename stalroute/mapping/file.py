@@ -96,6 +96,10 @@ class FileMappingStore:
     def lookup(self, identifier: str) -> Deferred[str | None]:
         return succeed(self._table.get(identifier))
 
+    def entries(self) -> Deferred[list[tuple[str, str]]]:
+        """Every mapping, sorted (for ``GET /mappings/export``)."""
+        return succeed(sorted(self._table.items()))
+
     def upsert(self, identifier: str, destination: str) -> Deferred[None]:
         return self._rewrite(lambda table: table.__setitem__(identifier, destination))
 

@@ -1,0 +1,280 @@
+"""SQL mapping stores: PostgreSQL through psycopg2, SQLite through the stdlib ``sqlite3``.
+
+Both engines run behind one :class:`SQLMappingStore` on a ``twisted.enterprise.adbapi``
+pool, so every statement runs in a pool thread and the reactor never blocks:
+
+* PostgreSQL: ``pool_size`` threads, one connection each, ``cp_reconnect``; the DSN gets a
+  ``connect_timeout`` so a dead server cannot hold lookups for the TCP timeout. A statement
+  that fails because the server dropped the connection (restart, failover) is retried once
+  on a fresh connection, so a restart costs no failed lookup.
+* SQLite: one thread and one connection (SQLite serialises writers anyway). The connection
+  is created in that thread; ``check_same_thread`` is off only so that ``close()`` may close
+  it from the reactor thread once the worker has stopped. The file must exist
+  (``mode=rw``): a typo in the path is an error, not a fresh empty database.
+
+Statements are written with ``$1`` (identifier) and ``$2`` (destination) and translated to
+the driver's style: psycopg2's ``%(p1)s`` (literal ``%`` doubled) or SQLite's ``?1``. Quoted
+strings, quoted identifiers, dollar-quoted bodies and comments are left alone.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+from twisted.enterprise import adbapi
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+
+from stalroute.config import SQLMappingConfig
+from stalroute.mapping import ReadOnlyStore
+from stalroute.mapping.factory import InvalidStoreSetting, redact_url, store_error, url_secrets
+
+#: libpq waits at least 2 s whatever is asked; more than this would hold a pool thread for long.
+CONNECT_TIMEOUT_RANGE = (2, 10)
+
+# One alternation, scanned left to right: the first branch skips text where "$1" and "%"
+# mean nothing special (except that psycopg2 formats "%" everywhere).
+_LEXEMES = re.compile(
+    r"""
+      (?P<skip>
+          (?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'             # escape string E'it\'s'
+        | '(?:[^']|'')*'                                 # string literal
+        | "(?:[^"]|"")*"                                 # quoted identifier
+        | --[^\n]*                                       # line comment
+        | /\*.*?\*/                                      # block comment
+        | \$(?P<tag>(?:[A-Za-z_][A-Za-z_0-9]*)?)\$.*?\$(?P=tag)\$   # dollar-quoted body
+      )
+    | \$(?P<number>[0-9]+)                               # a parameter
+    | (?P<percent>%)
+    """,
+    re.S | re.X,
+)
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One configured statement in a driver's parameter style."""
+
+    text: str
+    #: "pyformat" (psycopg2: named ``%(pN)s``) or "numeric" (sqlite3: ``?N``).
+    style: str
+    #: The highest ``$N`` used: how many values the driver expects.
+    arity: int
+
+    @classmethod
+    def translate(cls, sql: str, style: str) -> tuple[Statement, set[int]]:
+        """The statement in ``style``, and the set of parameter numbers it uses."""
+        used: set[int] = set()
+
+        def replace(match: re.Match[str]) -> str:
+            if match["number"] is not None:
+                number = int(match["number"])
+                used.add(number)
+                return f"%(p{number})s" if style == "pyformat" else f"?{number}"
+            text = match[0]
+            return text.replace("%", "%%") if style == "pyformat" else text
+
+        text = _LEXEMES.sub(replace, sql)
+        return cls(text, style, max(used, default=0)), used
+
+    @classmethod
+    def configured(cls, sql: str, style: str, key: str, names: Sequence[str]) -> Statement:
+        """Translate the statement at ``key``, whose parameters are ``$1``… named ``names``.
+
+        Every parameter must be used (a lookup without ``$1`` would give every account the
+        same answer) and none may be unknown: both are startup errors naming the key.
+        """
+        statement, used = cls.translate(sql, style)
+        wanted = set(range(1, len(names) + 1))
+        meaning = ", ".join(f"${n} the {name}" for n, name in enumerate(names, start=1))
+        if unknown := sorted(used - wanted):
+            raise InvalidStoreSetting(
+                f"{key}: unknown parameter ${unknown[0]} (this statement gets {meaning})")
+        if missing := sorted(wanted - used):
+            raise InvalidStoreSetting(
+                f"{key}: must use ${missing[0]} (this statement gets {meaning}; write "
+                "placeholders as $1, $2, whatever the database)")
+        return statement
+
+    def bind(self, values: Sequence[str]) -> dict[str, str] | tuple[str, ...]:
+        """The driver's parameters for ``values`` (``$1``, ``$2``, … in order)."""
+        if self.style == "pyformat":
+            return {f"p{number}": value for number, value in enumerate(values, start=1)}
+        return tuple(values[: self.arity])
+
+
+@dataclass(frozen=True)
+class Statements:
+    """The three configured statements of ``[mapping.sql]``; no writes when either is unset."""
+
+    lookup: Statement
+    upsert: Statement | None = None
+    delete: Statement | None = None
+
+    @classmethod
+    def configured(cls, settings: SQLMappingConfig, style: str) -> Statements:
+        """Translate and check every statement (InvalidStoreSetting names the bad key)."""
+        lookup = Statement.configured(settings.query, style, "mapping.sql.query",
+                                      ["identifier"])
+        if not settings.writable:
+            return cls(lookup)
+        assert settings.upsert_query and settings.delete_query
+        return cls(
+            lookup,
+            Statement.configured(settings.upsert_query, style, "mapping.sql.upsert_query",
+                                 ["identifier", "destination"]),
+            Statement.configured(settings.delete_query, style, "mapping.sql.delete_query",
+                                 ["identifier"]),
+        )
+
+
+class _ConnectionDropped(Exception):
+    """The server closed the connection under a statement (the statement may be retried)."""
+
+
+def first_value(cursor: Any) -> str | None:
+    """Lookup result: the first column of the first row (NULL or no row: not mapped)."""
+    row = cursor.fetchone()
+    value = None if row is None else row[0]
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value).decode("utf-8", "replace")
+    return str(value).strip() or None  # CHAR(n) columns pad with spaces
+
+
+class SQLMappingStore:
+    """The ``[mapping.sql]`` store on an adbapi pool (see the module docstring)."""
+
+    def __init__(self, pool: adbapi.ConnectionPool, statements: Statements, label: str,
+                 secrets: Sequence[str] = ()) -> None:
+        self._pool = pool
+        self._statements = statements
+        self.label = label
+        self._secrets = tuple(secrets)
+        self._closed = False
+        #: Both write statements, or none (writes then fail with ReadOnlyStore).
+        self.writable = statements.upsert is not None and statements.delete is not None
+
+    def __repr__(self) -> str:
+        return f"<SQLMappingStore {self.label}>"
+
+    # --- MappingStore ---------------------------------------------------------------------
+
+    def lookup(self, identifier: str) -> Deferred[str | None]:
+        return self._run("lookup", self._statements.lookup, [identifier], first_value)
+
+    def upsert(self, identifier: str, destination: str) -> Deferred[None]:
+        if self._statements.upsert is None:
+            return fail(self._read_only())
+        return self._run("upsert", self._statements.upsert, [identifier, destination],
+                         lambda _: None)
+
+    def delete(self, identifier: str) -> Deferred[bool]:
+        if self._statements.delete is None:
+            return fail(self._read_only())
+        return self._run("delete", self._statements.delete, [identifier],
+                         lambda cursor: cursor.rowcount > 0)
+
+    def reload(self) -> Deferred[int | None]:
+        """Nothing to re-read: every lookup asks the database."""
+        return succeed(None)
+
+    def close(self) -> Deferred[None]:
+        """Stop the pool's threads and close its connections (waits for running statements)."""
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
+        return succeed(None)
+
+    # --- running statements ---------------------------------------------------------------
+
+    def _read_only(self) -> ReadOnlyStore:
+        return ReadOnlyStore(f"{self.label}: read-only (mapping.sql needs both upsert_query "
+                             "and delete_query for writes)")
+
+    def _run(self, action: str, statement: Statement, values: Sequence[str],
+             read: Callable[[Any], Any]) -> Deferred[Any]:
+        d = deferToThreadPool(reactor, self._pool.threadpool, self._in_thread, statement,
+                              values, read)
+        return d.addErrback(store_error, self.label, action, self._secrets)
+
+    def _in_thread(self, statement: Statement, values: Sequence[str],
+                   read: Callable[[Any], Any]) -> Any:
+        try:
+            return self._attempt(statement, values, read)
+        except _ConnectionDropped:
+            return self._attempt(statement, values, read)  # on a fresh connection
+
+    def _attempt(self, statement: Statement, values: Sequence[str],
+                 read: Callable[[Any], Any]) -> Any:
+        """One try in this pool thread, on its connection (made on first use)."""
+        connection = self._pool.connect()
+        try:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(statement.text, statement.bind(values))
+                result = read(cursor)
+            finally:
+                cursor.close()
+            connection.commit()
+            return result
+        except Exception as exc:
+            if getattr(connection, "closed", 0):  # psycopg2: the server went away
+                self._pool.disconnect(connection)
+                raise _ConnectionDropped(str(exc)) from exc
+            try:
+                connection.rollback()
+            except Exception:
+                self._pool.disconnect(connection)
+            raise
+
+
+# --- the two engines ------------------------------------------------------------------------
+
+
+def postgresql_dsn(url: str, lookup_timeout: float) -> str:
+    """The libpq URI for ``url``, with a ``connect_timeout`` (and application name) added
+    unless the URL sets them."""
+    parts = urlsplit(url)
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    present = {key for key, _ in params}
+    low, high = CONNECT_TIMEOUT_RANGE
+    if "connect_timeout" not in present:
+        params.append(("connect_timeout", str(max(low, min(high, math.ceil(lookup_timeout))))))
+    if "application_name" not in present:
+        params.append(("application_name", "stalroute"))
+    return urlunsplit(parts._replace(query=urlencode(params, quote_via=quote)))
+
+
+def sqlite_database(path: str) -> str:
+    """The ``sqlite3.connect(uri=True)`` name for a ``sqlite:///path`` URL's path.
+
+    ``mode=rw``: a missing file is an error, not a new empty table. ``sqlite:////abs`` (the
+    SQLAlchemy spelling) names the same file as ``sqlite:///abs``.
+    """
+    if path == ":memory:":
+        return path
+    return f"file:/{quote(path.lstrip('/'))}?mode=rw"
+
+
+def build_sql_store(settings: SQLMappingConfig, lookup_timeout: float) -> SQLMappingStore:
+    """A PostgreSQL or SQLite store for ``[mapping.sql]``; connects on first use only."""
+    sqlite = settings.backend == "sqlite"
+    statements = Statements.configured(settings, "numeric" if sqlite else "pyformat")
+    if sqlite:
+        database = sqlite_database(settings.sqlite_path or "")
+        pool = adbapi.ConnectionPool("sqlite3", database, uri=True, check_same_thread=False,
+                                     cp_min=1, cp_max=1, cp_noisy=False)
+        return SQLMappingStore(pool, statements, settings.url)
+    pool = adbapi.ConnectionPool("psycopg2", postgresql_dsn(settings.url, lookup_timeout),
+                                 cp_min=1, cp_max=settings.pool_size, cp_reconnect=True,
+                                 cp_noisy=False)
+    return SQLMappingStore(pool, statements, redact_url(settings.url),
+                           url_secrets(settings.url))
