@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from twisted.internet import defer
 from twisted.internet import error as neterror
 from twisted.internet.defer import Deferred, CancelledError
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -240,6 +241,10 @@ class BackendConnector:
         d.addTimeout(self._config.server.backend_timeout, self._reactor)
         try:
             leg = await d
+        except defer.TimeoutError as exc:  # timed out between attempts
+            breaker.failed(client.peer[0], connect_stage=True)
+            raise BackendUnavailable(f"destination {destination.name}: timed out",
+                                     connect_stage=True) from exc
         except BackendUnavailable as exc:
             breaker.failed(client.peer[0], connect_stage=exc.connect_stage)
             raise

@@ -12,7 +12,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
@@ -407,7 +408,7 @@ class ClientSession(Protocol):
         d.addTimeout(self.runtime.config.server.backend_timeout, self._clock)
         try:
             return await d
-        except CancelledError as exc:
+        except defer.TimeoutError as exc:
             raise BackendUnavailable("backend login timed out") from exc
 
     def _unavailable(self, leg: BackendLeg | None, reason: str) -> None:

@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import ssl
+import threading
 import time
 from typing import Any
 
@@ -240,3 +241,56 @@ def test_sigterm_drains_live_sessions(
         time.sleep(0.1)
     assert not proxy.running
     assert "draining 5 sessions" in proxy.log_text()
+
+
+class StalledIMAPBackend:
+    """A backend that accepts and then stalls: silent, or greeting and never answering."""
+
+    def __init__(self, greeting: bytes) -> None:
+        self.server = socket.create_server((LOOPBACK, 0))
+        self.port = self.server.getsockname()[1]
+        self.greeting = greeting
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            conn.sendall(self.greeting)
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize("greeting", [
+    pytest.param(b"", id="never-greets"),
+    pytest.param(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] stalled\r\n",
+                 id="never-answers-the-login"),
+])
+def test_a_stalled_backend_is_a_temporary_failure_after_backend_timeout(
+        stalroute: StalrouteFactory, pki: CertificateAuthority,
+        proxy_certificate: IssuedCertificate, dovecot_pair: DovecotPair, greeting: bytes) -> None:
+    backend = StalledIMAPBackend(greeting)
+    try:
+        config = two_node_imap_config(proxy_certificate, pki.cert_path, *dovecot_pair)
+        config["server"]["backend_timeout"] = "1s"
+        config["destination"]["stalled"] = {
+            "host": LOOPBACK, "allow_plaintext_auth": True, "proxy_protocol": False,
+            "protocol": {"imap": {"port": backend.port, "tls": "plain"}}}
+        proxy = stalroute(config, mappings={"erin": "stalled"})
+        host, port = proxy.listener("imaps")
+        with RawIMAP.connect(host, port, ssl_context=pki.client_context()) as client:
+            started = time.monotonic()
+            reply = login(client, "erin", "whatever")[-1]
+            assert reply.startswith(b"a1 NO [UNAVAILABLE]"), reply
+            assert time.monotonic() - started < 4
+        assert "unexpected error" not in proxy.log_text()
+    finally:
+        backend.close()
