@@ -51,6 +51,15 @@ class LoopDetected(Exception):
     """The hop TTL announced by an upstream proxy is exhausted."""
 
 
+#: What a client is told on a temporary failure; backend and store details stay in the log.
+CLIENT_REASONS: dict[type[Exception], str] = {
+    BackendUnavailable: "Backend temporarily unavailable, try again later",
+    RoutingUnavailable: "Account routing temporarily unavailable, try again later",
+    InvalidIdentifier: "Invalid characters in the user name",
+    LoopDetected: "Proxy loop detected",
+}
+
+
 @dataclass
 class Runtime:
     """Everything sessions share; a reload builds a new one, live sessions keep theirs."""
@@ -353,12 +362,12 @@ class ClientSession(Protocol):
                 return
             credentials, context = (event.credentials, event.context) if event else (None, None)
             outcome = await self._with_timeout(leg.login(credentials, context))
-        except (InvalidIdentifier, RoutingUnavailable, BackendUnavailable, LoopDetected) as exc:
-            self._unavailable(leg, str(exc))
+        except tuple(CLIENT_REASONS) as exc:
+            self._unavailable(leg, exc)
             return
-        except Exception:
+        except Exception as exc:
             log.failure("session {session}: unexpected error during login", session=self.id)
-            self._unavailable(leg, "internal error")
+            self._unavailable(leg, exc)
             return
         if self.state == "closed":
             leg.close()
@@ -411,17 +420,18 @@ class ClientSession(Protocol):
         except defer.TimeoutError as exc:
             raise BackendUnavailable("backend login timed out") from exc
 
-    def _unavailable(self, leg: BackendLeg | None, reason: str) -> None:
+    def _unavailable(self, leg: BackendLeg | None, error: Exception) -> None:
+        """A temporary failure: the detail goes to the log, the client gets a fixed text."""
         if leg is not None:
             leg.close()
         if self.state == "closed":
             return
         log.warn("session {session}: temporary failure for {account}: {reason}",
-                 session=self.id, account=self._account_label,
-                 reason=reason)
+                 session=self.id, account=self._account_label, reason=str(error))
         self.state = "preauth"
         self.outcome = "tempfail"
-        self._run(self.machine.auth_unavailable(reason))
+        self._run(self.machine.auth_unavailable(
+            CLIENT_REASONS.get(type(error), "Temporary failure, try again later")))
 
     # splice --------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence, cast
 
 from stalroute.protocols.base import (
@@ -35,7 +35,16 @@ from stalroute.protocols.base import (
     Reply,
     StartTLS,
 )
-from stalroute.protocols.lines import LineBuffer, LineTooLong
+from stalroute.protocols.lines import (
+    SYNC_LITERAL,
+    ArgumentError,
+    Arguments,
+    LineTooLong,
+    LiteralAssembler,
+    Unit,
+    quote,
+    safe_text,
+)
 from stalroute.sasl import (
     CLEARTEXT_MECHANISMS,
     MECHANISMS,
@@ -54,89 +63,26 @@ DEFAULT_ADVERTISE = ("IMAP4rev2", "IMAP4rev1", "ENABLE", "SASL-IR", "LITERAL+", 
 MAX_TAG_LENGTH = 64
 #: Protocol errors tolerated on one connection before it is closed (Dovecot uses 20 too).
 MAX_BAD_COMMANDS = 20
-#: Longest text taken from ``auth_unavailable(reason)`` into a reply.
-MAX_REASON_LENGTH = 200
 SERVER_ID = b'("name" "stalroute")'
 HIDDEN_FAILURE_TEXT = b"NO [AUTHENTICATIONFAILED] Authentication failed."
 
 # Capability tokens stalroute computes itself; never taken from ``advertise``.
 _MANAGED_CAPABILITIES = ("STARTTLS", "LOGINDISABLED", "AUTH=")
 
-_LITERAL = re.compile(rb"\{([0-9]+)(\+?)\}\Z")
 _TAG = re.compile(rb'[^\x00-\x20\x7f-\xff%(){*+"\\]+')
 _UNTIL_SPACE = re.compile(rb"[^ ]*")
 _ATOM = re.compile(rb'[^\x00-\x20\x7f(){%*"\\\]]+')
 _ASTRING_ATOM = re.compile(rb'[^\x00-\x20\x7f(){%*"\\]+')
-_QUOTED = re.compile(rb'"((?:[^"\\\x00\r\n]|\\["\\])*)"')
-_QUOTED_ESCAPE = re.compile(rb'\\(["\\])')
 _TTL = re.compile(rb"[0-9]{1,5}")
 _CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
-
-
-def _safe_text(text: str, fallback: str) -> bytes:
-    """Printable ASCII only, one line, bounded: for operator and pipeline texts in replies."""
-    cleaned = "".join(char if " " <= char <= "~" else "?" for char in text[:MAX_REASON_LENGTH])
-    return (cleaned.strip() or fallback).encode("ascii")
-
-
-def _quote(text: str) -> bytes:
-    """An IMAP quoted string (for values stalroute itself sends)."""
-    if any(char in text for char in "\0\r\n"):
-        raise ValueError("cannot quote CR, LF or NUL")
-    return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').encode("utf-8") + b'"'
+_SyntaxError = ArgumentError
 
 
 # --- reading commands and responses -------------------------------------------------------
 
 
-class _SyntaxError(Exception):
-    """Malformed arguments; answered with BAD, never shown in detail."""
-
-
-class _Arguments:
-    """A cursor over one command or response: line texts with the literals between them.
-
-    ``texts[i]`` is followed by ``literals[i]``; a command whose last announced literal has
-    not arrived (a synchronising literal still waiting for ``+``) is ``complete=False``, and
-    reading at that point fails, so its handler answers without the missing data.
-    """
-
-    def __init__(self, texts: list[bytes], literals: list[bytes], complete: bool) -> None:
-        self._texts = texts
-        self._literals = literals
-        self._complete = complete
-        self._index = 0
-        self._pos = 0
-
-    @property
-    def _text(self) -> bytes:
-        return self._texts[self._index]
-
-    def _match(self, pattern: re.Pattern[bytes]) -> re.Match[bytes]:
-        match = pattern.match(self._text, self._pos)
-        if match is None:
-            raise _SyntaxError
-        self._pos = match.end()
-        return match
-
-    def take(self, token: bytes) -> bool:
-        """Consume ``token`` if it comes next."""
-        if self._text.startswith(token, self._pos):
-            self._pos += len(token)
-            return True
-        return False
-
-    def space(self) -> None:
-        if not self.take(b" "):
-            raise _SyntaxError
-
-    def at_end(self) -> bool:
-        return (self._complete and self._index == len(self._texts) - 1
-                and self._pos == len(self._text))
-
-    def end(self) -> None:
-        if not self.at_end():
-            raise _SyntaxError
+class _Arguments(Arguments):
+    """The shared cursor plus IMAP's own tokens: tags, atoms, astrings, nstrings."""
 
     def tag(self) -> bytes:
         tag = self._match(_UNTIL_SPACE).group()
@@ -159,21 +105,6 @@ class _Arguments:
         except _SyntaxError:
             return tag, None
 
-    def _literal(self) -> bytes | None:
-        if self._pos == len(self._text) and self._index < len(self._literals):
-            literal = self._literals[self._index]
-            self._index += 1
-            self._pos = 0
-            return literal
-        return None
-
-    def string(self) -> bytes:
-        """A quoted string or a literal."""
-        literal = self._literal()
-        if literal is not None:
-            return literal
-        return _QUOTED_ESCAPE.sub(rb"\1", self._match(_QUOTED).group(1))
-
     def astring(self) -> bytes:
         if self._text.startswith(b'"', self._pos) or self._pos == len(self._text):
             return self.string()
@@ -187,88 +118,8 @@ class _Arguments:
         return None
 
 
-@dataclass
-class _Unit:
-    """One command (or response): its line texts, literals, and the raw bytes received."""
-
-    texts: list[bytes] = field(default_factory=list)
-    literals: list[bytes] = field(default_factory=list)
-    raw: bytearray = field(default_factory=bytearray)
-    size: int = 0
-
-    def arguments(self, complete: bool = True) -> _Arguments:
-        return _Arguments(self.texts, self.literals, complete)
-
-
-#: :meth:`_Assembler.poll` result: a synchronising literal was announced and needs a decision.
-_SYNC_LITERAL = object()
-
-
-class _Assembler:
-    """Joins IMAP lines with the literals they announce into whole units, within one limit.
-
-    ``synchronising`` is True on the server side, where a ``{n}`` literal needs a ``+``
-    before the client sends it: :meth:`poll` then stops so the caller can :meth:`accept` it
-    or :meth:`drop` the command.  A unit longer than ``limit`` raises :exc:`LineTooLong`.
-    """
-
-    def __init__(self, limit: int, synchronising: bool) -> None:
-        self.buffer = LineBuffer(limit)
-        self._limit = limit
-        self._synchronising = synchronising
-        self._unit = _Unit()
-        self._literal_size: int | None = None
-        self._needs_decision = False
-
-    @property
-    def partial(self) -> _Unit:
-        return self._unit
-
-    def poll(self) -> _Unit | object | None:
-        """The next whole unit, :data:`_SYNC_LITERAL`, or None when more bytes are needed."""
-        while not self._needs_decision:
-            if self._literal_size is not None:
-                literal = self.buffer.read_exact(self._literal_size)
-                if literal is None:
-                    return None
-                self._unit.literals.append(literal)
-                self._unit.raw += literal
-                self._literal_size = None
-                continue
-            line = self.buffer.readline(keepends=True)
-            if line is None:
-                return None
-            text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-            self._unit.raw += line
-            announced = _LITERAL.search(text)
-            if announced is None:
-                self._add_size(len(text))
-                self._unit.texts.append(text)
-                unit, self._unit = self._unit, _Unit()
-                return unit
-            self._unit.texts.append(text[: announced.start()])
-            digits = announced.group(1)
-            # Never int() an unbounded digit string; anything this long is over the limit.
-            size = int(digits) if len(digits) <= 10 else self._limit + 1
-            self._add_size(len(text) + size)
-            self._literal_size = size
-            self._needs_decision = self._synchronising and not announced.group(2)
-        return _SYNC_LITERAL
-
-    def _add_size(self, size: int) -> None:
-        self._unit.size += size
-        if self._unit.size > self._limit:
-            raise LineTooLong("command too long")
-
-    def accept(self) -> None:
-        """The ``+`` went out: read the literal."""
-        self._needs_decision = False
-
-    def drop(self) -> None:
-        """The command was answered without its literal, which the client will not send."""
-        self._unit = _Unit()
-        self._literal_size = None
-        self._needs_decision = False
+def _arguments(unit: Unit, complete: bool = True) -> _Arguments:
+    return _Arguments(unit.texts, unit.literals, complete)
 
 
 # --- the client side: pre-auth server -----------------------------------------------------
@@ -289,7 +140,7 @@ class IMAPPreAuth(PreAuthMachine):
         #: ``x-proxy-ttl`` from the client's ID command (a proxy in front of us), if any.
         self.proxy_ttl: int | None = None
         self._tls_active = settings.tls_mode == "implicit"
-        self._input = _Assembler(MAX_PREAUTH_LINE, synchronising=True)
+        self._input = LiteralAssembler(MAX_PREAUTH_LINE, synchronising=True)
         self._state = _COMMAND
         self._tag = b""  # tag of the AUTHENTICATE/LOGIN in progress or outstanding
         self._sasl: SASLExchange | None = None
@@ -312,7 +163,7 @@ class IMAPPreAuth(PreAuthMachine):
         return self._tls_active
 
     def greeting(self) -> list[PreAuthEvent]:
-        banner = _safe_text(self.settings.banner, "Ready.")
+        banner = safe_text(self.settings.banner, "Ready.")
         return [Reply(b"* OK [CAPABILITY " + self._capabilities() + b"] " + banner + b"\r\n")]
 
     def receive(self, data: bytes) -> list[PreAuthEvent]:
@@ -343,7 +194,7 @@ class IMAPPreAuth(PreAuthMachine):
     def auth_unavailable(self, reason: str) -> list[PreAuthEvent]:
         if not self._resume():
             return []
-        text = _safe_text(reason, "Service temporarily unavailable")
+        text = safe_text(reason, "Service temporarily unavailable")
         return [Reply(self._tag + b" NO [UNAVAILABLE] " + text + b"\r\n")] + self._process()
 
     def auth_succeeded(self) -> bytes:
@@ -396,11 +247,11 @@ class IMAPPreAuth(PreAuthMachine):
                 unit = self._input.poll()
                 if unit is None:
                     break
-                if unit is _SYNC_LITERAL:
+                if unit is SYNC_LITERAL:
                     events += self._synchronising_literal()
                 else:
-                    assert isinstance(unit, _Unit)
-                    events += self._execute(unit.arguments())
+                    assert isinstance(unit, Unit)
+                    events += self._execute(_arguments(unit))
         except LineTooLong:
             events += self._bye(b"Line too long")
         return events
@@ -408,13 +259,13 @@ class IMAPPreAuth(PreAuthMachine):
     def _synchronising_literal(self) -> list[PreAuthEvent]:
         """Send ``+`` only for a command that may carry a literal now; answer others at once,
         so a password literal is never invited over a leg where it is not accepted."""
-        _tag, name = self._input.partial.arguments(complete=False).head()
+        _tag, name = _arguments(self._input.partial, complete=False).head()
         if name == b"ID" or (name == b"LOGIN" and self._cleartext_allowed):
             self._input.accept()
             return [Reply(b"+ Ready for literal data\r\n")]
         unit = self._input.partial
         self._input.drop()
-        return self._execute(unit.arguments(complete=False))
+        return self._execute(_arguments(unit, complete=False))
 
     def _execute(self, arguments: _Arguments) -> list[PreAuthEvent]:
         tag, name = arguments.head()
@@ -510,7 +361,7 @@ class IMAPPreAuth(PreAuthMachine):
 
     def _credentials_refused(self, tag: bytes, error: SASLError) -> list[PreAuthEvent]:
         """Unusable credentials count as a failed attempt, like a refusal by the backend."""
-        text = _safe_text(str(error), "Authentication failed.")
+        text = safe_text(str(error), "Authentication failed.")
         return self._auth_failure(tag + b" NO [AUTHENTICATIONFAILED] " + text + b"\r\n")
 
     def _authenticate(self, tag: bytes, arguments: _Arguments) -> list[PreAuthEvent]:
@@ -585,7 +436,7 @@ class _Response:
     text: bytes
 
 
-def _parse_response(unit: _Unit) -> _Response:
+def _parse_response(unit: Unit) -> _Response:
     first = unit.texts[0]
     kind, _, rest = first.partition(b" ")
     if kind == b"+":
@@ -603,7 +454,7 @@ def _forwarding_command(info: ForwardingInfo) -> bytes:
         ("x-proxy-ttl", str(info.ttl)),
         ("x-session-id", info.session_id),
     )
-    return b"ID (" + b" ".join(_quote(key) + b" " + _quote(value) for key, value in fields) + b")"
+    return b"ID (" + b" ".join(quote(key) + b" " + quote(value) for key, value in fields) + b")"
 
 
 class IMAPBackendDialogue(BackendDialogue):
@@ -611,7 +462,7 @@ class IMAPBackendDialogue(BackendDialogue):
 
     def __init__(self, settings: BackendSettings) -> None:
         self.settings = settings
-        self._input = _Assembler(MAX_PREAUTH_LINE, synchronising=False)
+        self._input = LiteralAssembler(MAX_PREAUTH_LINE, synchronising=False)
         self._state = _GREETING
         self._capabilities: frozenset[bytes] | None = None
         self._tls_done = False
@@ -639,7 +490,7 @@ class IMAPBackendDialogue(BackendDialogue):
                 unit = self._input.poll()
                 if unit is None:
                     break
-                assert isinstance(unit, _Unit)
+                assert isinstance(unit, Unit)
                 events += self._handle(unit)
         except LineTooLong:
             events += self._fail("backend line too long")
@@ -701,7 +552,7 @@ class IMAPBackendDialogue(BackendDialogue):
     def _learn_capabilities(self, text: bytes) -> None:
         self._capabilities = frozenset(token.upper() for token in text.split())
 
-    def _handle(self, unit: _Unit) -> list[BackendEvent]:
+    def _handle(self, unit: Unit) -> list[BackendEvent]:
         response = _parse_response(unit)
         if self._state == _LOGIN:
             return self._handle_login(unit, response)
@@ -740,7 +591,7 @@ class IMAPBackendDialogue(BackendDialogue):
             self._learn_capabilities(code.group(1))
         return self._next_step()
 
-    def _handle_login(self, unit: _Unit, response: _Response) -> list[BackendEvent]:
+    def _handle_login(self, unit: Unit, response: _Response) -> list[BackendEvent]:
         if response.kind == b"+":
             if self._owed_response is not None:
                 owed, self._owed_response = self._owed_response, None

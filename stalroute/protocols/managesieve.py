@@ -1,0 +1,336 @@
+"""ManageSieve: the pre-auth server dialogue and the backend login replay (SPEC §5). Sans-IO.
+
+:class:`ManageSievePreAuth` answers the client before authentication (RFC 5804): the
+capability block and ``OK`` as greeting, CAPABILITY, NOOP (with its tag echoed), LOGOUT,
+STARTTLS (capabilities re-sent once TLS is up), and AUTHENTICATE with quoted or literal
+strings for the initial response and the continuation responses.
+:class:`ManageSieveBackendDialogue` plays the client toward the backend: capability block,
+STARTTLS and the re-sent block, ``XCLIENT`` (Dovecot), then ``AUTHENTICATE "<mech>" "<ir>"``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import cast
+
+from stalroute.config import DEFAULT_SIEVE_EXTENSIONS
+from stalroute.protocols.base import (
+    MAX_PREAUTH_LINE,
+    BackendEvent,
+    BackendSend,
+    PreAuthEvent,
+    ProtocolSpec,
+    Reply,
+)
+from stalroute.protocols.linebased import GREETING, LOGIN, LineDialogue, LinePreAuth
+from stalroute.protocols.lines import (
+    ArgumentError,
+    Arguments,
+    LiteralAssembler,
+    Unit,
+    quote,
+    safe_text,
+)
+from stalroute.protocols.xclient import xclient_command
+from stalroute.sasl import Credentials, SASLError, encode_base64
+
+DEFAULT_IMPLEMENTATION = "stalroute"
+#: The generic refusal (``hide_auth_errors``), as Dovecot words it.
+HIDDEN_FAILURE = b'NO "Authentication failed."\r\n'
+#: Longest NOOP tag echoed back; longer ones are refused.
+MAX_NOOP_TAG = 1024
+#: Longer SASL responses go to the backend as a literal instead of a quoted string.
+MAX_QUOTED_RESPONSE = 1024
+#: Capability lines read from a backend's capability block.
+MAX_CAPABILITY_LINES = 256
+
+_COMMAND_NAME = re.compile(rb"[A-Za-z]+")
+_ATOM = re.compile(rb"[A-Za-z0-9-]+")
+_WORD = re.compile(r"[!-~]+")
+
+
+def _string(value: bytes) -> bytes:
+    """A string for the client: quoted, or a literal when quoting cannot carry it."""
+    if any(byte in value for byte in b"\0\r\n"):
+        return b"{%d}\r\n" % len(value) + value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _words(words: Sequence[str]) -> bytes:
+    """A capability value listing ``words`` (printable ASCII words only)."""
+    return quote(" ".join(word for word in words if _WORD.fullmatch(word)))
+
+
+def _text(text: bytes) -> bytes:
+    """A human-readable text (already safe ASCII) as a quoted string."""
+    return quote(text.decode("ascii"))
+
+
+# --- the client side: pre-auth server -----------------------------------------------------
+
+
+class ManageSievePreAuth(LinePreAuth):
+    """The ManageSieve server dialogue up to a successful login."""
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        # ManageSieve has no literal continuation: "{n}" and "{n+}" are both read at once.
+        self._input = LiteralAssembler(MAX_PREAUTH_LINE, synchronising=False)
+        self._buffer = self._input.buffer
+        self._handlers = {
+            b"CAPABILITY": self._capability,
+            b"NOOP": self._noop,
+            b"LOGOUT": self._logout,
+            b"STARTTLS": self._starttls,
+            b"AUTHENTICATE": self._authenticate,
+        }
+
+    def greeting(self) -> list[PreAuthEvent]:
+        banner = safe_text(self.settings.banner, "Ready.")
+        return [Reply(self.capability_block() + b"OK " + _text(banner) + b"\r\n")]
+
+    def capability_block(self) -> bytes:
+        """The capability lines as they stand now (RFC 5804 §1.7)."""
+        implementation = cast(str, self.settings.extra.get("implementation")
+                              or DEFAULT_IMPLEMENTATION)
+        sieve = cast(Sequence[str], self.settings.extra.get("sieve") or DEFAULT_SIEVE_EXTENSIONS)
+        lines = [
+            b'"IMPLEMENTATION" ' + _text(safe_text(implementation, DEFAULT_IMPLEMENTATION)),
+            b'"SASL" ' + _words(self._usable_mechanisms()),
+            b'"SIEVE" ' + _words(sieve),
+        ]
+        if self._starttls_offered:
+            lines.append(b'"STARTTLS"')
+        lines.append(b'"VERSION" "1.0"')
+        return b"".join(line + b"\r\n" for line in lines)
+
+    # -- reading
+
+    def _read(self) -> object | None:
+        return self._input.poll()  # never SYNC_LITERAL: not synchronising
+
+    def _reset_input(self) -> None:
+        self._input.reset()
+
+    def _sasl_response(self, unit: object) -> bytes:
+        assert isinstance(unit, Unit)
+        arguments = unit.arguments()
+        try:
+            if not arguments.at_string():
+                raise ArgumentError
+            response = arguments.string()
+            arguments.end()
+        except ArgumentError:
+            raise SASLError("Invalid SASL response") from None
+        return response
+
+    # -- wording
+
+    def _goodbye(self, reason: str) -> bytes | None:
+        return b"BYE " + quote(reason + ".") + b"\r\n"
+
+    def _challenge(self, text: bytes) -> bytes:
+        return _string(text) + b"\r\n"
+
+    def _sasl_aborted(self) -> bytes:
+        return b'NO "Authentication aborted."\r\n'
+
+    def _credentials_invalid(self, error: SASLError) -> bytes:
+        return b"NO " + _text(safe_text(str(error), "Authentication failed.")) + b"\r\n"
+
+    def _mechanism_unsupported(self) -> bytes:
+        return b'NO "Unsupported authentication mechanism."\r\n'
+
+    def _privacy_required(self) -> bytes:
+        return (b'NO (ENCRYPT-NEEDED) "Cleartext authentication is not allowed without TLS."'
+                b"\r\n")
+
+    def _temporary_failure(self, text: bytes) -> list[PreAuthEvent]:
+        return [Reply(b"NO (TRYLATER) " + _text(text) + b"\r\n")]
+
+    def _after_tls(self) -> list[PreAuthEvent]:
+        return [Reply(self.capability_block() + b'OK "TLS negotiation successful."\r\n')]
+
+    # -- commands
+
+    def _execute(self, unit: object) -> list[PreAuthEvent]:
+        assert isinstance(unit, Unit)
+        arguments = unit.arguments()
+        try:
+            name = arguments.word(_COMMAND_NAME).upper()
+        except ArgumentError:
+            return self._bad(b'NO "Invalid command."\r\n')
+        handler = self._handlers.get(name)
+        if handler is None:
+            return self._bad(b'NO "Command not allowed before authentication."\r\n')
+        try:
+            return handler(arguments)
+        except ArgumentError:
+            return self._bad(b'NO "Invalid arguments."\r\n')
+
+    def _capability(self, arguments: Arguments) -> list[PreAuthEvent]:
+        arguments.end()
+        return [Reply(self.capability_block() + b'OK "Capability completed."\r\n')]
+
+    def _noop(self, arguments: Arguments) -> list[PreAuthEvent]:
+        if arguments.at_end():
+            return [Reply(b'OK "Done"\r\n')]
+        arguments.space()
+        tag = arguments.string()
+        arguments.end()
+        if len(tag) > MAX_NOOP_TAG:
+            raise ArgumentError
+        return [Reply(b"OK (TAG " + _string(tag) + b') "Done"\r\n')]
+
+    def _logout(self, arguments: Arguments) -> list[PreAuthEvent]:
+        arguments.end()
+        return self._hang_up(b'OK "Logout completed."\r\n')
+
+    def _starttls(self, arguments: Arguments) -> list[PreAuthEvent]:
+        arguments.end()
+        if self._tls_active:
+            return self._bad(b'NO "TLS is already active."\r\n')
+        if not self._starttls_offered:
+            return self._bad(b'NO "STARTTLS not available."\r\n')
+        return self._start_tls(b'OK "Begin TLS negotiation now."\r\n')
+
+    def _authenticate(self, arguments: Arguments) -> list[PreAuthEvent]:
+        arguments.space()
+        mechanism = arguments.string()
+        initial_response = None
+        if not arguments.at_end():
+            arguments.space()
+            initial_response = arguments.string()
+        arguments.end()
+        return self._start_sasl(mechanism.decode("ascii", "replace"), initial_response)
+
+
+# --- the backend side ---------------------------------------------------------------------
+
+_STARTTLS = "STARTTLS"
+_TLS_CAPABILITIES = "capabilities after TLS"  # reading the block the server re-sends
+_XCLIENT = "XCLIENT"
+
+
+def _classify(unit: Unit) -> tuple[bytes, bytes | None]:
+    """``(b"", name)`` for a capability line or a challenge (a string first), else the
+    upper-cased status word (``OK``, ``NO``, ``BYE``) and None."""
+    arguments = unit.arguments()
+    try:
+        if arguments.at_string():
+            return b"", arguments.string()
+        return arguments.word(_ATOM).upper(), None
+    except ArgumentError:
+        return b"?", None
+
+
+class ManageSieveBackendDialogue(LineDialogue):
+    """The ManageSieve client dialogue toward a backend, up to the replayed login's outcome."""
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self._input = LiteralAssembler(MAX_PREAUTH_LINE, synchronising=False)
+        self._capabilities: frozenset[bytes] | None = None
+        self._block: list[bytes] = []
+
+    # -- plumbing
+
+    def _feed(self, data: bytes) -> None:
+        self._input.buffer.feed(data)
+
+    def _next(self) -> Unit | None:
+        unit = self._input.poll()
+        assert unit is None or isinstance(unit, Unit)
+        return unit
+
+    def _take_rest(self) -> bytes:
+        rest = bytes(self._input.partial.raw) + self._input.buffer.take_all()
+        self._input.reset()
+        return rest
+
+    def _send(self, command: bytes, state: str) -> list[BackendEvent]:
+        self._state = state
+        return [BackendSend(command + b"\r\n")]
+
+    # -- establishment
+
+    def _offers(self, capability: bytes) -> bool:
+        return self._capabilities is not None and capability in self._capabilities
+
+    def _next_step(self) -> list[BackendEvent]:
+        """capabilities → STARTTLS → capabilities again → XCLIENT → ready."""
+        if self._starttls_needed:
+            if not self._offers(b"STARTTLS"):
+                return self._fail("backend does not offer STARTTLS")
+            return self._send(b"STARTTLS", _STARTTLS)
+        if self.settings.forwarding is not None and self._offers(b"XCLIENT"):
+            command = xclient_command(self.settings.forwarding, None, smtp=False)
+            if command is not None:
+                return self._send(command, _XCLIENT)
+        return self._ready()
+
+    def _after_tls(self) -> list[BackendEvent]:
+        # RFC 5804 §2.2: the server re-sends its capabilities, unasked, over TLS.
+        self._capabilities = None
+        self._state = _TLS_CAPABILITIES
+        return []
+
+    def _handle(self, response: object) -> list[BackendEvent]:
+        assert isinstance(response, Unit)
+        status, name = _classify(response)
+        if self._state == LOGIN:
+            return self._handle_login(response, status)
+        if self._state in (GREETING, _TLS_CAPABILITIES):
+            return self._capability_line(status, name)
+        if self._state not in (_STARTTLS, _XCLIENT):  # nothing is expected while ready
+            return self._fail("unexpected response from backend")
+        if status != b"OK":
+            if status in (b"NO", b"BYE"):
+                return self._fail(f"backend refused {self._state}")
+            return self._fail("unexpected response from backend")
+        if self._state == _STARTTLS:
+            return self._handshake()
+        return self._ready()
+
+    def _capability_line(self, status: bytes, name: bytes | None) -> list[BackendEvent]:
+        if name is not None:
+            if len(self._block) >= MAX_CAPABILITY_LINES:
+                return self._fail("backend sent too many capabilities")
+            self._block.append(name.upper())
+            return []
+        if status == b"OK":
+            self._capabilities, self._block = frozenset(self._block), []
+            return self._next_step()
+        if status in (b"NO", b"BYE"):
+            return self._fail("backend refused the connection")
+        return self._fail("unexpected backend greeting")
+
+    # -- the login
+
+    def _replay(self, credentials: Credentials, context: object) -> list[BackendEvent]:
+        mechanism = quote(credentials.mechanism)
+        # RFC 5804 §2.1: an empty initial response is an empty string.
+        response = encode_base64(credentials.response) if credentials.response else b""
+        if len(response) > MAX_QUOTED_RESPONSE:
+            argument = b"{%d+}\r\n" % len(response) + response
+        else:
+            argument = b'"' + response + b'"'
+        return self._send(b"AUTHENTICATE " + mechanism + b" " + argument, LOGIN)
+
+    def _handle_login(self, unit: Unit, status: bytes) -> list[BackendEvent]:
+        if status == b"":
+            # A challenge, though the initial response was sent: cancel (RFC 5804 §2.1).
+            self._challenged()
+            return [BackendSend(b'"*"\r\n')]
+        if status == b"OK":
+            return self._outcome(True, bytes(unit.raw), HIDDEN_FAILURE)
+        if status == b"NO":
+            return self._outcome(False, bytes(unit.raw), HIDDEN_FAILURE)
+        if status == b"BYE":
+            return self._fail("backend closed the session")
+        return self._fail("unexpected response from backend")
+
+
+#: ManageSieve as the shared pipeline (``stalroute.session``, ``stalroute.backend``) runs it.
+SPEC = ProtocolSpec("managesieve", ManageSievePreAuth, ManageSieveBackendDialogue)
