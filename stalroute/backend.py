@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from stalroute import proxyproto
 from stalroute.circuit import CircuitBreaker
-from stalroute.config import Config, DestinationConfig
+from stalroute.config import PASSTHROUGH_PROTOCOLS, Config, DestinationConfig
 from stalroute.protocols.base import (
     BackendDialogue, BackendError, BackendEvent, BackendReady, BackendSend, BackendSettings,
     BackendStartTLS, ForwardingInfo, LoginFailed, LoginSucceeded,
@@ -221,7 +221,8 @@ class BackendConnector:
         leg_config = destination.protocols.get(protocol)
         if leg_config is None:
             raise BackendUnavailable(f"destination {destination.name} does not serve {protocol}")
-        if leg_config.tls == "plain" and not destination.allow_plaintext_auth:
+        if (leg_config.tls == "plain" and not destination.allow_plaintext_auth
+                and protocol not in PASSTHROUGH_PROTOCOLS):  # no credentials cross those
             raise BackendUnavailable(f"destination {destination.name}: cleartext {protocol} leg "
                                      "refused (allow_plaintext_auth is off)")
         forwarding = destination.forwarding_for(protocol)

@@ -16,8 +16,16 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from stalroute.config import ConfigError, config_path_from_env, load_config
+
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
+    from stalroute.config import Config
+    from stalroute.mapping import MappingStore
+    from stalroute.session import Runtime
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -76,7 +84,7 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def prepare_runtime(config):
+def prepare_runtime(config: Config) -> tuple[str | None, Runtime | None]:
     """Build the runtime as startup does: ``(problem, None)`` or ``(None, runtime)``."""
     from twisted.internet import reactor
 
@@ -88,12 +96,12 @@ def prepare_runtime(config):
         return str(exc), None
 
 
-def startup_problem(config) -> str | None:
+def startup_problem(config: Config) -> str | None:
     """What would stop startup after validation (a bad mapping file, unreadable TLS material)."""
     return prepare_runtime(config)[0]
 
 
-def store_warning(store, timeout: float = PROBE_TIMEOUT) -> str | None:
+def store_warning(store: MappingStore, timeout: float = PROBE_TIMEOUT) -> str | None:
     """Ask the mapping store one lookup, bounded by ``timeout``; a warning when it fails.
 
     A store that is down is not a configuration error (stalroute starts and tempfails
@@ -104,7 +112,7 @@ def store_warning(store, timeout: float = PROBE_TIMEOUT) -> str | None:
 
     outcome: list[str | None] = []
 
-    def failed(failure) -> str:
+    def failed(failure: Failure) -> str:
         if failure.check(defer.TimeoutError, error.TimeoutError):
             return f"no answer within {timeout:g}s"
         return failure.getErrorMessage() or failure.type.__name__

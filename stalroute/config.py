@@ -566,6 +566,25 @@ def _sql_url(value: Any, ctx: _Context, key: str) -> str:
     return _url("postgresql", "postgres")(text, ctx, key)
 
 
+#: SQL text where ``$n`` is no parameter (strings, quoted identifiers, comments, dollar-quoted
+#: bodies: what the SQL store's placeholder translation skips), or a ``$n`` parameter.
+_SQL_PARAMETER = re.compile(
+    r"""(?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|/\*.*?\*/"""
+    r"|\$(?P<tag>(?:[A-Za-z_][A-Za-z_0-9]*)?)\$.*?\$(?P=tag)\$|(?P<parameter>\$[0-9]+)",
+    re.S,
+)
+
+
+def _sql_without_parameters(value: Any, ctx: _Context, key: str) -> str:
+    """A SQL statement that takes no ``$n`` parameters (``mapping.sql.list_query``)."""
+    text = _text(single_line=False)(value, ctx, key)
+    for match in _SQL_PARAMETER.finditer(text):
+        if match["parameter"]:
+            raise _Invalid(f"must not use parameters ({match['parameter']} found): it lists "
+                           "every mapping, as rows of identifier, destination")
+    return text
+
+
 def _sha256_pin(value: Any, ctx: _Context, key: str) -> bytes:
     text = _text()(value, ctx, key)
     digits = text.replace(":", "").strip()
@@ -867,6 +886,8 @@ class SQLMappingConfig:
     upsert_query: str | None = _key(_text(single_line=False), None)
     delete_query: str | None = _key(_text(single_line=False), None)
     pool_size: int = _key(_int(1, 1024), 16)
+    #: [ext] No parameters; rows of ``identifier, destination`` (the admin API's export).
+    list_query: str | None = _key(_sql_without_parameters, None)
 
     @property
     def writable(self) -> bool:

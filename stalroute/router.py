@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from twisted.internet.defer import Deferred, succeed
 from stalroute.logs import logger
 from twisted.python.failure import Failure
@@ -10,6 +12,7 @@ from stalroute.config import Config, DestinationConfig
 from stalroute.identity import redact
 from stalroute.mapping import MappingStore, StoreError
 from stalroute.mapping.cache import RoutingCache
+from stalroute.stats import Metrics
 
 log = logger("stalroute.router")
 
@@ -21,10 +24,12 @@ class RoutingUnavailable(Exception):
 class Router:
     """Resolves identifiers against one store through one cache."""
 
-    def __init__(self, config: Config, store: MappingStore, cache: RoutingCache) -> None:
+    def __init__(self, config: Config, store: MappingStore, cache: RoutingCache,
+                 metrics: Metrics) -> None:
         self.config = config
         self.store = store
         self.cache = cache
+        self._metrics = metrics
 
     @property
     def default(self) -> DestinationConfig:
@@ -37,10 +42,19 @@ class Router:
         """
         if identifier is None:
             return succeed(self.default)
-        d = self.cache.resolve(identifier, self.store.lookup)
+        d = self.cache.resolve(identifier, self._timed_lookup)
         d.addCallbacks(self._named, self._store_failed, callbackArgs=(identifier,),
                        errbackArgs=(identifier,))
         return d
+
+    def _timed_lookup(self, identifier: str) -> Deferred[str | None]:
+        started = time.monotonic()
+
+        def observe(result):
+            self._metrics.store_latency.observe(time.monotonic() - started)
+            return result
+
+        return self.store.lookup(identifier).addBoth(observe)
 
     def _named(self, name: str | None, identifier: str) -> DestinationConfig:
         if name is None:

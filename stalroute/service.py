@@ -19,6 +19,7 @@ from stalroute.mapping.factory import UnsupportedStore, build_store
 from stalroute.mapping.file import MappingFileError
 from stalroute.protocols import PROTOCOLS
 from stalroute.router import Router
+from stalroute.stats import Metrics
 from stalroute.session import CLOSE_GRACE, Runtime, SessionFactory, SessionRegistry
 from stalroute.tls import ServerTLS
 
@@ -67,15 +68,17 @@ def build_runtime(reactor, config: Config, previous: Runtime | None = None) -> R
     cache = RoutingCache(reactor, config.mapping.positive_ttl, config.mapping.negative_ttl,
                          config.mapping.cache_max_entries, config.mapping.lookup_timeout)
     if previous is None:
-        registry, bans, delays = SessionRegistry(), BanList(reactor, config.security), \
-            LoginDelays(reactor)
+        registry, bans, delays, metrics = (SessionRegistry(), BanList(reactor, config.security),
+                                           LoginDelays(reactor), Metrics())
     else:
-        registry, bans, delays = previous.registry, previous.bans, previous.delays
+        registry, bans, delays, metrics = (previous.registry, previous.bans, previous.delays,
+                                           previous.metrics)
         bans.security = config.security
         for name in connector.breakers.keys() & previous.connector.breakers.keys():
             connector.breakers[name] = previous.connector.breakers[name]
-    return Runtime(config=config, router=Router(config, store, cache), connector=connector,
-                   server_tls=server_tls, registry=registry, bans=bans, delays=delays)
+    return Runtime(config=config, router=Router(config, store, cache, metrics),
+                   connector=connector, server_tls=server_tls, registry=registry, bans=bans,
+                   delays=delays, metrics=metrics)
 
 
 def settings_needing_restart(old: Config, new: Config) -> list[str]:

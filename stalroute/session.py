@@ -10,6 +10,7 @@ reading pauses the backend) until either side closes, ``bridge_idle`` passes, or
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
@@ -34,6 +35,7 @@ from stalroute.protocols.base import (
 )
 from stalroute.proxyproto import NotAProxyHeader, ProxyHeaderError, ProxyHeaderParser
 from stalroute.router import Router, RoutingUnavailable
+from stalroute.stats import Metrics
 from stalroute.tls import ServerTLS, TLSDetails, tls_details
 
 log = logger("stalroute.session")
@@ -71,6 +73,7 @@ class Runtime:
     registry: SessionRegistry
     bans: BanList
     delays: LoginDelays
+    metrics: Metrics
 
 
 @dataclass
@@ -157,6 +160,7 @@ class ClientSession(Protocol):
         self._starttls_pending = False
         self._timer = None
         self._last_activity = 0.0
+        self._login_started = 0.0
 
     # connection ----------------------------------------------------------------------
 
@@ -301,6 +305,8 @@ class ClientSession(Protocol):
         probe = not self._client_spoke and self.outcome in PROBE_OUTCOMES
         if probe:
             self.factory.probes += 1
+        self.runtime.metrics.sessions[(self.spec.name, self.destination or "-",
+                                       "probe" if probe else self.outcome)] += 1
         (log.debug if probe else log.info)(
             "session {session} {protocol} client={client} account={account} "
             "destination={destination} outcome={outcome} in={bytes_in} out={bytes_out} "
@@ -338,6 +344,7 @@ class ClientSession(Protocol):
                     self.transport.startTLS(self.runtime.server_tls.options)
                 case Authenticate():
                     self.state = "routing"
+                    self._login_started = time.monotonic()
                     Deferred.fromCoroutine(self._login(event))
                 case Close():
                     self.close(self.outcome if self.outcome != "client_closed" else "closed")
@@ -381,6 +388,9 @@ class ClientSession(Protocol):
                      account=self._account_label)
             self._run(self.machine.auth_failed(outcome.reply))
         else:
+            if event is not None:
+                self.runtime.metrics.login_latency.observe(
+                    time.monotonic() - self._login_started)
             self._splice(leg, outcome)
 
     async def _destination(self, event: Authenticate | None) -> DestinationConfig:

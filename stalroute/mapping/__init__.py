@@ -1,14 +1,29 @@
 """Mapping stores: where an account's destination is written down.
 
-Every store offers the same five operations, each returning a Deferred, so the router, the
-admin API and the cluster code never need to know which store is behind them.
+Every store offers the same operations, each returning a Deferred, so the router, the admin
+API and the cluster code never need to know which store is behind them. A store that cannot
+do something still has the method and fails it with a dedicated :class:`StoreError`:
+:class:`ReadOnlyStore` for writes, :class:`NotListable` for :meth:`MappingStore.entries`
+(the admin API answers 501 to both).
+
+Also here: what the network stores share to keep passwords out of messages and logs
+(:func:`redact_url`, :func:`url_secrets`, :func:`scrub`) and to report any failure of an
+operation as a :class:`StoreError` naming the store (:func:`store_error`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+#: Upper bound of one :meth:`MappingStore.entries` call of a network store (a whole-table
+#: read: generous, but an export never hangs for good).
+LIST_TIMEOUT = 300.0
 
 
 class StoreError(Exception):
@@ -19,14 +34,27 @@ class ReadOnlyStore(StoreError):
     """The store has no write statements configured (the admin API answers 501)."""
 
 
+class NotListable(StoreError):
+    """The store cannot list its mappings (SQL without ``list_query``; the admin API's
+    ``GET /mappings/export`` answers 501)."""
+
+
 class MappingStore(Protocol):
     """An ``identifier → destination name`` table."""
 
     #: False when the store cannot write (SQL without upsert/delete statements).
     writable: bool
+    #: False when :meth:`entries` fails with NotListable (SQL without ``list_query``).
+    listable: bool
 
     def lookup(self, identifier: str) -> Deferred[str | None]:
         """The destination name for ``identifier``, or None when it is not mapped."""
+
+    def entries(self) -> Deferred[list[tuple[str, str]]]:
+        """Every ``(identifier, destination)`` pair, sorted by identifier (bulk export).
+
+        Fails with :class:`NotListable` when the store cannot list (see ``listable``).
+        """
 
     def upsert(self, identifier: str, destination: str) -> Deferred[None]:
         """Map ``identifier`` to ``destination``, replacing any existing row."""
@@ -41,8 +69,57 @@ class MappingStore(Protocol):
         """Release connections."""
 
 
-class ListableStore(MappingStore, Protocol):
-    """A store that can also list every mapping (bulk export); not every store can."""
+#: Every store has :meth:`MappingStore.entries` now; the name is kept for older imports.
+ListableStore = MappingStore
 
-    def entries(self) -> Deferred[list[tuple[str, str]]]:
-        """Every ``(identifier, destination)`` pair."""
+
+# --- shared by the network stores -----------------------------------------------------------
+
+#: Query parameters that carry secrets in store URLs (libpq's names).
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+_HIDDEN = "***"
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """Every form in which ``url`` carries a password, longest first, for :func:`scrub`."""
+    parts = urlsplit(url)
+    raw = [parts.password or ""]  # still percent-encoded, as written
+    raw += [value for key, _, value in (item.partition("=") for item in parts.query.split("&"))
+            if key in _SECRET_PARAMETERS]
+    forms = {form for secret in raw if secret for form in (secret, unquote(secret))}
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for logs and error messages: password and secret parameters hidden."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if parts.password is None and not any(k in _SECRET_PARAMETERS for k, _ in query):
+        return url
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:{_HIDDEN}@{hostport}"
+    shown = [(k, _HIDDEN if k in _SECRET_PARAMETERS else v) for k, v in query]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(shown, safe="*/:")))
+
+
+def scrub(message: str, secrets: Iterable[str]) -> str:
+    """One line of ``message`` with every secret replaced (driver errors may quote a DSN)."""
+    line = " ".join(message.split())
+    for secret in secrets:
+        line = line.replace(secret, _HIDDEN)
+    return line
+
+
+def store_error(failure: Failure, label: str, action: str, secrets: Iterable[str]) -> Failure:
+    """Errback: any failure of a store operation as a :class:`StoreError` naming the store.
+
+    ``StoreError``s (``ReadOnlyStore`` and ``NotListable`` among them) pass through unchanged.
+    """
+    if failure.check(StoreError):
+        return failure
+    detail = failure.getErrorMessage() or failure.type.__name__
+    if failure.check(error.TimeoutError, defer.TimeoutError, defer.CancelledError):
+        detail = "no answer in time"
+    return Failure(StoreError(f"{label}: {action} failed: {scrub(detail, secrets)}"))

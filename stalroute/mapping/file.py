@@ -75,6 +75,7 @@ class FileMappingStore:
     """A mapping table kept in memory and persisted to a TSV file."""
 
     writable = True
+    listable = True  # entries() always answers: the table is in memory
 
     def __init__(self, path: Path, destinations: Collection[str], normalize: str) -> None:
         self.path = Path(path)

@@ -5,10 +5,17 @@ themselves). Two txredisapi behaviours are guarded against here:
 
 * while no connection is up, a command waits for one forever; the store fails it at once
   instead ("not connected"), so an outage costs no lookup time, and it bounds every command
-  by ``lookup_timeout`` (a server that accepts but does not answer);
+  by ``lookup_timeout`` (a server that accepts but does not answer). Only a new pool (at
+  startup, after a reload) is waited for, up to :data:`STARTUP_WAIT`, so the first logins
+  are not refused while it connects;
 * a failed ``AUTH`` or ``SELECT`` makes the pool stop reconnecting for good; the store builds
   a new pool (at most every :data:`REBUILD_INTERVAL` seconds) so it recovers once the server
   is fixed.
+
+``entries()`` (the admin export) walks ``key_prefix*`` with ``SCAN`` (:data:`SCAN_COUNT` keys
+per step, so Redis never blocks on a large keyspace) and reads the values with one ``MGET``
+per step; the whole walk is bounded by :data:`~stalroute.mapping.LIST_TIMEOUT`, each command
+by ``lookup_timeout``.
 
 URL: ``redis[s]://[[user]:password@]host[:port][/db]``; query parameters ``db``,
 ``ssl_ca_certs`` (a PEM file of CAs to trust instead of the system store) and
@@ -19,7 +26,6 @@ in redis-py. ``rediss://`` verifies the server's certificate against the host na
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,25 +33,27 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import txredisapi
 from OpenSSL import SSL
-from twisted.internet import reactor, ssl
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet import reactor, ssl, task
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 
 from stalroute.config import RedisMappingConfig
-from stalroute.mapping import StoreError
-from stalroute.mapping.factory import (
-    InvalidStoreSetting,
-    redact_url,
-    scrub,
-    store_error,
-    url_secrets,
-)
+from stalroute.mapping import LIST_TIMEOUT, StoreError, redact_url, scrub, store_error, url_secrets
+from stalroute.mapping.factory import InvalidStoreSetting
 
 DEFAULT_PORT = 6379
 #: Cap of txredisapi's reconnection backoff (its default, 10 s, is long for routing).
 RECONNECT_MAX_DELAY = 3.0
 #: How often a pool that gave up (bad password, bad db) is rebuilt.
 REBUILD_INTERVAL = 5.0
+#: How long after a pool is built commands wait for its first connection (at most the
+#: lookup timeout) instead of failing at once.
+STARTUP_WAIT = 2.0
+CONNECT_POLL = 0.02
+#: ``SCAN … COUNT`` of one ``entries()`` step, and the most keys one ``MGET`` asks for.
+SCAN_COUNT = 1000
 _QUERY_PARAMETERS = ("db", "ssl_ca_certs", "ssl_cert_reqs")
+#: Characters with a meaning in a ``SCAN MATCH`` pattern (escaped in the key prefix).
+_GLOB_SPECIAL = re.compile(r"[*?\[\]\\]")
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
@@ -119,6 +127,7 @@ class RedisMappingStore:
     """The ``[mapping.redis]`` store (see the module docstring)."""
 
     writable = True
+    listable = True
 
     def __init__(self, settings: RedisMappingConfig, timeout: float) -> None:
         self._target = parse_redis_url(settings.url)
@@ -129,6 +138,8 @@ class RedisMappingStore:
         self.label = redact_url(settings.url)
         self._secrets = url_secrets(settings.url)
         self._closed = False
+        #: Bound of one entries() call, in seconds.
+        self.list_timeout = LIST_TIMEOUT
         self._gave_up: str | None = None
         self._built_at = 0.0
         self._handler = self._connect()
@@ -148,13 +159,14 @@ class RedisMappingStore:
         factory = handler._factory  # txredisapi exposes the pool's tunables only there
         factory.maxDelay = RECONNECT_MAX_DELAY
         # Fires (once) when the whole pool is up, or fails when it gave up (AUTH, SELECT).
-        factory.deferred.addErrback(self._note_gave_up)
+        factory.deferred.addErrback(self._note_gave_up, factory)
         self._gave_up = None
-        self._built_at = time.monotonic()
+        self._built_at = reactor.seconds()
         return handler
 
-    def _note_gave_up(self, failure: Any) -> None:
-        self._gave_up = failure.getErrorMessage()
+    def _note_gave_up(self, failure: Any, factory: Any) -> None:
+        if factory is self._handler._factory:
+            self._gave_up = failure.getErrorMessage()
 
     @property
     def connected(self) -> bool:
@@ -165,6 +177,34 @@ class RedisMappingStore:
 
     def lookup(self, identifier: str) -> Deferred[str | None]:
         return self._command("lookup", "get", self._prefix + identifier).addCallback(_text)
+
+    def entries(self) -> Deferred[list[tuple[str, str]]]:
+        """Every ``key_prefix*`` string key, prefix stripped, with its value; sorted.
+
+        Keys that are not UTF-8 (no identifier can look them up) and keys of other types
+        (``MGET`` reads them as nil) are left out.
+        """
+        d = Deferred.fromCoroutine(self._entries())
+        d.addTimeout(self.list_timeout, reactor)
+        return d.addErrback(store_error, self.label, "list", self._secrets)
+
+    async def _entries(self) -> list[tuple[str, str]]:
+        prefix = self._prefix
+        pattern = _GLOB_SPECIAL.sub(r"\\\g<0>", prefix) + "*"
+        table: dict[str, str] = {}
+        cursor = "0"
+        while True:
+            cursor, found = await self._command("list", "scan", cursor, pattern, SCAN_COUNT)
+            keys = [key for key in found if isinstance(key, str) and key.startswith(prefix)]
+            for start in range(0, len(keys), SCAN_COUNT):  # COUNT is a hint: split if need be
+                batch = keys[start:start + SCAN_COUNT]
+                values = await self._command("list", "mget", batch)
+                for key, value in zip(batch, values):
+                    destination = _text(value)
+                    if destination is not None and len(key) > len(prefix):
+                        table[key[len(prefix):]] = destination
+            if str(cursor) == "0":
+                return sorted(table.items())
 
     def upsert(self, identifier: str, destination: str) -> Deferred[None]:
         d = self._command("upsert", "set", self._prefix + identifier, destination)
@@ -187,22 +227,46 @@ class RedisMappingStore:
 
     # --- commands -------------------------------------------------------------------------
 
-    def _command(self, action: str, name: str, *args: str) -> Deferred[Any]:
+    def _command(self, action: str, name: str, *args: Any) -> Deferred[Any]:
+        """Send one command; fail at once while the pool is down (after its first moments)."""
         if self._closed:
             return fail(StoreError(f"{self.label}: {action} failed: the store is closed"))
-        if not self.connected:
-            self._maybe_rebuild()
-            reason = f"not connected ({self._gave_up})" if self._gave_up else "not connected"
-            return fail(StoreError(f"{self.label}: {action} failed: "
-                                   f"{scrub(reason, self._secrets)}"))
+        if self.connected:
+            return self._send(action, name, *args)
+        self._maybe_rebuild()
+        # A new pool (startup, reload, rebuild) is still connecting: wait for it briefly
+        # rather than failing the first logins; later, an outage fails at once.
+        grace = self._built_at + min(self._timeout, STARTUP_WAIT) - reactor.seconds()
+        if grace <= 0 or self._gave_up:
+            return fail(self._not_connected(action))
+        d = self._wait_for_connection(grace)
+        return d.addCallback(lambda _: self._send(action, name, *args) if self.connected
+                             else fail(self._not_connected(action)))
+
+    def _send(self, action: str, name: str, *args: Any) -> Deferred[Any]:
         d = getattr(self._handler, name)(*args)
         d.addTimeout(self._timeout, reactor)
         return d.addErrback(store_error, self.label, action, self._secrets)
 
+    def _not_connected(self, action: str) -> StoreError:
+        reason = f"not connected ({self._gave_up})" if self._gave_up else "not connected"
+        return StoreError(f"{self.label}: {action} failed: {scrub(reason, self._secrets)}")
+
+    def _wait_for_connection(self, seconds: float) -> Deferred[None]:
+        """Fires once a connection is up, the pool gave up, or ``seconds`` have passed."""
+        deadline = reactor.seconds() + seconds
+
+        def poll() -> Deferred[None] | None:
+            if self.connected or self._gave_up or reactor.seconds() >= deadline:
+                return None
+            return task.deferLater(reactor, CONNECT_POLL, poll)
+
+        return maybeDeferred(poll)
+
     def _maybe_rebuild(self) -> None:
         """Replace a pool that stopped reconnecting (it gave up after AUTH or SELECT failed)."""
-        factory = self._handler._factory
-        if factory.stopped and time.monotonic() - self._built_at >= REBUILD_INTERVAL:
+        if (self._handler._factory.stopped
+                and reactor.seconds() - self._built_at >= REBUILD_INTERVAL):
             old, self._handler = self._handler, self._connect()
             old.disconnect().addErrback(lambda _: None)
 

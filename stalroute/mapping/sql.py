@@ -3,10 +3,12 @@
 Both engines run behind one :class:`SQLMappingStore` on a ``twisted.enterprise.adbapi``
 pool, so every statement runs in a pool thread and the reactor never blocks:
 
-* PostgreSQL: ``pool_size`` threads, one connection each, ``cp_reconnect``; the DSN gets a
+* PostgreSQL: ``pool_size`` threads, one connection each, made on first use; the DSN gets a
   ``connect_timeout`` so a dead server cannot hold lookups for the TCP timeout. A statement
   that fails because the server dropped the connection (restart, failover) is retried once
-  on a fresh connection, so a restart costs no failed lookup.
+  on a fresh connection, so a restart costs no failed lookup. Statements run in the pool's
+  threads on ``pool.connect()`` directly rather than through ``runInteraction``, whose
+  rollback of a dead connection logs a traceback for every such statement.
 * SQLite: one thread and one connection (SQLite serialises writers anyway). The connection
   is created in that thread; ``check_same_thread`` is off only so that ``close()`` may close
   it from the reactor thread once the worker has stopped. The file must exist
@@ -15,12 +17,19 @@ pool, so every statement runs in a pool thread and the reactor never blocks:
 Statements are written with ``$1`` (identifier) and ``$2`` (destination) and translated to
 the driver's style: psycopg2's ``%(p1)s`` (literal ``%`` doubled) or SQLite's ``?1``. Quoted
 strings, quoted identifiers, dollar-quoted bodies and comments are left alone.
+
+Listing every mapping (:meth:`SQLMappingStore.entries`, the admin export) needs the optional
+``list_query``: a statement without parameters whose rows are ``identifier, destination``.
+Without it the store still has ``entries()``, which fails with :class:`NotListable`. The
+list statement runs in one pool thread, bounded by :data:`~stalroute.mapping.LIST_TIMEOUT`
+(PostgreSQL: ``statement_timeout`` for that transaction; SQLite: a progress handler).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +41,16 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 
 from stalroute.config import SQLMappingConfig
-from stalroute.mapping import ReadOnlyStore
-from stalroute.mapping.factory import InvalidStoreSetting, redact_url, store_error, url_secrets
+from stalroute.mapping import (
+    LIST_TIMEOUT,
+    NotListable,
+    ReadOnlyStore,
+    StoreError,
+    redact_url,
+    store_error,
+    url_secrets,
+)
+from stalroute.mapping.factory import InvalidStoreSetting
 
 #: libpq waits at least 2 s whatever is asked; more than this would hold a pool thread for long.
 CONNECT_TIMEOUT_RANGE = (2, 10)
@@ -93,12 +110,13 @@ class Statement:
         statement, used = cls.translate(sql, style)
         wanted = set(range(1, len(names) + 1))
         meaning = ", ".join(f"${n} the {name}" for n, name in enumerate(names, start=1))
+        meaning = f"this statement gets {meaning}" if names else "this statement has none"
         if unknown := sorted(used - wanted):
             raise InvalidStoreSetting(
-                f"{key}: unknown parameter ${unknown[0]} (this statement gets {meaning})")
+                f"{key}: unknown parameter ${unknown[0]} ({meaning})")
         if missing := sorted(wanted - used):
             raise InvalidStoreSetting(
-                f"{key}: must use ${missing[0]} (this statement gets {meaning}; write "
+                f"{key}: must use ${missing[0]} ({meaning}; write "
                 "placeholders as $1, $2, whatever the database)")
         return statement
 
@@ -111,19 +129,25 @@ class Statement:
 
 @dataclass(frozen=True)
 class Statements:
-    """The three configured statements of ``[mapping.sql]``; no writes when either is unset."""
+    """The configured statements of ``[mapping.sql]``: no writes when either write statement
+    is unset, no listing without ``list_query``."""
 
     lookup: Statement
     upsert: Statement | None = None
     delete: Statement | None = None
+    list: Statement | None = None
 
     @classmethod
     def configured(cls, settings: SQLMappingConfig, style: str) -> Statements:
         """Translate and check every statement (InvalidStoreSetting names the bad key)."""
         lookup = Statement.configured(settings.query, style, "mapping.sql.query",
                                       ["identifier"])
+        listing = None
+        if settings.list_query:
+            listing = Statement.configured(settings.list_query, style,
+                                           "mapping.sql.list_query", [])
         if not settings.writable:
-            return cls(lookup)
+            return cls(lookup, list=listing)
         assert settings.upsert_query and settings.delete_query
         return cls(
             lookup,
@@ -131,6 +155,7 @@ class Statements:
                                  ["identifier", "destination"]),
             Statement.configured(settings.delete_query, style, "mapping.sql.delete_query",
                                  ["identifier"]),
+            listing,
         )
 
 
@@ -138,15 +163,43 @@ class _ConnectionDropped(Exception):
     """The server closed the connection under a statement (the statement may be retried)."""
 
 
-def first_value(cursor: Any) -> str | None:
-    """Lookup result: the first column of the first row (NULL or no row: not mapped)."""
-    row = cursor.fetchone()
-    value = None if row is None else row[0]
+#: Rows fetched from the driver at a time by ``entries()``.
+FETCH_ROWS = 1000
+
+
+def _cell(value: Any) -> str | None:
+    """A column value as text; NULL and blank are None (``CHAR(n)`` columns pad with spaces)."""
     if value is None:
         return None
     if isinstance(value, (bytes, bytearray, memoryview)):
         value = bytes(value).decode("utf-8", "replace")
-    return str(value).strip() or None  # CHAR(n) columns pad with spaces
+    return str(value).strip() or None
+
+
+def first_value(cursor: Any) -> str | None:
+    """Lookup result: the first column of the first row (NULL or no row: not mapped)."""
+    row = cursor.fetchone()
+    return None if row is None else _cell(row[0])
+
+
+def all_pairs(cursor: Any) -> list[tuple[str, str]]:
+    """``entries()`` result: every row's ``(identifier, destination)``, sorted.
+
+    Rows with a NULL or blank identifier or destination are skipped (a lookup would find no
+    mapping there either); when an identifier repeats, its first row wins, as for lookups.
+    """
+    if cursor.description is None:
+        raise ValueError("mapping.sql.list_query returned no rows (it must be a SELECT)")
+    if len(cursor.description) < 2:
+        raise ValueError("mapping.sql.list_query must return two columns, identifier and "
+                         f"destination, not {len(cursor.description)}")
+    table: dict[str, str] = {}
+    while rows := cursor.fetchmany(FETCH_ROWS):
+        for row in rows:
+            identifier, destination = _cell(row[0]), _cell(row[1])
+            if identifier is not None and destination is not None:
+                table.setdefault(identifier, destination)
+    return sorted(table.items())
 
 
 class SQLMappingStore:
@@ -161,6 +214,10 @@ class SQLMappingStore:
         self._closed = False
         #: Both write statements, or none (writes then fail with ReadOnlyStore).
         self.writable = statements.upsert is not None and statements.delete is not None
+        #: A list statement, or entries() fails with NotListable.
+        self.listable = statements.list is not None
+        #: Bound of one entries() call, in seconds.
+        self.list_timeout = LIST_TIMEOUT
 
     def __repr__(self) -> str:
         return f"<SQLMappingStore {self.label}>"
@@ -169,6 +226,15 @@ class SQLMappingStore:
 
     def lookup(self, identifier: str) -> Deferred[str | None]:
         return self._run("lookup", self._statements.lookup, [identifier], first_value)
+
+    def entries(self) -> Deferred[list[tuple[str, str]]]:
+        """Every mapping, sorted, from ``list_query`` (NotListable without one)."""
+        if self._statements.list is None:
+            return fail(NotListable(f"{self.label}: cannot list the mappings (set "
+                                    "[mapping.sql] list_query for the export)"))
+        d = self._run("list", self._statements.list, [], all_pairs, limit=self.list_timeout)
+        d.addTimeout(self.list_timeout, reactor)  # a server that went silent
+        return d.addErrback(store_error, self.label, "list", self._secrets)
 
     def upsert(self, identifier: str, destination: str) -> Deferred[None]:
         if self._statements.upsert is None:
@@ -200,27 +266,42 @@ class SQLMappingStore:
                              "and delete_query for writes)")
 
     def _run(self, action: str, statement: Statement, values: Sequence[str],
-             read: Callable[[Any], Any]) -> Deferred[Any]:
+             read: Callable[[Any], Any], limit: float | None = None) -> Deferred[Any]:
+        """Run ``statement`` in a pool thread; ``limit``: seconds the database may spend."""
+        if self._closed:  # a stopped pool would queue the statement forever
+            return fail(StoreError(f"{self.label}: {action} failed: the store is closed"))
         d = deferToThreadPool(reactor, self._pool.threadpool, self._in_thread, statement,
-                              values, read)
+                              values, read, limit)
         return d.addErrback(store_error, self.label, action, self._secrets)
 
     def _in_thread(self, statement: Statement, values: Sequence[str],
-                   read: Callable[[Any], Any]) -> Any:
+                   read: Callable[[Any], Any], limit: float | None) -> Any:
         try:
-            return self._attempt(statement, values, read)
+            return self._attempt(statement, values, read, limit)
         except _ConnectionDropped:
-            return self._attempt(statement, values, read)  # on a fresh connection
+            return self._attempt(statement, values, read, limit)  # on a fresh connection
 
     def _attempt(self, statement: Statement, values: Sequence[str],
-                 read: Callable[[Any], Any]) -> Any:
+                 read: Callable[[Any], Any], limit: float | None) -> Any:
         """One try in this pool thread, on its connection (made on first use)."""
         connection = self._pool.connect()
+        sqlite = self._pool.dbapiName == "sqlite3"
         try:
             cursor = connection.cursor()
             try:
-                cursor.execute(statement.text, statement.bind(values))
-                result = read(cursor)
+                if limit is not None and sqlite:
+                    deadline = time.monotonic() + limit
+                    # SQLite calls this every N VM steps; True interrupts the statement.
+                    connection.set_progress_handler(lambda: time.monotonic() > deadline,
+                                                    10_000)
+                elif limit is not None:  # PostgreSQL: for this transaction only
+                    cursor.execute(f"SET LOCAL statement_timeout = {max(1, round(limit * 1000))}")
+                try:
+                    cursor.execute(statement.text, statement.bind(values))
+                    result = read(cursor)
+                finally:
+                    if limit is not None and sqlite:
+                        connection.set_progress_handler(None, 0)
             finally:
                 cursor.close()
             connection.commit()

@@ -1,8 +1,8 @@
 """SMTP and LMTP pass-through (SPEC §5): nothing is parsed.
 
 Every session goes to ``routing.smtp_passthrough_destination`` with that destination's
-forwarding (typically a PROXY header, so the backend can run SPF and DMARC on the real client
-address); the backend's own greeting is the first thing the client sees.  The two machines
+forwarding (a PROXY header, or XCLIENT, so the backend can run SPF and DMARC on the real
+client address); the backend's own greeting is the first thing the client sees.  The two machines
 below only fit pass-through into the shared pipeline: the client side holds any early bytes
 until the splice, the backend side is ready as soon as the backend speaks.
 """
@@ -10,9 +10,13 @@ until the splice, the backend side is ready as soon as the backend speaks.
 from __future__ import annotations
 
 from stalroute.protocols.base import (
-    MAX_PREAUTH_LINE, BackendDialogue, BackendEvent, BackendReady, BackendSettings, Close,
-    LoginSucceeded, PreAuthEvent, PreAuthMachine, PreAuthSettings, ProtocolSpec, Reply,
+    MAX_PREAUTH_LINE, BackendDialogue, BackendError, BackendEvent, BackendReady, BackendSend,
+    BackendSettings, Close, LoginSucceeded, PreAuthEvent, PreAuthMachine, PreAuthSettings,
+    ProtocolSpec, Reply,
 )
+from stalroute.protocols.lines import ProtocolViolation
+from stalroute.protocols.smtpreply import ReplyReader, ehlo_keywords
+from stalroute.protocols.xclient import advertised_attributes, xclient_command
 from stalroute.sasl import Credentials
 
 _UNAVAILABLE = b"421 4.3.0 Service temporarily unavailable, try again later\r\n"
@@ -56,15 +60,69 @@ class PassthroughClient(PreAuthMachine):
 
 
 class PassthroughBackend(BackendDialogue):
-    """The backend side: ready when it first speaks; its greeting is relayed as is."""
+    """The backend side: ready when it first speaks; its greeting is relayed as is.
+
+    With ``forwarding = "xclient"`` the dialogue first announces the client: greeting →
+    ``EHLO`` → ``XCLIENT`` (only the attributes the backend lists), and the fresh ``220`` the
+    backend answers XCLIENT with becomes the client's greeting. A backend that does not offer
+    XCLIENT is relayed its original greeting (the client's own EHLO resets the session).
+    """
+
+    #: The hello command of the protocol (LMTP uses LHLO).
+    hello = b"EHLO"
 
     def __init__(self, settings: BackendSettings) -> None:
-        self._received = bytearray()
+        self._settings = settings
+        self._replies = ReplyReader()
+        self._stage = "greeting"  # → hello → xclient → ready
+        self._greeting = b""
+        self._relay = bytearray()
 
     def receive(self, data: bytes) -> list[BackendEvent]:
-        first = not self._received
-        self._received += data
-        return [BackendReady()] if first else []
+        if self._stage == "ready":
+            self._relay += data
+            return []
+        if self._settings.forwarding is None:
+            self._stage = "ready"
+            self._relay += data
+            return [BackendReady()]
+        self._replies.feed(data)
+        try:
+            return self._advance()
+        except ProtocolViolation as exc:
+            return [BackendError(f"backend broke SMTP while announcing the client: {exc}")]
+
+    def _advance(self) -> list[BackendEvent]:
+        events: list[BackendEvent] = []
+        while self._stage != "ready" and (reply := self._replies.next_reply()) is not None:
+            if self._stage == "greeting":
+                self._greeting = reply.raw
+                if reply.code != 220:  # a refusal: the client should see it as it is
+                    return self._ready(reply.raw)
+                self._stage = "hello"
+                events.append(BackendSend(self.hello + b" "
+                                          + self._settings.ehlo_name.encode() + b"\r\n"))
+            elif self._stage == "hello":
+                keywords = ehlo_keywords(reply) if reply.code == 250 else {}
+                command = None
+                if "XCLIENT" in keywords:
+                    command = xclient_command(self._settings.forwarding,
+                                              advertised_attributes(keywords["XCLIENT"]),
+                                              smtp=True)
+                if command is None:
+                    return events + self._ready(self._greeting)
+                self._stage = "xclient"
+                events.append(BackendSend(command + b"\r\n"))
+            elif reply.code == 220:  # the greeting of the session as the client's
+                return events + self._ready(reply.raw)
+            else:
+                return [BackendError(f"backend refused XCLIENT: {reply.code}")]
+        return events
+
+    def _ready(self, greeting: bytes) -> list[BackendEvent]:
+        self._stage = "ready"
+        self._relay += greeting + self._replies.take_all()
+        return [BackendReady()]
 
     def tls_started(self) -> list[BackendEvent]:
         return []
@@ -74,8 +132,12 @@ class PassthroughBackend(BackendDialogue):
 
     @property
     def leftover(self) -> bytes:
-        return bytes(self._received)
+        return bytes(self._relay)
+
+
+class LMTPPassthroughBackend(PassthroughBackend):
+    hello = b"LHLO"
 
 
 SMTP = ProtocolSpec("smtp", PassthroughClient, PassthroughBackend, passthrough=True)
-LMTP = ProtocolSpec("lmtp", PassthroughClient, PassthroughBackend, passthrough=True)
+LMTP = ProtocolSpec("lmtp", PassthroughClient, LMTPPassthroughBackend, passthrough=True)

@@ -87,7 +87,7 @@ def xclient_command(info: ForwardingInfo, advertised: Iterable[str] | None, *, s
     pairs = []
     for name in ATTRIBUTES:
         value = values[name]
-        if name not in allowed or value is None or (name in _SMTP_ONLY and not smtp):
+        if name not in allowed or not value or (name in _SMTP_ONLY and not smtp):
             continue
         if smtp:
             value = xtext(value)

@@ -44,7 +44,7 @@ from stalroute.protocols.submission import (
     SubmissionBackendDialogue,
     SubmissionPreAuth,
 )
-from stalroute.protocols.xclient import xclient_command, xtext
+from stalroute.protocols.xclient import ATTRIBUTES, IMPLIED_ATTRIBUTES, xclient_command, xtext
 from stalroute.sasl import MECHANISMS, Credentials, decode_xoauth2, plain_credentials
 
 PASSWORD = "s3cr3t"
@@ -133,6 +133,38 @@ def test_format_reply():
     assert format_reply(250, [b"a", b"B", b"C"]) == b"250-a\r\n250-B\r\n250 C\r\n"
 
 
+_reply_texts = st.binary(max_size=40).filter(lambda text: b"\r" not in text and b"\n" not in text)
+_replies = st.lists(
+    st.tuples(st.integers(200, 599), st.lists(_reply_texts, min_size=1, max_size=4)),
+    min_size=1, max_size=5)
+
+
+@hypothesis_settings(max_examples=300)
+@given(_replies, st.lists(st.integers(0, 600), max_size=6))
+def test_reply_reader_split_anywhere_gives_the_same_replies(replies, cuts):
+    data = b"".join(format_reply(code, texts) for code, texts in replies)
+    reader, got, position = ReplyReader(), [], 0
+    for cut in [*sorted(cuts), len(data)]:
+        reader.feed(data[position:max(position, cut)])
+        position = max(position, cut)
+        while (reply := reader.next_reply()) is not None:
+            got.append(reply)
+    assert got == [SMTPReply(code, tuple(texts), format_reply(code, texts))
+                   for code, texts in replies]
+
+
+@hypothesis_settings(max_examples=300)
+@given(st.binary(max_size=400))
+def test_reply_reader_random_bytes_raise_only_protocol_errors(data):
+    reader = ReplyReader(limit=120)
+    reader.feed(data)
+    try:
+        while reader.next_reply() is not None:
+            pass
+    except (MalformedReply, LineTooLong):
+        pass
+
+
 # --- XCLIENT (SMTP form) --------------------------------------------------------------------
 
 FORWARDING = ForwardingInfo(client_ip="192.0.2.10", client_port=51000, local_ip="198.51.100.1",
@@ -161,6 +193,43 @@ def test_xclient_smtp_form_restricted_to_the_advertised_attributes():
     v6 = ForwardingInfo("2001:db8::1", 1, "::ffff:10.0.0.1", 2, "s=1", 0)
     assert xclient_command(v6, ["ADDR", "DESTADDR", "SESSION"], smtp=True) == (
         b"XCLIENT ADDR=IPV6:2001:db8::1 DESTADDR=10.0.0.1 SESSION=s+3D1")
+
+
+def test_xclient_never_sends_an_empty_value():
+    """``NAME=`` with nothing after it is not a valid XCLIENT attribute (regression)."""
+    unnamed = ForwardingInfo("192.0.2.10", 51000, "198.51.100.1", 587, "", 6)
+    assert xclient_command(unnamed, DOVECOT_XCLIENT, smtp=True, helo="", proto="ESMTP") == (
+        b"XCLIENT ADDR=192.0.2.10 PORT=51000 TTL=6 PROTO=ESMTP")
+    assert xclient_command(unnamed, None, smtp=False) == (
+        b"XCLIENT ADDR=192.0.2.10 PORT=51000 TTL=6")
+
+
+_ip = st.one_of(st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str))
+_advertised = st.one_of(st.none(), st.lists(
+    st.sampled_from([*ATTRIBUTES, "NAME", "LOGIN", "REVERSE_NAME", "x"]), max_size=10))
+
+
+@hypothesis_settings(max_examples=300)
+@given(_ip, st.integers(0, 65535), _ip, st.integers(0, 65535), st.text(max_size=30),
+       st.integers(0, 255), st.booleans(), _advertised, st.booleans(),
+       st.one_of(st.none(), st.text(max_size=30)))
+def test_xclient_command_is_always_one_well_formed_line(client_ip, client_port, local_ip,
+                                                        local_port, session, ttl, tls,
+                                                        advertised, smtp, helo):
+    info = ForwardingInfo(client_ip, client_port, local_ip, local_port, session, ttl, tls)
+    command = xclient_command(info, advertised, smtp=smtp, helo=helo, proto="ESMTP")
+    if command is None:
+        return
+    words = command.split(b" ")
+    assert words[0] == b"XCLIENT" and len(words) > 1
+    allowed = set(IMPLIED_ATTRIBUTES if advertised is None else advertised)
+    for word in words[1:]:
+        name, equals, value = word.partition(b"=")
+        assert equals and value, command
+        assert name.decode() in allowed - {"LOGIN", "NAME"}
+        assert all(0x21 <= byte <= 0x7E for byte in value), command
+        if smtp:
+            assert b"=" not in value  # xtext
 
 
 # --- greeting and EHLO ----------------------------------------------------------------------

@@ -1,0 +1,579 @@
+"""The SQL and Redis stores without servers: placeholders, URLs, redaction, error mapping,
+and listing (``entries()``: SQL ``list_query``, Redis ``SCAN``, ``NotListable``).
+
+Behaviour against real servers is in ``tests/integration/test_stores.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from stalroute.config import (
+    ConfigError,
+    MappingConfig,
+    RedisMappingConfig,
+    SQLMappingConfig,
+    parse_config,
+)
+from stalroute.mapping import (
+    NotListable,
+    ReadOnlyStore,
+    StoreError,
+    redact_url,
+    scrub,
+    store_error,
+    url_secrets,
+)
+from stalroute.mapping import redis as redis_store
+from stalroute.mapping.factory import InvalidStoreSetting, UnsupportedStore, build_store
+from stalroute.mapping.file import FileMappingStore
+from stalroute.mapping.redis import RedisMappingStore, RedisTarget, parse_redis_url, tls_options
+from stalroute.mapping.sql import (
+    SQLMappingStore,
+    Statement,
+    Statements,
+    all_pairs,
+    build_sql_store,
+    first_value,
+    postgresql_dsn,
+    sqlite_database,
+)
+
+# --- placeholders ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "pyformat", "numeric"),
+    [
+        ("SELECT d FROM m WHERE login = $1",
+         "SELECT d FROM m WHERE login = %(p1)s", "SELECT d FROM m WHERE login = ?1"),
+        ("INSERT INTO m VALUES ($1, $2) ON CONFLICT (login) DO UPDATE SET d = $2",
+         "INSERT INTO m VALUES (%(p1)s, %(p2)s) ON CONFLICT (login) DO UPDATE SET d = %(p2)s",
+         "INSERT INTO m VALUES (?1, ?2) ON CONFLICT (login) DO UPDATE SET d = ?2"),
+        # a literal % works in both: psycopg2 needs it doubled, SQLite does not
+        ("SELECT d FROM m WHERE login = $1 AND note NOT LIKE 'old%' AND 5 % 2 = 1",
+         "SELECT d FROM m WHERE login = %(p1)s AND note NOT LIKE 'old%%' AND 5 %% 2 = 1",
+         "SELECT d FROM m WHERE login = ?1 AND note NOT LIKE 'old%' AND 5 % 2 = 1"),
+        # $1 inside strings, identifiers, comments and dollar quotes is text
+        ("SELECT '$1', \"c$1\", E'it\\'s $1', $$ $1 $$, $f$ $2 $f$ -- $1\nFROM t WHERE a=$1",
+         "SELECT '$1', \"c$1\", E'it\\'s $1', $$ $1 $$, $f$ $2 $f$ -- $1\nFROM t WHERE a=%(p1)s",
+         "SELECT '$1', \"c$1\", E'it\\'s $1', $$ $1 $$, $f$ $2 $f$ -- $1\nFROM t WHERE a=?1"),
+        ("SELECT d /* $2 % */ FROM m WHERE login = $1",
+         "SELECT d /* $2 %% */ FROM m WHERE login = %(p1)s",
+         "SELECT d /* $2 % */ FROM m WHERE login = ?1"),
+    ],
+)
+def test_placeholders_are_translated_outside_quotes_and_comments(
+    sql: str, pyformat: str, numeric: str
+) -> None:
+    assert Statement.translate(sql, "pyformat")[0].text == pyformat
+    assert Statement.translate(sql, "numeric")[0].text == numeric
+
+
+@given(st.text(alphabet="ab %$'12 \n-", max_size=40))
+def test_pyformat_translation_leaves_no_lone_percent(sql: str) -> None:
+    """psycopg2 formats the whole string: every % that is not a parameter must be doubled."""
+    text = Statement.translate(sql, "pyformat")[0].text
+    assert "%" not in re.sub(r"%%|%\(p[0-9]+\)s", "", text)
+
+
+def test_bind_follows_the_style() -> None:
+    upsert, used = Statement.translate("INSERT INTO m VALUES ($2, $1)", "numeric")
+    assert used == {1, 2} and upsert.bind(["bob", "node2"]) == ("bob", "node2")
+    lookup = Statement.translate("SELECT d FROM m WHERE a = $1 OR b = $1", "pyformat")[0]
+    assert lookup.bind(["bob"]) == {"p1": "bob"}
+
+
+@pytest.mark.parametrize(
+    ("field", "sql", "message"),
+    [
+        ("query", "SELECT d FROM m WHERE login = %s", r"mapping\.sql\.query: must use \$1"),
+        ("query", "SELECT d FROM m WHERE login = $1 AND x = $2",
+         r"mapping\.sql\.query: unknown parameter \$2"),
+        ("upsert_query", "INSERT INTO m VALUES ($1, 'node1')",
+         r"mapping\.sql\.upsert_query: must use \$2"),
+        ("delete_query", "DELETE FROM m WHERE login = $3",
+         r"mapping\.sql\.delete_query: unknown parameter \$3"),
+    ],
+)
+def test_unusable_statements_are_startup_errors(field: str, sql: str, message: str) -> None:
+    settings = {
+        "url": "postgresql://db/x",
+        "query": "SELECT d FROM m WHERE login = $1",
+        "upsert_query": "INSERT INTO m VALUES ($1, $2)",
+        "delete_query": "DELETE FROM m WHERE login = $1",
+        field: sql,
+    }
+    with pytest.raises(InvalidStoreSetting, match=message) as raised:
+        Statements.configured(SQLMappingConfig(**settings), "pyformat")
+    assert isinstance(raised.value, UnsupportedStore)  # the service reports it at startup
+
+
+def test_statements_without_both_writes_are_read_only() -> None:
+    only_upsert = SQLMappingConfig(url="sqlite:///m.db", query="SELECT d FROM m WHERE l = $1",
+                                   upsert_query="INSERT INTO m VALUES ($1, $2)")
+    statements = Statements.configured(only_upsert, "numeric")
+    assert statements.upsert is None and statements.delete is None
+
+
+class FakeCursor:
+    def __init__(self, row: tuple[object, ...] | None) -> None:
+        self.row = row
+
+    def fetchone(self) -> tuple[object, ...] | None:
+        return self.row
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [(("node2",), "node2"), (None, None), ((None,), None), (("node2   ",), "node2"),
+     ((b"node2",), "node2"), ((7, "x"), "7"), (("",), None)],
+)
+def test_lookup_reads_the_first_column_of_the_first_row(
+    row: tuple[object, ...] | None, expected: str | None
+) -> None:
+    assert first_value(FakeCursor(row)) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "database"),
+    [("sqlite:///var/lib/m.db", "file:/var/lib/m.db?mode=rw"),
+     ("sqlite:////var/lib/m.db", "file:/var/lib/m.db?mode=rw"),
+     ("sqlite:///srv/my maps#1.db", "file:/srv/my%20maps%231.db?mode=rw"),
+     ("sqlite:///:memory:", ":memory:")],
+)
+def test_sqlite_urls_open_existing_files_only(url: str, database: str) -> None:
+    settings = SQLMappingConfig(url=url, query="SELECT d FROM m WHERE l = $1")
+    assert sqlite_database(settings.sqlite_path or "") == database
+
+
+# --- PostgreSQL DSN ------------------------------------------------------------------------
+
+
+def test_dsn_gets_a_connect_timeout_and_keeps_the_url() -> None:
+    dsn = postgresql_dsn("postgresql://u:p%40ss@db.example:5433/routes?sslmode=require", 5.0)
+    parts = urlsplit(dsn)
+    assert parts.netloc == "u:p%40ss@db.example:5433" and parts.path == "/routes"
+    assert parse_qs(parts.query) == {
+        "sslmode": ["require"], "connect_timeout": ["5"], "application_name": ["stalroute"]}
+
+
+@pytest.mark.parametrize(("lookup_timeout", "expected"), [(0.2, "2"), (3.5, "4"), (60, "10")])
+def test_connect_timeout_follows_the_lookup_timeout_within_bounds(
+    lookup_timeout: float, expected: str
+) -> None:
+    query = parse_qs(urlsplit(postgresql_dsn("postgresql://db/x", lookup_timeout)).query)
+    assert query["connect_timeout"] == [expected]
+
+
+def test_dsn_keeps_an_explicit_connect_timeout() -> None:
+    dsn = postgresql_dsn("postgresql://db/x?connect_timeout=7&application_name=me", 5.0)
+    assert parse_qs(urlsplit(dsn).query) == {"connect_timeout": ["7"],
+                                             "application_name": ["me"]}
+
+
+# --- redaction -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://app:S3cr%40t@db:5432/routes", "postgresql://app:***@db:5432/routes"),
+        ("postgresql://db/routes?password=S3cr3t&sslmode=require",
+         "postgresql://db/routes?password=***&sslmode=require"),
+        ("redis://:S3cr3t@127.0.0.1:6379/2", "redis://:***@127.0.0.1:6379/2"),
+        ("rediss://user:S3cr3t@[::1]:6380", "rediss://user:***@[::1]:6380"),
+        ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+        ("sqlite:///var/lib/stalroute/m.db", "sqlite:///var/lib/stalroute/m.db"),
+    ],
+)
+def test_urls_are_redacted(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "S3cr" not in redact_url(url)
+
+
+def test_secrets_are_scrubbed_in_every_spelling() -> None:
+    secrets = url_secrets("postgresql://app:S3cr%40t@db/x?password=Other1")
+    assert set(secrets) == {"S3cr%40t", "S3cr@t", "Other1"}
+    message = 'invalid dsn: "password=S3cr@t" near S3cr%40t\n   and Other1'
+    assert scrub(message, secrets) == 'invalid dsn: "password=***" near *** and ***'
+
+
+def test_store_error_names_the_store_and_hides_secrets() -> None:
+    failure = Failure(RuntimeError("FATAL: no login for app/S3cr3t\n  detail"))
+    converted = store_error(failure, "postgresql://app:***@db/x", "lookup", ["S3cr3t"])
+    assert converted.check(StoreError)
+    assert converted.getErrorMessage() == (
+        "postgresql://app:***@db/x: lookup failed: FATAL: no login for app/*** detail")
+
+
+@pytest.mark.parametrize("exc", [error.TimeoutError(), defer.CancelledError(),
+                                 defer.TimeoutError()])
+def test_timeouts_become_store_errors(exc: Exception) -> None:
+    converted = store_error(Failure(exc), "redis://h", "lookup", [])
+    assert converted.getErrorMessage() == "redis://h: lookup failed: no answer in time"
+
+
+def test_store_errors_pass_through() -> None:
+    read_only = Failure(ReadOnlyStore("read-only"))
+    assert store_error(read_only, "x", "upsert", []) is read_only
+
+
+# --- Redis URLs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        ("redis://127.0.0.1", RedisTarget("127.0.0.1", 6379, None, None, None, False)),
+        ("redis://:p%40ss@cache:6380/4",
+         RedisTarget("cache", 6380, 4, None, "p@ss", False)),
+        ("rediss://app:pw@[::1]:6390?db=2",
+         RedisTarget("::1", 6390, 2, "app", "pw", True)),
+        ("rediss://cache/1?ssl_cert_reqs=none",
+         RedisTarget("cache", 6379, 1, None, None, True, verify=False)),
+        ("rediss://cache?ssl_ca_certs=/etc/ca.pem",
+         RedisTarget("cache", 6379, None, None, None, True, ca_file=Path("/etc/ca.pem"))),
+    ],
+)
+def test_redis_urls(url: str, target: RedisTarget) -> None:
+    assert parse_redis_url(url) == target
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://:S3cr3t@cache/zero", "the database must be a number"),
+        ("redis://:S3cr3t@cache?timeout=3", "unknown parameter 'timeout'"),
+        ("redis://:S3cr3t@cache:port", "the port is not a number"),
+        ("rediss://:S3cr3t@cache?ssl_cert_reqs=maybe", "ssl_cert_reqs must be"),
+    ],
+)
+def test_bad_redis_urls_are_startup_errors_without_the_password(url: str, message: str) -> None:
+    with pytest.raises(InvalidStoreSetting, match=message) as raised:
+        parse_redis_url(url)
+    assert str(raised.value).startswith("mapping.redis.url: ")
+    assert "S3cr3t" not in str(raised.value)
+
+
+def test_unreadable_redis_ca_file_is_a_startup_error(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pem"
+    empty.write_text("not a certificate\n")
+    for path in (tmp_path / "missing.pem", empty):
+        with pytest.raises(InvalidStoreSetting, match="ssl_ca_certs"):
+            tls_options(parse_redis_url(f"rediss://cache?ssl_ca_certs={path}"))
+
+
+# --- listing: shared ------------------------------------------------------------------------
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    """The synchronous result of a fired Deferred, or its failure's exception."""
+    outcomes: list[Any] = []
+    d.addBoth(outcomes.append)
+    assert outcomes, "the Deferred has not fired"
+    outcome = outcomes[0]
+    return outcome.value if isinstance(outcome, Failure) else outcome
+
+
+def test_not_listable_is_a_store_error_that_passes_through() -> None:
+    refused = Failure(NotListable("sqlite:///m.db: cannot list"))
+    assert isinstance(refused.value, StoreError)
+    assert store_error(refused, "x", "list", []) is refused
+
+
+def test_the_file_store_always_lists(tmp_path: Path) -> None:
+    path = tmp_path / "mappings.tsv"
+    path.write_text("zoe node2\nbob\tnode1\n")
+    store = FileMappingStore(path, ["node1", "node2"], "none")
+    assert store.listable
+    assert result_of(store.entries()) == [("bob", "node1"), ("zoe", "node2")]
+
+
+# --- listing: SQL ----------------------------------------------------------------------------
+
+SQLITE_LOOKUP = "SELECT destination FROM routes WHERE login = $1"
+
+
+def sql_document(**sql: Any) -> dict[str, Any]:
+    """A minimal configuration with a ``[mapping.sql]`` table (``sql`` overrides)."""
+    return {
+        "routing": {"default_destination": "node1"},
+        "mapping": {"source": "sql",
+                    "sql": {"url": "sqlite:///var/lib/m.db", "query": SQLITE_LOOKUP, **sql}},
+        "destination": {"node1": {"host": "node1.example",
+                                  "protocol": {"imap": {"port": 993, "tls": "implicit"}}}},
+        "listener": {"imap": {"protocol": "imap", "bind": ["127.0.0.1:1993"], "tls": "plain"}},
+    }
+
+
+def test_list_query_is_optional(tmp_path: Path) -> None:
+    config = parse_config(sql_document(), tmp_path, {}, check_files=False)
+    assert config.mapping.sql is not None and config.mapping.sql.list_query is None
+    listing = "SELECT login, destination FROM routes -- every row, '$1' is text"
+    config = parse_config(sql_document(list_query=listing), tmp_path, {}, check_files=False)
+    assert config.mapping.sql is not None and config.mapping.sql.list_query == listing
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("SELECT login, destination FROM routes WHERE login > $1",
+         "mapping.sql.list_query: must not use parameters ($1 found)"),
+        ("SELECT login, destination\nFROM routes /* $1 */ WHERE tenant = $2",
+         "mapping.sql.list_query: must not use parameters ($2 found)"),
+        ("  ", "mapping.sql.list_query: must not be empty"),
+        (42, "mapping.sql.list_query: must be a string, not an integer"),
+    ],
+)
+def test_unusable_list_queries_are_configuration_errors(
+    tmp_path: Path, value: Any, message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config(sql_document(list_query=value), tmp_path, {}, check_files=False)
+    [problem] = raised.value.problems
+    assert str(problem).startswith(message)
+
+
+def test_list_query_is_translated_like_the_others() -> None:
+    settings = SQLMappingConfig(url="postgresql://db/x", query=SQLITE_LOOKUP,
+                                list_query="SELECT l, d FROM m WHERE note LIKE 'x%'")
+    statements = Statements.configured(settings, "pyformat")
+    assert statements.upsert is None  # listing does not need writes
+    assert statements.list == Statement("SELECT l, d FROM m WHERE note LIKE 'x%%'",
+                                        "pyformat", 0)
+    assert statements.list.bind([]) == {}  # psycopg2 formats with {}: %% becomes %
+    assert Statements.configured(SQLMappingConfig(url="sqlite:///m.db", query=SQLITE_LOOKUP),
+                                 "numeric").list is None
+
+
+def test_list_query_with_a_parameter_is_refused_by_the_store_too() -> None:
+    """A config built in code skips the TOML converter; the store still names the key."""
+    settings = SQLMappingConfig(url="sqlite:///m.db", query=SQLITE_LOOKUP,
+                                list_query="SELECT l, d FROM m WHERE l = $1")
+    with pytest.raises(InvalidStoreSetting,
+                       match=r"^mapping\.sql\.list_query: unknown parameter \$1 "
+                             r"\(this statement has none\)$"):
+        Statements.configured(settings, "numeric")
+
+
+@pytest.fixture
+def routes() -> Iterator[sqlite3.Connection]:
+    connection = sqlite3.connect(":memory:")
+    connection.execute("CREATE TABLE routes (login, destination)")
+    yield connection
+    connection.close()
+
+
+def test_listed_rows_are_cleaned_deduplicated_and_sorted(
+    routes: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("stalroute.mapping.sql.FETCH_ROWS", 2)  # several fetchmany rounds
+    routes.executemany("INSERT INTO routes VALUES (?, ?)", [
+        ("zoe", "node2"), ("bob", "node1   "), (b"j\xc3\xbcrgen", b"node2"), ("bob", "node2"),
+        ("nobody", None), (None, "node1"), ("blank", "  "), ("  ", "node1"), (7, "node1"),
+    ])
+    cursor = routes.execute("SELECT login, destination, 'extra' FROM routes ORDER BY rowid")
+    assert all_pairs(cursor) == [("7", "node1"), ("bob", "node1"), ("jürgen", "node2"),
+                                 ("zoe", "node2")]
+
+
+def test_an_empty_table_lists_nothing(routes: sqlite3.Connection) -> None:
+    assert all_pairs(routes.execute("SELECT login, destination FROM routes")) == []
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [("SELECT login FROM routes", "must return two columns, identifier and destination, not 1"),
+     ("DELETE FROM routes", "returned no rows (it must be a SELECT)")],
+)
+def test_list_results_of_the_wrong_shape_are_errors(
+    routes: sqlite3.Connection, sql: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        all_pairs(routes.execute(sql))
+
+
+@pytest.fixture
+def sqlite_file(tmp_path: Path) -> Path:
+    path = tmp_path / "routes.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE routes (login text PRIMARY KEY, destination text)")
+        connection.execute("INSERT INTO routes VALUES ('bob', 'node2')")
+    connection.close()
+    return path
+
+
+def sqlite_store(path: Path, **sql: Any) -> SQLMappingStore:
+    return build_sql_store(SQLMappingConfig(url=f"sqlite://{path}", query=SQLITE_LOOKUP, **sql),
+                           5.0)
+
+
+def test_sql_store_without_list_query_is_not_listable(sqlite_file: Path) -> None:
+    store = sqlite_store(sqlite_file)
+    try:
+        assert not store.listable
+        refused = result_of(store.entries())  # fails at once: no thread, no query
+        assert isinstance(refused, NotListable)
+        assert str(refused) == (f"sqlite://{sqlite_file}: cannot list the mappings "
+                                "(set [mapping.sql] list_query for the export)")
+    finally:
+        store.close()
+
+
+def test_sqlite_listing_is_interrupted_after_its_time_limit(sqlite_file: Path) -> None:
+    """The progress handler stops a runaway list statement and is removed afterwards (the
+    worker thread's own steps, run here synchronously)."""
+    endless = ("WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) "
+               "SELECT x, x FROM n WHERE x < 0")
+    store = sqlite_store(sqlite_file, list_query=endless)
+    try:
+        assert store.listable
+        statements = store._statements
+        assert statements.list is not None
+        with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+            store._attempt(statements.list, [], all_pairs, 0.2)
+        assert store._attempt(statements.lookup, ["bob"], first_value, None) == "node2"
+    finally:
+        store.close()
+
+
+# --- listing: Redis --------------------------------------------------------------------------
+
+
+class FakeRedis:
+    """The part of a txredisapi pool ``entries()`` uses, over a dict: ``SCAN`` walks the
+    sorted keys ``count`` at a time (the pattern is taken as a literal prefix + ``*``),
+    ``MGET`` answers nil for hashes (stored as dicts). With a clock, replies come 0.5 s late."""
+
+    def __init__(self, data: dict[Any, Any], clock: Clock | None = None,
+                 endless: bool = False) -> None:
+        self.data = data
+        self.clock = clock
+        self.endless = endless
+        self.scans: list[tuple[str, str, int]] = []
+        self.mgets: list[list[Any]] = []
+        self._factory = SimpleNamespace(size=1, stopped=False)
+
+    def _reply(self, value: Any) -> Deferred[Any]:
+        if self.clock is None:
+            return succeed(value)
+        d: Deferred[Any] = Deferred()
+        self.clock.callLater(0.5, d.callback, value)
+        return d
+
+    def scan(self, cursor: str, pattern: str, count: int) -> Deferred[Any]:
+        self.scans.append((cursor, pattern, count))
+        prefix = re.sub(r"\\(.)", r"\1", pattern[:-1]).encode()
+        keys = sorted(self.data, key=lambda k: k if isinstance(k, bytes) else k.encode())
+        start = int(cursor)
+        chunk = [k for k in keys[start:start + count]
+                 if (k if isinstance(k, bytes) else k.encode()).startswith(prefix)]
+        following = start + count
+        done = following >= len(keys) and not self.endless
+        return self._reply(["0" if done else str(following), chunk])
+
+    def mget(self, keys: list[Any]) -> Deferred[Any]:
+        self.mgets.append(keys)
+        values = [self.data.get(key) for key in keys]
+        return self._reply([None if isinstance(v, dict) else v for v in values])
+
+    def disconnect(self) -> Deferred[None]:
+        return succeed(None)
+
+
+def fake_redis_store(monkeypatch: pytest.MonkeyPatch, fake: FakeRedis,
+                     prefix: str = "route:") -> RedisMappingStore:
+    monkeypatch.setattr(RedisMappingStore, "_connect", lambda self: fake)
+    return RedisMappingStore(RedisMappingConfig(url="redis://:S3cr3t@cache/2",
+                                                key_prefix=prefix), 5.0)
+
+
+def test_redis_lists_by_scan_steps_and_mget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_store, "SCAN_COUNT", 3)
+    fake = FakeRedis({
+        "route:zoe": "node2", "route:bob": "node1 ", "route:jürgen": "node2",
+        "route:h": {"field": "node1"},      # not a string: MGET reads nil
+        b"route:\xff": "node1",             # not UTF-8 (txredisapi leaves it as bytes)
+        "route:": "node1",                  # the bare prefix: no identifier
+        "route:empty": "", "other:eve": "node2", "routes": "node1",
+    })
+    store = fake_redis_store(monkeypatch, fake)
+    assert store.listable
+    assert result_of(store.entries()) == [("bob", "node1"), ("jürgen", "node2"),
+                                          ("zoe", "node2")]
+    assert [cursor for cursor, _, _ in fake.scans] == ["0", "3", "6"]
+    assert {(pattern, count) for _, pattern, count in fake.scans} == {("route:*", 3)}
+    assert all(0 < len(keys) <= 3 for keys in fake.mgets)
+    assert b"route:\xff" not in [key for keys in fake.mgets for key in keys]
+
+
+def test_redis_key_prefix_is_matched_literally(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeRedis({"r*[1]?\\:bob": "node2"})
+    store = fake_redis_store(monkeypatch, fake, prefix="r*[1]?\\:")
+    assert result_of(store.entries()) == [("bob", "node2")]
+    assert fake.scans[0][1] == "r\\*\\[1\\]\\?\\\\:*"
+
+
+def test_an_empty_redis_prefix_lists_every_string_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = fake_redis_store(monkeypatch, FakeRedis({"bob": "node1", "h": {}}), prefix="")
+    assert result_of(store.entries()) == [("bob", "node1")]
+
+
+def test_redis_listing_is_bounded_as_a_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyspace that never ends (every step answers in time): StoreError at the bound."""
+    clock = Clock()
+    monkeypatch.setattr(redis_store, "reactor", clock)
+    fake = FakeRedis({"route:bob": "node1"}, clock, endless=True)
+    store = fake_redis_store(monkeypatch, fake)
+    store.list_timeout = 10.0
+    outcome = store.entries()
+    failures: list[Failure] = []
+    outcome.addErrback(failures.append)
+    while not failures and clock.seconds() < 60:
+        clock.advance(0.5)
+    assert clock.seconds() == 10.0
+    assert failures[0].check(StoreError)
+    assert failures[0].getErrorMessage() == "redis://:***@cache/2: list failed: no answer in time"
+    steps = len(fake.scans)
+    clock.advance(5)
+    assert len(fake.scans) == steps  # the walk stopped with it
+
+
+def test_redis_listing_failures_are_store_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeRedis({})
+    fake.scan = lambda *args: defer.fail(RuntimeError("ERR S3cr3t unknown command"))
+    store = fake_redis_store(monkeypatch, fake)
+    failure = result_of(store.entries())
+    assert isinstance(failure, StoreError)
+    assert str(failure) == "redis://:***@cache/2: list failed: ERR *** unknown command"
+    fake._factory.size = 0  # the pool is down (and past its startup wait)
+    store._built_at = -100.0
+    assert str(result_of(store.entries())) == "redis://:***@cache/2: list failed: not connected"
+
+
+def test_every_configured_store_can_be_asked_to_list(tmp_path: Path,
+                                                     sqlite_file: Path) -> None:
+    """No hasattr/isinstance checks: entries() exists everywhere, NotListable when it cannot."""
+    mapping = MappingConfig(source="sql", sql=SQLMappingConfig(url=f"sqlite://{sqlite_file}",
+                                                               query=SQLITE_LOOKUP))
+    store = build_store(mapping, ["node1", "node2"])
+    try:
+        assert callable(store.entries) and store.listable is False
+        assert isinstance(result_of(store.entries()), NotListable)
+    finally:
+        store.close()
