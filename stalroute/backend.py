@@ -99,15 +99,18 @@ class BackendLeg(Protocol):
         self._preamble = preamble
         self._tls = tls
         self._starttls_pending = False
-        #: Fires with the leg when the backend is ready for the login, or with the outcome.
-        self._waiting: Deferred | None = Deferred(canceller=self._abort)
+        #: Fires with the leg when the backend is ready for the login (kept once fired, so
+        #: a client-first leg that is ready at once can still be awaited).
+        self._established: Deferred[BackendLeg] = Deferred(canceller=self._abort)
+        #: The Deferred the current phase (establishment, then login) settles.
+        self._waiting: Deferred | None = self._established
         self._relay_to: Callable[[bytes], None] | None = None
         self._on_lost: Callable[[], None] | None = None
 
     # establishment and login --------------------------------------------------------
 
     def ready(self) -> Deferred[BackendLeg]:
-        return self._waiting
+        return self._established
 
     def login(self, credentials: Credentials | None, context: object) -> Deferred[BackendEvent]:
         """Replay the login; fires with :class:`LoginSucceeded` or :class:`LoginFailed`."""
@@ -182,6 +185,7 @@ class BackendLeg(Protocol):
     def close(self) -> None:
         self._on_lost = None
         if self.transport is not None and self.transport.connected:
+            self.transport.unregisterProducer()  # TLS waits for it before closing
             self.transport.loseConnection()
 
 

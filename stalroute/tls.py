@@ -143,6 +143,9 @@ class ServerTLS:
                              raiseMinimumTo=_MIN_VERSION[self._settings.min_version], **kwargs)
 
     def _tune(self, context: SSL.Context) -> None:
+        # Twisted's ALPN callback aborts the handshake of any client that offers ALPN when
+        # the protocol under startTLS names none; ours picks one we speak or declines ALPN.
+        context.set_alpn_select_callback(select_alpn)
         disabled = set(self._settings.disable_cipher_suites)
         if disabled:
             tls12 = [name for name in disabled if not name.startswith("TLS_")]
@@ -161,6 +164,19 @@ class ServerTLS:
                 if context is not None:
                     return context
         return self._fallback
+
+
+#: Application protocols stalroute speaks after TLS (RFC 7301 registry names).
+ALPN_PROTOCOLS = (b"http/1.1", b"imap", b"pop3", b"managesieve", b"smtp")
+
+
+def select_alpn(_connection: SSL.Connection, offered: list[bytes]) -> object:
+    """The first protocol the client offers that we speak; otherwise no ALPN at all (the
+    handshake goes on, as for a client that offered nothing)."""
+    for protocol in offered:
+        if protocol in ALPN_PROTOCOLS:
+            return protocol
+    return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 # --- backend ----------------------------------------------------------------------------

@@ -1,0 +1,290 @@
+"""Which ``[[http.route]]`` a request takes, and which account it names (SPEC §2.9, §4). Sans-IO.
+
+Routes are tried in order; the first whose ``match`` glob fits the request path wins. Globs:
+``**`` spans any number of path segments (``/admin/**`` matches ``/admin``, ``/admin/`` and
+``/admin/a/b``), ``*`` and ``?`` stay inside one segment, everything else is literal, and a
+trailing slash is ignored on both sides (``/login`` matches ``/login/``).
+
+The path a glob sees is normalised so that encodings cannot dodge a pinned route: the query
+and fragment are cut, percent-encodings are decoded (except ``%2F``, which stays inside its
+segment), ``.``/``..`` segments are resolved and empty segments dropped. The request the
+backend receives keeps its original target.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote_plus
+
+from stalroute.config import HTTPExtractConfig, HTTPRouteConfig
+from stalroute.identity import InvalidIdentifier, account_from_token, routing_identifier
+
+__all__ = [
+    "Decision",
+    "Route",
+    "RouteTable",
+    "Target",
+    "account_from_authorization",
+    "compile_glob",
+    "decide",
+    "extract_identifier",
+    "normalize_path",
+    "split_target",
+]
+
+#: Longest identifier taken from a header, query parameter or body before validation.
+MAX_RAW_IDENTIFIER = 4096
+
+_ABSOLUTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+# --- request targets ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A request target split for routing and forwarding.
+
+    ``origin`` is what the backend receives (``path?query``; an absolute-form target is
+    reduced to it, its authority given in ``authority`` to replace ``Host``).
+    """
+
+    path: str
+    query: str
+    origin: bytes
+    authority: bytes | None = None
+
+
+def split_target(target: bytes) -> Target:
+    """Split an HTTP/1.1 request target (origin-, absolute- or asterisk-form)."""
+    text = target.decode("latin-1")
+    authority = None
+    origin = target
+    if text == "*":
+        return Target(path="*", query="", origin=target)
+    if _ABSOLUTE.match(text):
+        rest = text.split("://", 1)[1]
+        slash = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+        authority = rest[:slash].rpartition("@")[2].encode("latin-1") or None
+        remainder = rest[slash:]
+        if not remainder.startswith("/"):
+            remainder = "/" + remainder
+        origin = remainder.encode("latin-1")
+        text = remainder
+    without_fragment = text.split("#", 1)[0]
+    path, _, query = without_fragment.partition("?")
+    return Target(path=path, query=query, origin=origin, authority=authority)
+
+
+def _percent_decode(path: str) -> str:
+    def decode(match: re.Match[bytes]) -> bytes:
+        value = int(match.group(1), 16)
+        return match.group(0).upper() if value == 0x2F else bytes([value])
+
+    raw = _PERCENT.sub(decode, path.encode("latin-1"))
+    return raw.decode("utf-8", "replace")
+
+
+def normalize_path(path: str) -> str:
+    """The form of ``path`` that route globs are matched against (no trailing slash:
+    the root is the empty string)."""
+    if path == "*":
+        return ""
+    segments: list[str] = []
+    for segment in _percent_decode(path).split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return "".join("/" + segment for segment in segments)
+
+
+# --- globs and the route table -------------------------------------------------------------
+
+
+def compile_glob(pattern: str) -> re.Pattern[str]:
+    """A path glob as a regex to ``fullmatch`` against :func:`normalize_path` output."""
+    glob = pattern.rstrip("/")
+    out: list[str] = []
+    i = 0
+    while i < len(glob):
+        if glob.startswith("/**", i) and (i + 3 == len(glob) or glob[i + 3] == "/"):
+            out.append("(?:/.*)?")  # zero or more whole segments
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One compiled ``[[http.route]]`` (``index`` is its position in the file)."""
+
+    index: int
+    config: HTTPRouteConfig
+    regex: re.Pattern[str]
+
+    @property
+    def needs_body(self) -> bool:
+        extract = self.config.extract
+        return extract is not None and extract.from_ == "body"
+
+    def matches(self, normalized_path: str) -> bool:
+        return self.regex.fullmatch(normalized_path) is not None
+
+
+class RouteTable:
+    """The routes of ``[http]`` in file order; :meth:`match` returns the first that fits."""
+
+    def __init__(self, routes: Iterable[HTTPRouteConfig]) -> None:
+        self.routes = tuple(
+            Route(index, route, compile_glob(route.match)) for index, route in enumerate(routes)
+        )
+
+    def match(self, normalized_path: str) -> Route | None:
+        for route in self.routes:
+            if route.matches(normalized_path):
+                return route
+        return None
+
+
+# --- identifier extraction --------------------------------------------------------------------
+
+
+def _text(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def _clean(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if not value or len(value) > MAX_RAW_IDENTIFIER:
+        return None
+    return value
+
+
+def account_from_authorization(value: bytes, jwt_username_claim: str) -> str | None:
+    """``Basic`` → the login before ``:``; ``Bearer`` → the token's account (§4)."""
+    scheme, _, credentials = value.strip().partition(b" ")
+    scheme = scheme.lower()
+    credentials = credentials.strip()
+    if scheme == b"basic":
+        try:
+            padded = credentials + b"=" * (-len(credentials) % 4)
+            decoded = base64.b64decode(padded, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        login, colon, _password = _text(decoded).partition(":")
+        return _clean(login) if colon else None
+    if scheme == b"bearer":
+        try:
+            token = credentials.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        return _clean(account_from_token(token, jwt_username_claim))
+    return None
+
+
+def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    name = name.lower()
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def extract_identifier(
+    extract: HTTPExtractConfig,
+    *,
+    headers: Sequence[tuple[bytes, bytes]],
+    query: str,
+    body: bytes | None,
+    jwt_username_claim: str = "email",
+) -> str | None:
+    """The raw identifier ``extract`` finds in a request, or None.
+
+    ``body`` is the buffered prefix of the body (at most ``body_extract_cap`` bytes); it is
+    form-decoded (``+`` and percent-escapes) before ``regex`` is searched in it.
+    """
+    source = extract.from_
+    if source == "authorization":
+        value = _header(headers, b"authorization")
+        return None if value is None else account_from_authorization(value, jwt_username_claim)
+    if source == "header":
+        value = _header(headers, (extract.header or "").encode("latin-1"))
+        return None if value is None else _clean(_text(value))
+    if source == "query":
+        values = parse_qs(query, keep_blank_values=False, errors="replace").get(extract.param or "")
+        return _clean(values[0]) if values else None
+    if source == "body":
+        if not body or extract.regex is None:
+            return None
+        decoded = unquote_plus(body.decode("utf-8", "replace"), errors="replace")
+        match = extract.regex.search(decoded)
+        return _clean(match.group(1)) if match and match.group(1) is not None else None
+    return None
+
+
+# --- the decision ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where a request goes: a destination by name, or an identifier for the router."""
+
+    destination: str | None = None
+    identifier: str | None = None
+    #: Why ``destination`` was chosen: ``pinned``, ``fallback`` or ``default``.
+    reason: str = "resolved"
+
+
+def decide(
+    route: Route,
+    raw_identifier: str | None,
+    *,
+    separators: Sequence[str],
+    normalize: str,
+    default_destination: str,
+) -> Decision:
+    """Pinned destination, else the extracted identifier (master-user suffix stripped and
+    normalised as for logins), else the route's ``fallback``, else the default destination.
+
+    An identifier that cannot be routed on (control characters, quotes, too long) counts as
+    no identifier: HTTP has no XCLIENT/ID to inject it into, and the backend still
+    authenticates the request.
+    """
+    if route.config.destination:
+        return Decision(destination=route.config.destination, reason="pinned")
+    identifier = None
+    if raw_identifier is not None:
+        try:
+            identifier = routing_identifier(raw_identifier, separators, normalize)
+        except InvalidIdentifier:
+            identifier = None
+    if identifier is not None:
+        return Decision(identifier=identifier)
+    if route.config.fallback:
+        return Decision(destination=route.config.fallback, reason="fallback")
+    return Decision(destination=default_destination, reason="default")

@@ -1,0 +1,263 @@
+"""HTTP route matching and identifier extraction (SPEC §2.9, §4): sans-IO, with hypothesis."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from urllib.parse import quote, urlencode
+
+import pytest
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+
+from stalroute.config import HTTPExtractConfig, HTTPRouteConfig
+from stalroute.http.routes import (
+    RouteTable,
+    account_from_authorization,
+    compile_glob,
+    decide,
+    extract_identifier,
+    normalize_path,
+    split_target,
+)
+
+SEGMENT = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.@~", min_size=1, max_size=8) \
+    .filter(lambda s: s not in (".", ".."))
+SEGMENTS = st.lists(SEGMENT, max_size=6)
+
+
+def path_of(segments: list[str], trailing: bool = False) -> str:
+    return "/" + "/".join(segments) + ("/" if trailing and segments else "")
+
+
+def matches(pattern: str, raw_path: str) -> bool:
+    return compile_glob(pattern).fullmatch(normalize_path(raw_path)) is not None
+
+
+def route(match: str, **kwargs) -> HTTPRouteConfig:
+    return HTTPRouteConfig(match=match, **kwargs)
+
+
+def extract(source: str, **kwargs) -> HTTPExtractConfig:
+    if "regex" in kwargs:
+        kwargs["regex"] = re.compile(kwargs["regex"])
+    return HTTPExtractConfig(from_=source, **kwargs)
+
+
+# --- globs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "expected"),
+    [
+        ("/**", "/", True),
+        ("/**", "/jmap/session", True),
+        ("/admin/**", "/admin", True),
+        ("/admin/**", "/admin/", True),
+        ("/admin/**", "/admin/users/42", True),
+        ("/admin/**", "/administrator", False),
+        ("/admin/**", "/x/admin", False),
+        ("/login", "/login", True),
+        ("/login", "/login/", True),
+        ("/login/", "/login", True),
+        ("/login", "/login/x", False),
+        ("/api/*/info", "/api/v1/info", True),
+        ("/api/*/info", "/api/v1/v2/info", False),
+        ("/a/**/b", "/a/b", True),
+        ("/a/**/b", "/a/x/y/b", True),
+        ("/a/**/b", "/a/x/y/c", False),
+        ("/file?.txt", "/file1.txt", True),
+        ("/file?.txt", "/file/.txt", False),
+        ("/dav/**.ics", "/dav/cal/x.ics", True),
+        ("/.well-known/jmap", "/.well-known/jmap", True),
+        ("/", "/", True),
+        ("/", "/x", False),
+        # Encodings and dot segments cannot dodge a pinned route.
+        ("/admin/**", "/%61dmin/x", True),
+        ("/admin/**", "/x/../admin/y", True),
+        ("/admin/**", "//admin//y", True),
+        ("/admin/**", "/./admin", True),
+        ("/a/*", "/a/b%2Fc", True),  # an encoded slash stays inside its segment
+        ("/a/*/c", "/a/b%2Fc", False),
+        # The query never takes part.
+        ("/login", "/login?next=/admin", True),
+    ],
+)
+def test_glob_examples(pattern: str, path: str, expected: bool) -> None:
+    assert matches(pattern, split_target(path.encode()).path) is expected
+
+
+@given(SEGMENTS, st.booleans())
+def test_double_star_matches_any_depth(segments: list[str], trailing: bool) -> None:
+    assert matches("/**", path_of(segments, trailing))
+    assert matches("/root/**", path_of(["root", *segments], trailing))
+
+
+@given(SEGMENTS, SEGMENTS, st.booleans(), st.booleans())
+def test_trailing_slash_never_matters(pattern_segments: list[str], segments: list[str],
+                                      pattern_slash: bool, path_slash: bool) -> None:
+    pattern = path_of(pattern_segments, pattern_slash)
+    assert matches(pattern, path_of(segments, path_slash)) == matches(pattern, path_of(segments))
+    assert matches(pattern, path_of(segments)) == (pattern_segments == segments)
+
+
+@given(SEGMENTS, SEGMENT)
+def test_single_star_stays_in_one_segment(segments: list[str], extra: str) -> None:
+    pattern = path_of([*segments, "*"])
+    assert matches(pattern, path_of([*segments, extra]))
+    assert not matches(pattern, path_of([*segments, extra, extra]))
+
+
+@given(st.lists(SEGMENT, min_size=1, max_size=4), SEGMENTS)
+def test_literal_prefix_with_double_star(prefix: list[str], rest: list[str]) -> None:
+    assert matches(path_of(prefix) + "/**", path_of(prefix + rest))
+    other = [prefix[0] + "x", *prefix[1:]]
+    assert not matches(path_of(prefix) + "/**", path_of(other + rest))
+
+
+@given(st.text(alphabet="/.%2Fa0-_", max_size=30))
+@example("/a/./b/../../..//c/")
+def test_normalized_paths_are_canonical(raw: str) -> None:
+    path = normalize_path(raw)
+    assert not path.endswith("/")
+    assert "//" not in path
+    assert all(segment not in (".", "..") for segment in path.split("/")[1:])
+    assert path == "" or path.startswith("/")
+
+
+def test_first_match_wins() -> None:
+    table = RouteTable([
+        route("/auth/token", destination="new"),
+        route("/auth/**", destination="old"),
+        route("/**", extract=extract("authorization")),
+    ])
+    assert table.match(normalize_path("/auth/token")).index == 0
+    assert table.match(normalize_path("/auth/token/")).index == 0
+    assert table.match(normalize_path("/auth/other")).index == 1
+    assert table.match(normalize_path("/jmap")).index == 2
+    assert RouteTable([route("/only")]).match(normalize_path("/other")) is None
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "query", "origin", "authority"),
+    [
+        (b"/a/b?x=1", "/a/b", "x=1", b"/a/b?x=1", None),
+        (b"/a#frag", "/a", "", b"/a#frag", None),
+        (b"http://mail.example.org/jmap?x", "/jmap", "x", b"/jmap?x", b"mail.example.org"),
+        (b"https://user@h:8443", "/", "", b"/", b"h:8443"),
+        (b"*", "*", "", b"*", None),
+    ],
+)
+def test_split_target(target: bytes, path: str, query: str, origin: bytes,
+                      authority: bytes | None) -> None:
+    split = split_target(target)
+    assert (split.path, split.query, split.origin, split.authority) == (
+        path, query, origin, authority)
+
+
+# --- identifier extraction ---------------------------------------------------------------------
+
+LOGIN = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FF,
+                                       blacklist_characters=":"), min_size=1, max_size=40)
+ADDRESS = st.builds(lambda user, domain: f"{user}@{domain}.example",
+                    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._+-", min_size=1,
+                            max_size=20),
+                    st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=10))
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt(claims: dict) -> str:
+    return ".".join([b64url(b'{"alg":"none"}'), b64url(json.dumps(claims).encode()), "sig"])
+
+
+@given(LOGIN, st.text(max_size=20), st.sampled_from(["Basic", "basic", "BASIC"]))
+def test_basic_login_is_before_the_colon(login: str, password: str, scheme: str) -> None:
+    assume(login.strip() == login)
+    value = f"{scheme} {base64.b64encode(f'{login}:{password}'.encode()).decode()}"
+    assert account_from_authorization(value.encode(), "email") == login
+
+
+@given(ADDRESS, st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=1,
+                        max_size=30))
+def test_bearer_stalwart_token(address: str, body: str) -> None:
+    token = f"sw1.{body}.{b64url(address.encode())}"
+    assert account_from_authorization(f"Bearer {token}".encode(), "email") == address
+
+
+@given(ADDRESS, ADDRESS)
+def test_bearer_jwt_claims_in_order(configured: str, other: str) -> None:
+    token = jwt({"sub": "not-an-address", "upn": other, "mail": configured})
+    assert account_from_authorization(f"Bearer {token}".encode(), "mail") == configured
+    assert account_from_authorization(f"Bearer {token}".encode(), "email") == other
+
+
+@pytest.mark.parametrize("value", [b"Basic !!!", b"Basic " + base64.b64encode(b"nocolon"),
+                                   b"Bearer opaque-token", b"Digest username=x", b"", b"Bearer"])
+def test_unreadable_authorization_names_nobody(value: bytes) -> None:
+    assert account_from_authorization(value, "email") is None
+
+
+@given(ADDRESS, st.text(max_size=30))
+def test_query_parameter(address: str, noise: str) -> None:
+    query = urlencode([("x", noise), ("account", address), ("account", "second@x")])
+    found = extract_identifier(extract("query", param="account"), headers=[], query=query,
+                               body=None)
+    assert found == address
+
+
+@given(ADDRESS)
+def test_header(address: str) -> None:
+    headers = [(b"Host", b"x"), (b"X-Account", f"  {address} ".encode())]
+    assert extract_identifier(extract("header", header="x-account"), headers=headers, query="",
+                              body=None) == address
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x24F,
+                                      blacklist_characters="&"), min_size=1, max_size=30),
+       st.text(max_size=50))
+def test_body_is_form_decoded_before_the_regex(client_id: str, other: str) -> None:
+    assume(client_id.strip() == client_id and "client_id" not in other)
+    body = urlencode([("grant_type", other), ("client_id", client_id)]).encode()
+    found = extract_identifier(extract("body", regex=r"client_id=([^&]+)"), headers=[],
+                               query="", body=body)
+    assert found == client_id
+
+
+def test_body_without_match_or_body() -> None:
+    config = extract("body", regex=r"client_id=([^&]+)")
+    assert extract_identifier(config, headers=[], query="", body=b"grant_type=x") is None
+    assert extract_identifier(config, headers=[], query="", body=None) is None
+    assert extract_identifier(config, headers=[], query="",
+                              body=b"client_id=" + quote("web ui").encode()) == "web ui"
+
+
+# --- decisions ------------------------------------------------------------------------------------
+
+OPTIONS = {"separators": ("%",), "normalize": "lowercase", "default_destination": "old"}
+
+
+def only_route(**kwargs):
+    return RouteTable([route("/**", **kwargs)]).routes[0]
+
+
+def test_pinned_route_ignores_identifiers() -> None:
+    decision = decide(only_route(destination="new"), "alice", **OPTIONS)
+    assert (decision.destination, decision.identifier) == ("new", None)
+
+
+def test_identifier_is_stripped_and_normalised() -> None:
+    decision = decide(only_route(extract=extract("authorization")), "Alice%Admin", **OPTIONS)
+    assert (decision.destination, decision.identifier) == (None, "alice")
+
+
+@pytest.mark.parametrize("raw", [None, "bad id", 'quo"te', "tab\there", "x" * 600])
+def test_no_usable_identifier_takes_the_fallback(raw: str | None) -> None:
+    with_fallback = decide(only_route(extract=extract("authorization"), fallback="new"), raw,
+                           **OPTIONS)
+    assert (with_fallback.destination, with_fallback.reason) == ("new", "fallback")
+    without = decide(only_route(extract=extract("authorization")), raw, **OPTIONS)
+    assert (without.destination, without.reason) == ("old", "default")
