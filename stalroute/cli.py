@@ -56,6 +56,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="path of the TOML file (default: $STALROUTE_CONFIG, or $PROXY_CONFIG)",
     )
     check.set_defaults(handler=_check)
+
+    from stalroute.ctl import add_ctl_parser
+
+    add_ctl_parser(commands)
     return parser
 
 

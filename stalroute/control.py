@@ -6,8 +6,7 @@ works on the service's *current* runtime, so a config reload is picked up at onc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from stalroute.health import Readiness, readiness
 from stalroute.identity import normalize_identifier, redact
 from stalroute.logs import logger
 from stalroute.mapping import ReadOnlyStore
@@ -16,18 +15,8 @@ from stalroute.session import ClientSession, Runtime
 
 log = logger("stalroute.admin")
 
-#: Looked up by readiness checks; identifiers can never contain a space, so no row matches.
-READINESS_PROBE_KEY = "stalroute readiness probe"
-
-
 class UnknownDestination(ValueError):
     """A mapping write names a destination the configuration does not declare."""
-
-
-@dataclass(frozen=True)
-class Readiness:
-    ready: bool
-    reasons: tuple[str, ...]
 
 
 class Control:
@@ -43,22 +32,7 @@ class Control:
     # health --------------------------------------------------------------------------
 
     async def readiness(self) -> Readiness:
-        """Not ready while draining, while the store does not answer, or while the default
-        destination's circuit is open."""
-        reasons = []
-        if self._service.draining:
-            reasons.append("draining")
-        runtime = self.runtime
-        default = runtime.config.routing.default_destination
-        if runtime.connector.breakers[default].state == "open":
-            reasons.append(f"default destination {default} is marked down")
-        lookup = runtime.router.store.lookup(READINESS_PROBE_KEY)
-        lookup.addTimeout(runtime.config.mapping.lookup_timeout, self._service.reactor)
-        try:
-            await lookup
-        except Exception as exc:
-            reasons.append(f"mapping store unreachable ({exc.__class__.__name__})")
-        return Readiness(not reasons, tuple(reasons))
+        return await readiness(self.runtime, self._service.reactor)
 
     # statistics ----------------------------------------------------------------------
 
@@ -67,7 +41,7 @@ class Control:
         sessions = list(runtime.registry.sessions.values())
         spliced = runtime.registry.spliced()
         return {
-            "draining": self._service.draining,
+            "draining": runtime.registry.draining,
             "listeners": {
                 name: {"protocol": runtime.config.listeners[name].protocol,
                        "active_connections": factory.active,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import signal
+import socket
 
 from OpenSSL import SSL
 from twisted.application import service
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
@@ -31,8 +33,10 @@ RETIRE_DELAY = 30.0
 #: How often a drain checks whether the last session has ended.
 DRAIN_POLL = 0.1
 
+from stalroute.http.proxy import http_listener_factory  # noqa: E402
+
 #: Listener protocols served outside the login pipeline: name → factory(reactor, runtime, name).
-OTHER_LISTENERS: dict[str, object] = {}
+OTHER_LISTENERS: dict[str, object] = {"http": http_listener_factory}
 
 
 class StartupError(Exception):
@@ -92,6 +96,21 @@ def settings_needing_restart(old: Config, new: Config) -> list[str]:
     return changed
 
 
+class ListeningPort(tcp.Port):
+    """A TCP port whose IPv6 socket can be made IPv6-only, so that ``0.0.0.0:993`` and
+    ``[::]:993`` bind side by side (a plain ``[::]`` socket would also take IPv4)."""
+
+    def __init__(self, *args, v6only: bool = False) -> None:
+        super().__init__(*args)
+        self._v6only = v6only
+
+    def createInternetSocket(self) -> socket.socket:
+        sock = super().createInternetSocket()
+        if self._v6only:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return sock
+
+
 class StalrouteService(service.Service):
     """Listens on every configured address and serves sessions with the current runtime."""
 
@@ -102,23 +121,30 @@ class StalrouteService(service.Service):
             log.warn("configuration: {warning}", warning=str(warning))
         self.runtime = build_runtime(reactor, config)
         self.factories: dict[str, SessionFactory] = {}
-        self.draining = False
         self._ports: list[IListeningPort] = []
 
     def startService(self) -> None:
         super().startService()
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._reload_on_signal))
         config = self.runtime.config
+        ipv4_ports = {port for listener in config.listeners.values()
+                      for host, port in listener.bind if ":" not in host}
         for name, listener in config.listeners.items():
             factory = self._factory_for(name, listener.protocol)
             self.factories[name] = factory
             for host, port in listener.bind:
+                listening = ListeningPort(port, factory, 1024, host, self.reactor,
+                                          v6only=":" in host and port in ipv4_ports)
                 # Synchronous, so that a port we cannot bind stops startup instead of a log line.
-                listening = self.reactor.listenTCP(port, factory, backlog=1024, interface=host)
+                listening.startListening()
                 address = listening.getHost()
                 log.info("listener {name} on {host}:{port}", name=name, host=address.host,
                          port=address.port)
                 self._ports.append(listening)
+        if config.admin:
+            from stalroute.admin.server import start_admin  # here: admin imports control → us
+
+            self._ports.append(start_admin(self))
         log.info("stalroute started: {listeners} listeners, {destinations} destinations",
                  listeners=len(config.listeners), destinations=len(config.destinations))
 
@@ -161,7 +187,7 @@ class StalrouteService(service.Service):
         """Graceful drain: stop accepting, let sessions finish up to ``shutdown_grace``, then
         close the rest."""
         super().stopService()
-        self.draining = True
+        self.runtime.registry.draining = True
         stopped = DeferredList([port.stopListening() for port in self._ports])
         stopped.addCallback(lambda _: Deferred.fromCoroutine(self._drain()))
         return stopped.addCallback(lambda _: self.runtime.router.store.close())

@@ -78,9 +78,12 @@ class Runtime:
 
 @dataclass
 class SessionRegistry:
-    """Every open session (for drain), and the spliced ones (for kicks and listings)."""
+    """Every open session (for drain), and the spliced ones (for kicks and listings).
+    It outlives config reloads."""
 
     sessions: dict[str, ClientSession] = field(default_factory=dict)
+    #: Set once a shutdown drain begins (readiness turns false at once).
+    draining: bool = False
 
     def add(self, session: ClientSession) -> None:
         self.sessions[session.id] = session
@@ -323,6 +326,8 @@ class ClientSession(Protocol):
         self.outcome = outcome
         if self.leg is not None:
             self.leg.close()
+        # A TLS transport only closes once no producer is registered with it.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         self._clock.callLater(CLOSE_GRACE, self._abort_if_open)
 

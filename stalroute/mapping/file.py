@@ -101,8 +101,16 @@ class FileMappingStore:
         """Every mapping, sorted (for ``GET /mappings/export``)."""
         return succeed(sorted(self._table.items()))
 
+    def lookup_many(self, identifiers: list[str]) -> Deferred[list[str | None]]:
+        """Batch lookup (bulk import compares before writing)."""
+        return succeed([self._table.get(identifier) for identifier in identifiers])
+
     def upsert(self, identifier: str, destination: str) -> Deferred[None]:
         return self._rewrite(lambda table: table.__setitem__(identifier, destination))
+
+    def upsert_many(self, rows: list[tuple[str, str]]) -> Deferred[None]:
+        """Many writes in one atomic rewrite (bulk import)."""
+        return self._rewrite(lambda table: table.update(rows))
 
     def delete(self, identifier: str) -> Deferred[bool]:
         existed = identifier in self._table

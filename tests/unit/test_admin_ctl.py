@@ -1,0 +1,204 @@
+"""``stalroute ctl`` without a server: argument parsing, where the URL and token come from,
+the import batching (line numbers mapped back to the file), tables and the progress output.
+The commands against a live proxy are in ``tests/integration/test_ctl.py``."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stalroute import ctl
+from stalroute.cli import _build_parser
+
+TOKEN = "c" * 40
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return _build_parser().parse_args(["ctl", *argv])
+
+
+def test_options_before_or_after_the_subcommand() -> None:
+    before = parse("--url", "https://h:1", "--json", "--insecure", "stats")
+    after = parse("stats", "--url", "https://h:1", "--json", "--insecure")
+    for args in (before, after):
+        assert (args.url, args.json, args.insecure, args.ctl_action) == (
+            "https://h:1", True, True, ctl.cmd_stats)
+    assert parse("stats").json is False
+
+
+@pytest.mark.parametrize(("argv", "action"), [
+    (["destinations"], ctl.cmd_destinations),
+    (["destinations", "list"], ctl.cmd_destinations),
+    (["destinations", "reset", "node2"], ctl.cmd_destinations_reset),
+    (["mappings", "get", "alice"], ctl.cmd_mappings_get),
+    (["mappings", "put", "alice", "node2"], ctl.cmd_mappings_put),
+    (["mappings", "delete", "alice"], ctl.cmd_mappings_delete),
+    (["mappings", "reload"], ctl.cmd_mappings_reload),
+    (["mappings", "export", "--format", "json"], ctl.cmd_mappings_export),
+    (["mappings", "import", "f.tsv", "--batch-size", "5", "--dry-run"],
+     ctl.cmd_mappings_import),
+    (["cache", "invalidate"], ctl.cmd_cache_invalidate),
+    (["cache", "invalidate", "alice"], ctl.cmd_cache_invalidate),
+    (["connections"], ctl.cmd_connections),
+    (["connections", "list", "--destination", "node1"], ctl.cmd_connections),
+    (["kick", "--identifier", "alice"], ctl.cmd_kick),
+    (["delay", "alice", "30"], ctl.cmd_delay),
+    (["reload"], ctl.cmd_reload),
+    (["health", "--live"], ctl.cmd_health),
+    (["metrics"], ctl.cmd_metrics),
+])
+def test_every_subcommand_parses(argv: list[str], action) -> None:
+    assert parse(*argv).ctl_action is action
+
+
+def test_connections_list_filters() -> None:
+    args = parse("connections", "list", "--destination", "node1")
+    assert (args.identifier, args.destination) == (None, "node1")
+
+
+def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stalroute", "ctl", *argv],
+                          capture_output=True, text=True, timeout=60, env=env,
+                          cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.mark.parametrize("argv", [[], ["mappings"], ["cache"], ["delay", "alice"],
+                                  ["delay", "alice", "soon"], ["nope"]])
+def test_usage_errors_exit_2(argv: list[str]) -> None:
+    assert run(*argv).returncode == 2
+
+
+def test_no_token_is_a_usage_error(tmp_path: Path) -> None:
+    done = run("stats", env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2
+    assert "no admin token" in done.stderr
+
+
+def test_unreachable_server_exits_1(tmp_path: Path) -> None:
+    done = run("--url", "https://127.0.0.1:1", "stats", env={"STALROUTE_ADMIN_TOKEN": TOKEN})
+    assert done.returncode == 1
+    assert "cannot reach https://127.0.0.1:1" in done.stderr
+
+
+# --- URL and token ------------------------------------------------------------------------------
+
+
+def namespace(**values) -> argparse.Namespace:
+    defaults = {"url": None, "config": None, "token_file": None}
+    return argparse.Namespace(**{**defaults, **values})
+
+
+def test_url_sources_in_order(tmp_path: Path) -> None:
+    config = tmp_path / "stalroute.toml"
+    config.write_text('[admin]\nbind = "0.0.0.0:9443"\n')
+    v6 = tmp_path / "v6.toml"
+    v6.write_text('[admin]\nbind = "[::]:9443"\n')
+    assert ctl.resolve_url(namespace(url="https://x:1/"), {}) == "https://x:1"
+    assert ctl.resolve_url(namespace(), {ctl.ENV_URL: "https://y:2"}) == "https://y:2"
+    assert ctl.resolve_url(namespace(config=str(config)), {}) == "https://127.0.0.1:9443"
+    assert ctl.resolve_url(namespace(config=str(v6)), {}) == "https://[::1]:9443"
+    assert ctl.resolve_url(namespace(), {"STALROUTE_CONFIG": str(config)}) == \
+        "https://127.0.0.1:9443"
+    assert ctl.resolve_url(namespace(), {}) == ctl.DEFAULT_URL
+    with pytest.raises(ctl.CtlError):
+        ctl.resolve_url(namespace(config=str(tmp_path / "missing.toml")), {})
+
+
+def test_token_sources_in_order(tmp_path: Path) -> None:
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("from-file\n")
+    config = tmp_path / "stalroute.toml"
+    config.write_text('[admin]\nbind = "127.0.0.1:9443"\nbearer_token_file = "admin.token"\n')
+    inline = tmp_path / "inline.toml"
+    inline.write_text('[admin]\nbind = "127.0.0.1:9443"\nbearer_token = "inline"\n')
+    env = {"STALROUTE_ADMIN_TOKEN": "from-env"}
+    assert ctl.resolve_token(namespace(token_file=str(token_file)), env) == "from-file"
+    assert ctl.resolve_token(namespace(config=str(config)), env) == "from-env"
+    assert ctl.resolve_token(namespace(), {"PROXY_ADMIN_TOKEN": "alias"}) == "alias"
+    assert ctl.resolve_token(namespace(config=str(config)), {}) == "from-file"
+    assert ctl.resolve_token(namespace(config=str(inline)), {}) == "inline"
+    with pytest.raises(ctl.CtlError) as raised:
+        ctl.resolve_token(namespace(), {})
+    assert raised.value.code == ctl.EXIT_USAGE
+
+
+# --- import batching ------------------------------------------------------------------------------
+
+
+def test_tsv_batches_keep_file_line_numbers() -> None:
+    data = b"# comment\nalice\tnode2\n\nbob\tnode1\n" + b"x" * 5000 + b"\ncarol\tnode2"
+    rejected: list[dict] = []
+    batches = list(ctl._tsv_batches(io.BytesIO(data), 2, rejected))
+    assert batches == [(b"alice\tnode2\nbob\tnode1\n", [2, 4], 2),
+                       (b"carol\tnode2\n", [6], 1)]
+    assert rejected == [{"line": 5, "reason": "line longer than 4096 bytes"}]
+
+
+def test_json_batches_map_body_lines_to_file_lines() -> None:
+    data = b'[\n{"identifier": "alice", "destination": "node2"},\n7,\n["bob", "node1"]\n]'
+    rejected: list[dict] = []
+    (body, numbers, rows), = ctl._json_batches(io.BytesIO(data), 10, rejected)
+    assert rows == 2
+    assert json.loads(body) == [{"identifier": "alice", "destination": "node2"},
+                                {"identifier": "bob", "destination": "node1"}]
+    # body line 2 holds alice (file line 2), body line 3 bob (file line 4)
+    assert numbers[2 - 1] == 2 and numbers[3 - 1] == 4
+    assert rejected[0]["line"] == 3
+
+
+def test_count_rows_refuses_a_broken_json_file_before_sending(tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('[{"identifier": "a", "destination": "b"},\n{oops}]')
+    with pytest.raises(ctl.CtlError, match="line 2"):
+        ctl._count_rows(path, "json")
+
+
+# --- output -----------------------------------------------------------------------------
+
+
+def test_table() -> None:
+    text = ctl._table([{"a": "x", "b": None}, {"a": "longer", "b": 3}], [("a", "A"), ("b", "B")])
+    assert text.splitlines() == ["A       B", "x       -", "longer  3"]
+
+
+def test_duration() -> None:
+    assert [ctl._duration(s) for s in (5, 65, 3 * 3600 + 120, 2 * 86400 + 3600)] == [
+        "5s", "1m05s", "3h02m", "2d01h00m"]
+
+
+class FakeTTY(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_progress_bar_on_a_tty() -> None:
+    stream = FakeTTY(True)
+    progress = ctl.Progress(200, "importing x.tsv", stream)
+    progress.update(100)
+    progress.update(200, final=True)
+    out = stream.getvalue()
+    assert out.count("\r") == 2 and out.endswith("\n")
+    assert "[###############---------------]  50% 100/200 rows" in out
+
+
+def test_progress_lines_without_a_tty(monkeypatch) -> None:
+    stream = FakeTTY(False)
+    progress = ctl.Progress(200, "importing x.tsv", stream)
+    progress.update(100)  # within the interval: nothing
+    progress._last -= ctl.PROGRESS_INTERVAL
+    progress.update(150)
+    progress.update(200, final=True)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" rows")[0] for line in lines] == [
+        "importing x.tsv: 150/200", "importing x.tsv: 200/200"]
+    assert "\r" not in stream.getvalue()
