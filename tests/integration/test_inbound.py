@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import DovecotPair, StalrouteFactory
 from tests.harness.clients import RawIMAP, connect_from, proxy_v2_header, sasl_plain
 from tests.harness.pki import CertificateAuthority, IssuedCertificate
-from tests.harness.ports import LOOPBACK
+from tests.harness.ports import LOOPBACK, free_port
 from tests.harness.stalroute import StalrouteProcess, closed_destination, two_node_imap_config
 
 pytestmark = pytest.mark.integration
@@ -37,11 +37,14 @@ def start(
 ):
     """Start stalroute with settings merged into both IMAP listeners (and top-level tables)."""
 
-    def starter(listener: dict[str, Any] | None = None, **sections: dict[str, Any]):
+    def starter(listener: dict[str, Any] | None = None, imap: dict[str, Any] | None = None,
+                **sections: dict[str, Any]):
+        """``listener`` goes into both IMAP listeners, ``imap`` into the STARTTLS one only."""
         config = two_node_imap_config(proxy_certificate, pki.cert_path, *dovecot_pair,
                                       log_level="debug")
         for table in config["listener"].values():
             table.update(listener or {})
+        config["listener"]["imap"].update(imap or {})
         for name, values in sections.items():
             config.setdefault(name, {}).update(values)
         return stalroute(config)
@@ -294,3 +297,14 @@ def test_a_stalled_backend_is_a_temporary_failure_after_backend_timeout(
         assert "unexpected error" not in proxy.log_text()
     finally:
         backend.close()
+
+
+def test_ipv4_and_ipv6_wildcards_bind_the_same_port(start) -> None:
+    """SPEC §2.3's own example: ``["0.0.0.0:993", "[::]:993"]`` must both bind."""
+    port = free_port()
+    proxy = start(imap={"bind": [f"0.0.0.0:{port}", f"[::]:{port}"]})
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.create_connection((host, port), timeout=5) as sock:
+            assert sock.family == family
+            assert sock.recv(4) == b"* OK"
+    assert proxy.running
