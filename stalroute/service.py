@@ -33,10 +33,10 @@ RETIRE_DELAY = 30.0
 #: How often a drain checks whether the last session has ended.
 DRAIN_POLL = 0.1
 
-from stalroute.http.proxy import http_listener_factory  # noqa: E402
+from stalroute.http.proxy import HTTPListenerFactory  # noqa: E402
 
 #: Listener protocols served outside the login pipeline: name → factory(reactor, runtime, name).
-OTHER_LISTENERS: dict[str, object] = {"http": http_listener_factory}
+OTHER_LISTENERS: dict[str, object] = {"http": HTTPListenerFactory}
 
 
 class StartupError(Exception):

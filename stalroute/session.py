@@ -17,23 +17,22 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stalroute.backend import BackendConnector, BackendLeg, BackendUnavailable, ClientInfo
-from stalroute.config import Config, DestinationConfig, ListenerConfig, ip_in_networks
+from stalroute.config import Config, DestinationConfig, ListenerConfig
 from stalroute.identity import (
     InvalidIdentifier, account_from_credentials, redact, routing_identifier,
 )
-from stalroute.limits import BanList, LoginDelays, PerIPCounter
+from stalroute.inbound import InboundConnection, ListenerFactory
+from stalroute.limits import BanList, LoginDelays
 from stalroute.logs import logger
 from stalroute.protocols.base import (
     Authenticate, Close, LoginFailed, LoginSucceeded, PreAuthSettings, ProtocolSpec, Reply,
     StartTLS,
 )
-from stalroute.proxyproto import NotAProxyHeader, ProxyHeaderError, ProxyHeaderParser
 from stalroute.router import Router, RoutingUnavailable
 from stalroute.stats import Metrics
 from stalroute.tls import ServerTLS, TLSDetails, tls_details
@@ -109,38 +108,20 @@ def preauth_settings(config: Config, listener: ListenerConfig) -> PreAuthSetting
                "sieve": capabilities.sieve, "implementation": capabilities.implementation})
 
 
-class SessionFactory(Factory):
-    """Sessions of one listener; counts its connection slots (``max_connections``)."""
-
-    noisy = False
+class SessionFactory(ListenerFactory):
+    """Sessions of one interactive (or pass-through) listener."""
 
     def __init__(self, reactor, runtime: Runtime, listener_name: str,
                  spec: ProtocolSpec) -> None:
-        self.reactor = reactor
-        self.runtime = runtime
-        self.listener_name = listener_name
+        super().__init__(reactor, runtime, listener_name)
         self.spec = spec
-        self.active = 0
-        self.rejected = 0
-        self.probes = 0
-        self.per_ip = PerIPCounter()
 
     def buildProtocol(self, addr) -> ClientSession:
         return ClientSession(self, self.runtime)
 
-    def take_slot(self, listener: ListenerConfig) -> bool:
-        if self.active >= listener.max_connections:
-            self.rejected += 1
-            return False
-        self.active += 1
-        return True
-
-    def release_slot(self) -> None:
-        self.active -= 1
-
 
 @implementer(IHandshakeListener)
-class ClientSession(Protocol):
+class ClientSession(InboundConnection):
     """One client connection through pre-auth, routing, login replay and splice."""
 
     def __init__(self, factory: SessionFactory, runtime: Runtime) -> None:
@@ -150,15 +131,11 @@ class ClientSession(Protocol):
         self.spec = factory.spec
         self.id = f"{runtime.config.cluster.node_id}-{secrets.token_hex(6)}"
         self.state = "new"  # new → [proxy_header →] preauth ⇄ routing → spliced → closed
-        self.outcome = "client_closed"
         self.account: str | None = None
         self.destination: str | None = None
         self.tls: TLSDetails | None = None
         self.bytes_in = self.bytes_out = 0
         self.leg: BackendLeg | None = None
-        self._has_slot = False
-        self._counted_ip: str | None = None
-        self._proxy_header: ProxyHeaderParser | None = None
         self._client_spoke = False
         self._starttls_pending = False
         self._timer = None
@@ -168,53 +145,11 @@ class ClientSession(Protocol):
     # connection ----------------------------------------------------------------------
 
     @property
-    def _clock(self):
-        return self.factory.reactor
-
-    @property
     def _account_label(self) -> str:
         """The account as logs may show it (redacted)."""
         return redact(self.account) if self.account else "-"
 
-    def connectionMade(self) -> None:
-        peer, local = self.transport.getPeer(), self.transport.getHost()
-        self.client = (peer.host, peer.port)
-        self.local = (local.host, local.port)
-        self.started = self._clock.seconds()
-        if not self.factory.take_slot(self.listener):
-            self.outcome = "rejected"
-            self.transport.abortConnection()
-            return
-        self._has_slot = True
-        self.runtime.registry.add(self)
-        mode = self.listener.proxy_protocol
-        trusted = mode != "off" and ip_in_networks(peer.host, self.listener.proxy_trusted)
-        if mode == "required" and not trusted:
-            self._refuse("untrusted_proxy")
-        elif trusted and (mode != "deferred" or self.listener.tls == "implicit"):
-            # Nothing (greeting, TLS) may happen before the header names the client.
-            self.state = "proxy_header"
-            self._proxy_header = ProxyHeaderParser()
-            self._timer = self._clock.callLater(self.listener.proxy_header_timeout,
-                                                self._proxy_header_expired)
-        else:
-            if trusted:  # deferred: the header comes with the client's first bytes
-                self._proxy_header = ProxyHeaderParser()
-            self._begin()
-
-    def _begin(self) -> None:
-        """The client's address is known: apply per-IP limits, then start the protocol."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        ip = self.client[0]
-        if self.runtime.bans.is_banned(ip):
-            self._refuse("banned")
-            return
-        if self.listener.max_connections_per_ip and not self._exempt_from_limits(ip):
-            if not self.factory.per_ip.take(ip, self.listener.max_connections_per_ip):
-                self._refuse("per_ip_limit")
-                return
-            self._counted_ip = ip
+    def start(self) -> None:
         self.state = "preauth"
         self.machine = self.spec.preauth(preauth_settings(self.runtime.config, self.listener))
         self._timer = self._clock.callLater(self.listener.preauth_timeout, self._preauth_expired)
@@ -224,43 +159,6 @@ class ClientSession(Protocol):
         if self.spec.passthrough:
             self.state = "routing"
             Deferred.fromCoroutine(self._login(None))
-
-    def _exempt_from_limits(self, ip: str) -> bool:
-        return (ip_in_networks(ip, self.listener.proxy_trusted)
-                or ip_in_networks(ip, self.runtime.config.security.allowed_ips))
-
-    def _refuse(self, outcome: str) -> None:
-        self.outcome = outcome
-        self.transport.abortConnection()
-
-    def _proxy_header_expired(self) -> None:
-        """``required``: close. ``optional``: a trusted peer that sent nothing gets served with
-        its socket address (a server-first client would otherwise wait forever)."""
-        if self.listener.proxy_protocol == "required":
-            self._refuse("proxy_header_timeout")
-        else:
-            self._proxy_header = None
-            self._begin()
-
-    def _read_proxy_header(self, data: bytes) -> bytes | None:
-        """Feed the inbound PROXY header parser; the bytes after the header, once complete."""
-        try:
-            header = self._proxy_header.feed(data)
-        except NotAProxyHeader as exc:
-            self._proxy_header = None
-            if self.listener.proxy_protocol == "required":
-                self._refuse("proxy_header_missing")
-                return None
-            return exc.data
-        except ProxyHeaderError:
-            self._refuse("proxy_header_invalid")
-            return None
-        if header is None:
-            return None
-        rest, self._proxy_header = self._proxy_header.rest, None
-        if header.source is not None:
-            self.client, self.local = header.source, header.destination
-        return rest
 
     def handshakeCompleted(self) -> None:
         self.tls = tls_details(self.transport)
@@ -275,16 +173,9 @@ class ClientSession(Protocol):
             self.leg.transport.write(data)
             return
         if self._proxy_header is not None:
-            waiting = self.state == "proxy_header"
-            data = self._read_proxy_header(data)
+            data = self.take_proxy_header(data)
             if data is None:
                 return
-            if waiting:
-                self._begin()
-                if data and self.listener.tls == "implicit":
-                    # Bytes that came with the header (a ClientHello) belong to the TLS layer.
-                    self.transport.protocol.dataReceived(data)
-                    return
         if data and self.state in ("preauth", "routing"):
             self._client_spoke = True
             self._run(self.machine.receive(data))
@@ -292,17 +183,10 @@ class ClientSession(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         was_spliced = self.state == "spliced"
         self.state = "closed"
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        if not self._has_slot:
+        if not self.release():
             return
-        self._has_slot = False
-        self.factory.release_slot()
-        if self._counted_ip is not None:
-            self.factory.per_ip.release(self._counted_ip)
         if self.leg is not None:
             self.leg.close()
-        self.runtime.registry.discard(self)
         if was_spliced and self.outcome == "client_closed" and not reason.check(ConnectionDone):
             self.outcome = "client_error"
         probe = not self._client_spoke and self.outcome in PROBE_OUTCOMES

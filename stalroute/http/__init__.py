@@ -6,6 +6,7 @@
   hop-by-hop removal, ``Forwarded`` / ``X-Forwarded-For`` rules. Sans-IO.
 * :mod:`stalroute.http.proxy` — the Twisted side: h11 on both legs, a small per-client
   backend pool keyed by destination, flow control, WebSocket tunnels. Its
-  :func:`~stalroute.http.proxy.http_listener_factory` is what ``service.OTHER_LISTENERS``
-  registers for ``protocol = "http"`` listeners.
+  :class:`~stalroute.http.proxy.HTTPListenerFactory` is what ``service.OTHER_LISTENERS``
+  registers for ``protocol = "http"`` listeners; admission (slots, PROXY header, per-IP
+  limits) is the shared :mod:`stalroute.inbound`.
 """

@@ -27,7 +27,7 @@ import itertools
 import json
 from http import HTTPStatus
 import secrets
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any
@@ -38,12 +38,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IHandshakeListener, IPushProducer,
 )
-from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stalroute.backend import BackendLeg, BackendUnavailable, ClientInfo
-from stalroute.config import DestinationConfig, ip_in_networks
+from stalroute.config import DestinationConfig
 from stalroute.http.headers import (
     Forwarding, HeadProblem, backend_request_headers, check_partial_head, check_request_head,
     client_response_headers, find_head_end, is_websocket_upgrade,
@@ -51,18 +50,17 @@ from stalroute.http.headers import (
 from stalroute.http.routes import (
     Route, RouteTable, decide, extract_identifier, normalize_path, split_target,
 )
-from stalroute.identity import redact
 from stalroute.health import readiness
+from stalroute.identity import redact
+from stalroute.inbound import InboundConnection, ListenerFactory
 from stalroute.logs import logger
 from stalroute.protocols.base import (
     BackendDialogue, BackendEvent, BackendReady, BackendSettings, LoginSucceeded,
 )
-from stalroute.proxyproto import NotAProxyHeader, ProxyHeaderError, ProxyHeaderParser
 from stalroute.router import RoutingUnavailable
 from stalroute.tls import tls_details
 
-__all__ = ["HTTPBackendDialogue", "HTTPConnection", "HTTPListenerFactory",
-           "http_listener_factory"]
+__all__ = ["HTTPBackendDialogue", "HTTPConnection", "HTTPListenerFactory"]
 
 log = logger("stalroute.http")
 
@@ -129,21 +127,13 @@ class HTTPBackendDialogue(BackendDialogue):
 # --- factory ----------------------------------------------------------------------------------
 
 
-class HTTPListenerFactory(Factory):
-    """Connections of one ``protocol = "http"`` listener; counts its slots."""
-
-    noisy = False
+class HTTPListenerFactory(ListenerFactory):
+    """Connections of one ``protocol = "http"`` listener (``service.OTHER_LISTENERS``)."""
 
     def __init__(self, reactor: Any, runtime: Any, listener_name: str) -> None:
-        self.reactor = reactor
-        self.runtime = runtime
-        self.listener_name = listener_name
+        super().__init__(reactor, runtime, listener_name)
         self._routes: tuple[Any, RouteTable] | None = None
-        self.active = 0
-        self.rejected = 0
-        self.probes = 0
         self.requests = 0
-        self.per_ip: Counter[str] = Counter()
         self.connections: set[HTTPConnection] = set()
         self.draining = False
 
@@ -162,21 +152,6 @@ class HTTPListenerFactory(Factory):
         if self._routes is None or self._routes[0] is not http_config:
             self._routes = (http_config, RouteTable(http_config.routes))
         return self._routes[1]
-
-    def take_slot(self, limit: int) -> bool:
-        if self.active >= limit:
-            self.rejected += 1
-            return False
-        self.active += 1
-        return True
-
-    def release_slot(self) -> None:
-        self.active -= 1
-
-
-def http_listener_factory(reactor: Any, runtime: Any, listener_name: str) -> HTTPListenerFactory:
-    """What ``service.OTHER_LISTENERS["http"]`` builds for each HTTP listener."""
-    return HTTPListenerFactory(reactor, runtime, listener_name)
 
 
 # --- producers ----------------------------------------------------------------------------------
@@ -397,8 +372,10 @@ class _Gone(Exception):
 
 
 @implementer(IHandshakeListener)
-class HTTPConnection(Protocol):
+class HTTPConnection(InboundConnection):
     """One client connection: requests routed one by one, keep-alive, pooled backends."""
+
+    client_speaks_first = True
 
     def __init__(self, factory: HTTPListenerFactory) -> None:
         self.factory = factory
@@ -410,7 +387,6 @@ class HTTPConnection(Protocol):
         self.id = f"{self.config.cluster.node_id}-{secrets.token_hex(6)}"
         self.spec = _HTTP_SPEC  # what the registry's listings read (``spec.name``)
         self.state = "new"  # new → [proxy_header →] http → [spliced (WebSocket) →] closed
-        self.outcome = "client_closed"
         self.client = self.local = ("", 0)
         self.tls = None
         self.account: str | None = None
@@ -423,9 +399,6 @@ class HTTPConnection(Protocol):
         self.pool: OrderedDict[str, _Backend] = OrderedDict()
         self.answering: _Backend | None = None
         self.tunnel: _Backend | None = None
-        self._has_slot = False
-        self._counted_ip: str | None = None
-        self._proxy_header: ProxyHeaderParser | None = None
         self._client_spoke = False
         self._paused: set[Any] = set()
         self._write_paused = False
@@ -441,61 +414,22 @@ class HTTPConnection(Protocol):
         self._activity_limit = 0.0
         self._last_activity = 0.0
 
-    @property
-    def _clock(self) -> Any:
-        return self.factory.reactor
-
     # connection lifecycle ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        peer, local = self.transport.getPeer(), self.transport.getHost()
-        self.client = (peer.host, peer.port)
-        self.local = (local.host, local.port)
-        self.started = self._last_activity = self._clock.seconds()
-        if not self.factory.take_slot(self.listener.max_connections):
-            self.outcome = "rejected"
-            log.debug("http {listener}: connection from {client} refused: max_connections",
-                      listener=self.listener.name, client=f"{peer.host}:{peer.port}")
-            self.transport.abortConnection()
-            return
-        self._has_slot = True
-        self.runtime.registry.add(self)
-        self.factory.connections.add(self)
-        mode = self.listener.proxy_protocol
-        trusted = mode != "off" and ip_in_networks(peer.host, self.listener.proxy_trusted)
-        if mode == "required" and not trusted:
-            self._refuse("untrusted_proxy")
-        elif trusted:
-            # HTTP clients speak first, so "deferred" reads the header like "optional".
-            self.state = "proxy_header"
-            self._proxy_header = ProxyHeaderParser()
-            self._timer = self._clock.callLater(self.listener.proxy_header_timeout,
-                                                self._refuse, "proxy_header_timeout")
-        else:
-            self._begin()
+        super().connectionMade()
+        if self._has_slot:
+            self._last_activity = self.started
+            self.factory.connections.add(self)
 
-    def _begin(self) -> None:
-        """The client's address is known: per-IP limit, TLS, then wait for a request."""
-        self._cancel_timer()
-        ip = self.client[0]
-        limit = self.listener.max_connections_per_ip
-        if limit and not (ip_in_networks(ip, self.listener.proxy_trusted)
-                          or ip_in_networks(ip, self.config.security.allowed_ips)):
-            if self.factory.per_ip[ip] >= limit:
-                self._refuse("per_ip_limit")
-                return
-            self.factory.per_ip[ip] += 1
-            self._counted_ip = ip
+    def start(self) -> None:
+        """Admitted: TLS, then wait for a request."""
         self.state = "http"
         _no_delay(self.transport)
         if self.listener.tls == "implicit":
             self.transport.startTLS(self.runtime.server_tls.options)
         self.transport.registerProducer(_ClientWriteProducer(self), True)
         self._enter_idle(first=True)
-
-    def _refuse(self, outcome: str) -> None:
-        self.outcome = outcome
-        self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
         self.tls = tls_details(self.transport)
@@ -504,15 +438,8 @@ class HTTPConnection(Protocol):
         if self.state == "closed":
             return
         if self._proxy_header is not None:
-            data = self._read_proxy_header(data)
+            data = self.take_proxy_header(data)
             if data is None:
-                return
-            self._begin()
-            if self.state != "http":
-                return
-            if data and self.listener.tls == "implicit":
-                # Bytes that came with the header (a ClientHello) belong to the TLS layer.
-                self.transport.protocol.dataReceived(data)
                 return
         if not data:
             return
@@ -530,39 +457,13 @@ class HTTPConnection(Protocol):
         self.h11.receive_data(data)
         self._pump()
 
-    def _read_proxy_header(self, data: bytes) -> bytes | None:
-        try:
-            header = self._proxy_header.feed(data)
-        except NotAProxyHeader as exc:
-            self._proxy_header = None
-            if self.listener.proxy_protocol == "required":
-                self._refuse("proxy_header_missing")
-                return None
-            return exc.data
-        except ProxyHeaderError:
-            self._refuse("proxy_header_invalid")
-            return None
-        if header is None:
-            return None
-        rest, self._proxy_header = self._proxy_header.rest, None
-        if header.source is not None:
-            self.client, self.local = header.source, header.destination
-        return rest
-
     def connectionLost(self, reason: Failure = None) -> None:
         self.state = "closed"
         self._cancel_timer()
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
-        if not self._has_slot:
+        if not self.release():
             return
-        self._has_slot = False
-        self.factory.release_slot()
-        if self._counted_ip is not None:
-            self.factory.per_ip[self._counted_ip] -= 1
-            if self.factory.per_ip[self._counted_ip] <= 0:
-                del self.factory.per_ip[self._counted_ip]
-        self.runtime.registry.discard(self)
         self.factory.connections.discard(self)
         for backend in self._all_backends():
             backend.close()
