@@ -100,11 +100,6 @@ def prepare_runtime(config: Config) -> tuple[str | None, Runtime | None]:
         return str(exc), None
 
 
-def startup_problem(config: Config) -> str | None:
-    """What would stop startup after validation (a bad mapping file, unreadable TLS material)."""
-    return prepare_runtime(config)[0]
-
-
 def store_warning(store: MappingStore, timeout: float = PROBE_TIMEOUT) -> str | None:
     """Ask the mapping store one lookup, bounded by ``timeout``; a warning when it fails.
 

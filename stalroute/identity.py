@@ -26,7 +26,6 @@ MAX_IDENTIFIER_LENGTH = 512
 STALWART_TOKEN_PREFIX = "sw1."
 #: JWT claims tried after the configured one, in order.
 JWT_FALLBACK_CLAIMS = ("email", "preferred_username", "upn", "unique_name", "sub")
-NORMALIZATIONS = ("none", "lowercase")
 
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 _FORBIDDEN_PUNCTUATION = frozenset("\"'\\")

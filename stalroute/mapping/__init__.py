@@ -69,10 +69,6 @@ class MappingStore(Protocol):
         """Release connections."""
 
 
-#: Every store has :meth:`MappingStore.entries` now; the name is kept for older imports.
-ListableStore = MappingStore
-
-
 # --- shared by the network stores -----------------------------------------------------------
 
 #: Query parameters that carry secrets in store URLs (libpq's names).
