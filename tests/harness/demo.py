@@ -59,18 +59,21 @@ def instructions(proxy: StalrouteProcess, ca: CertificateAuthority, token: str |
     if token is not None:
         auth = f"-H 'Authorization: Bearer {token}'"
         lines += [
-            "  # or through the admin API:",
+            "  # or through the admin API: remap, then end her live sessions on node1",
             f"  curl --cacert {cacert} {auth} -X PUT "
             f"'{proxy.admin_url}/mappings?identifier=alice&destination=node2'",
-            f"  curl --cacert {cacert} {auth} -X POST {proxy.admin_url}/mappings/reload",
+            f"  curl --cacert {cacert} {auth} -X POST "
+            f"'{proxy.admin_url}/connections/kick?identifier=alice'",
+            "  # the same with the command-line client:",
+            f"  STALROUTE_ADMIN_TOKEN={token} .venv/bin/stalroute ctl --url {proxy.admin_url} "
+            f"--cacert {cacert} stats",
         ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__)
-    parser.add_argument("--admin", action="store_true",
-                        help="also enable the admin API (needs a build that serves it)")
+    parser.add_argument("--no-admin", action="store_true", help="do not enable the admin API")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started in background
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             certificate = ca.issue("stalroute", ["localhost", "stalroute.test"], ["127.0.0.1"])
             config = two_node_imap_config(certificate, ca.cert_path, *nodes)
             config["mapping"].update(positive_ttl="5s", negative_ttl="5s")
-            token = secrets.token_urlsafe(36) if args.admin else None
+            token = None if args.no_admin else secrets.token_urlsafe(36)
             if token is not None:
                 config["admin"] = admin_section(token)
             proxy = StalrouteProcess(config, workdir / "stalroute", mappings=MAPPINGS)
