@@ -97,6 +97,17 @@ class InboundConnection(Protocol):
         """Bans and the per-IP limit, then :meth:`start`; False when refused."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if not self._client_allowed():
+            return False
+        self.start()
+        return True
+
+    def _client_allowed(self) -> bool:
+        """Bans and the per-IP limit for the current client address (again when a deferred
+        header names the real client); refuses the connection and returns False if not."""
+        if self._counted_ip is not None:
+            self.factory.per_ip.release(self._counted_ip)
+            self._counted_ip = None
         ip = self.client[0]
         if self.runtime.bans.is_banned(ip):
             self._refuse("banned")
@@ -108,7 +119,6 @@ class InboundConnection(Protocol):
                 self._refuse("per_ip_limit")
                 return False
             self._counted_ip = ip
-        self.start()
         return True
 
     def _refuse(self, outcome: str) -> None:
@@ -146,6 +156,8 @@ class InboundConnection(Protocol):
             if header.source is not None:
                 self.client, self.local = header.source, header.destination
         self._proxy_header = None
+        if not waiting and header is not None and header.source is not None:
+            return rest if self._client_allowed() else None  # deferred: the real client now
         if waiting:
             if not self._admit():
                 return None

@@ -385,3 +385,136 @@ def test_buffering_is_bounded(noise):
         except ProxyHeaderError:
             return
         assert len(parser._buffer) <= 16 + 64 or parser.header is not None
+
+
+# --- truncated and oversized headers, every split point ---------------------------------------
+
+#: Valid headers of every kind the decoder accepts: v1 TCP4/TCP6/UNKNOWN, v2 PROXY with TLVs,
+#: v2 LOCAL (whose block, if any, is ignored) and v2 AF_UNSPEC.
+addresses_of_one_family = st.one_of(st.tuples(ipv4, ipv4), st.tuples(ipv6, ipv6))
+v1_headers = st.one_of(
+    st.builds(lambda a, p, q: encode_v1((a[0], p), (a[1], q)), addresses_of_one_family,
+              ports, ports),
+    st.just(b"PROXY UNKNOWN\r\n"),
+    st.binary(max_size=80).filter(lambda b: b"\n" not in b and b"\r" not in b)
+    .map(lambda junk: b"PROXY UNKNOWN " + junk + b"\r\n"),
+)
+v2_headers = st.one_of(
+    st.builds(lambda a, p, q, t: encode_v2((a[0], p), (a[1], q), t),
+              st.one_of(addresses_of_one_family, st.tuples(ipv4, ipv6)), ports, ports,
+              tlv_lists),
+    st.just(encode_v2(None, None)),
+    st.binary(max_size=60).map(lambda block: v2(0x20, 0x11, block)),  # LOCAL, block ignored
+    st.builds(lambda t: v2(0x21, 0x00, b"".join(struct.pack("!BH", k, len(v)) + v
+                                                for k, v in t)), tlv_lists),
+)
+valid_headers = st.one_of(v1_headers, v2_headers)
+
+
+def feed_chunks(chunks: list[bytes], **kwargs):
+    """The decoder's verdict on ``chunks``: ``(header, rest)``, None (incomplete), or the
+    error class and message; asserts the buffer bound after every chunk."""
+    parser = ProxyHeaderParser(**kwargs)
+    limit = max(V1_MAX_LENGTH, V2_HEADER_FIXED_LENGTH + parser.max_v2_length)
+    header = None
+    try:
+        for chunk in chunks:
+            header = parser.feed(chunk)
+            assert len(parser._buffer) <= limit
+    except ProxyHeaderError as error:
+        return type(error), str(error)
+    return (header, parser.rest) if header is not None else None
+
+
+V2_HEADER_FIXED_LENGTH = 16
+
+
+@given(valid_headers)
+def test_every_truncation_of_a_valid_header_waits_for_more(header):
+    """A header cut anywhere (including a v2 body shorter than its declared length) is
+    neither an error nor a result: the decoder waits for the rest, whatever the split."""
+    for cut in range(len(header)):
+        assert feed_chunks([header[:cut]]) is None
+        assert feed_chunks([header[i:i + 1] for i in range(cut)]) is None
+    assert feed_chunks([header]) is not None
+
+
+@given(valid_headers, st.binary(max_size=24))
+def test_every_two_chunk_split_gives_the_same_header_and_rest(header, rest):
+    data = header + rest
+    whole = feed_chunks([data])
+    assert isinstance(whole, tuple) and isinstance(whole[0], ProxyHeader)
+    assert whole[1] == rest
+    for cut in range(len(data) + 1):
+        assert feed_chunks([data[:cut], data[cut:]]) == whole
+    assert feed_chunks([data[i:i + 1] for i in range(len(data))]) == whole
+
+
+@given(st.sampled_from([0x20, 0x21]), st.sampled_from([0x00, 0x11, 0x21]),
+       st.integers(0, 600), st.data())
+def test_oversized_v2_is_refused_as_soon_as_its_length_is_known(command, family, max_length,
+                                                                data):
+    """The declared length is checked on the 16th byte, before any of the body is buffered,
+    on every split of the fixed part; exactly ``max_v2_length`` is still accepted."""
+    declared = data.draw(st.integers(max_length + 1, 0xFFFF))
+    fixed = SIG + bytes([command, family]) + struct.pack("!H", declared)
+    for cut in range(V2_HEADER_FIXED_LENGTH):  # the 16th byte always comes in the 2nd chunk
+        parser = ProxyHeaderParser(max_v2_length=max_length)
+        assert parser.feed(fixed[:cut]) is None
+        with pytest.raises(ProxyHeaderError, match="too long"):
+            parser.feed(fixed[cut:] + b"\0" * data.draw(st.integers(0, 40)))
+    at_limit = v2(0x20, family, b"\xaa" * max_length)  # LOCAL: the block is ignored
+    assert feed_chunks([at_limit], max_v2_length=max_length) == (
+        ProxyHeader(2, "LOCAL", None, None), b"")
+
+
+@given(st.binary(max_size=200).filter(lambda b: b"\n" not in b), st.data())
+def test_oversized_v1_is_refused_at_the_limit_on_every_split(junk, data):
+    """A v1 line without LF: incomplete while shorter than ``V1_MAX_LENGTH``, refused as too
+    long once that many bytes are buffered, wherever the segments are cut."""
+    line = b"PROXY " + junk
+    cut = data.draw(st.integers(0, len(line)))
+    verdict = feed_chunks([line[:cut], line[cut:]])
+    if len(line) < V1_MAX_LENGTH:
+        assert verdict is None
+    else:
+        assert verdict == (ProxyHeaderError, "PROXY v1 header too long")
+        assert feed_chunks([line[:V1_MAX_LENGTH - 1]]) is None
+
+
+@given(st.integers(0, V1_MAX_LENGTH - 8).flatmap(
+    lambda n: st.tuples(st.just(n), st.binary(min_size=n, max_size=n)
+                        .filter(lambda b: b"\n" not in b and b"\r" not in b))))
+def test_v1_lines_up_to_the_limit_are_never_too_long(sized):
+    """``PROXY UNKNOWN`` lines of every length up to 107 bytes (CRLF included) parse."""
+    length, junk = sized
+    line = b"PROXY UNKNOWN" + (b" " + junk if junk else b"") + b"\r\n"
+    if len(line) > V1_MAX_LENGTH:
+        return
+    assert feed_chunks([line]) == (ProxyHeader(1, "PROXY", None, None), b"")
+
+
+@given(addresses_of_one_family, ports, ports, tlv_lists, st.data())
+def test_a_v2_block_cut_short_is_an_error_unless_cut_between_tlvs(addresses, src_port,
+                                                                  dst_port, tlvs, data):
+    """A v2 PROXY header whose length field agrees with a block cut short (a sender that
+    truncated it): inside the addresses or inside a TLV it is an error on every split;
+    exactly between TLVs it is a valid header with the TLVs before the cut."""
+    header = encode_v2((addresses[0], src_port), (addresses[1], dst_port), tlvs)
+    block = header[V2_HEADER_FIXED_LENGTH:]
+    keep = data.draw(st.integers(0, len(block) - 1)) if block else 0
+    truncated = header[:14] + struct.pack("!H", keep) + block[:keep]
+    address_size = 12 if header[13] == 0x11 else 36
+    boundaries, offset = {address_size: 0}, address_size
+    for number, (_, value) in enumerate(tlvs, start=1):
+        offset += 3 + len(value)
+        boundaries[offset] = number
+    verdicts = {repr(feed_chunks([truncated[:cut], truncated[cut:]]))
+                for cut in range(len(truncated) + 1)}
+    assert len(verdicts) == 1
+    verdict = feed_chunks([truncated])
+    if keep in boundaries:
+        assert verdict[0].tlvs == tuple(tlvs[:boundaries[keep]])
+    else:
+        assert verdict[0] is ProxyHeaderError
+        assert not issubclass(verdict[0], NotAProxyHeader)
