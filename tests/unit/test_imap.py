@@ -31,6 +31,7 @@ from stalroute.protocols.imap import (
 )
 from stalroute.protocols.lines import LineBuffer, LineTooLong
 from stalroute.sasl import MECHANISMS, Credentials, decode_oauthbearer, plain_credentials
+from tests.unit.preauth_checks import assert_well_formed, authenticates, split, text
 
 PASSWORD = "s3cr3t"
 DEFAULT_CAPS = b"IMAP4rev2 IMAP4rev1 ENABLE SASL-IR LITERAL+ ID UTF8=ACCEPT"
@@ -58,14 +59,6 @@ def machine(**kwargs) -> IMAPPreAuth:
 
 def tls_machine(**kwargs) -> IMAPPreAuth:
     return machine(tls_mode="implicit", **kwargs)
-
-
-def text(events) -> bytes:
-    return b"".join(event.data for event in events if isinstance(event, Reply))
-
-
-def authenticates(events) -> list[Authenticate]:
-    return [event for event in events if isinstance(event, Authenticate)]
 
 
 def test_spec_names_the_machines():
@@ -498,11 +491,6 @@ def test_too_much_pipelined_input_closes():
 # --- properties -----------------------------------------------------------------------------
 
 
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    cuts = sorted(set(cut % (len(data) + 1) for cut in cuts))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
-
-
 def feed_all(m: IMAPPreAuth, chunks: list[bytes]) -> list:
     events = []
     for chunk in chunks:
@@ -559,13 +547,7 @@ def test_random_input_is_bounded_and_split_independent(data, cuts, tls_mode):
         chunked += chunked_machine.receive(chunk)
         assert len(chunked_machine._input.buffer) <= MAX_PREAUTH_LINE + 1
     assert chunked == whole
-    for event in whole:
-        assert isinstance(event, (Reply, Authenticate, StartTLS, Close))
-        if isinstance(event, Reply):
-            assert len(event.data) <= 1024 and event.data.endswith(b"\r\n")
-    closes = [index for index, event in enumerate(whole) if isinstance(event, Close)]
-    assert not closes or closes == [len(whole) - 1]
-    assert sum(isinstance(event, Authenticate) for event in whole) <= 1
+    assert_well_formed(whole)
 
 
 @hypothesis_settings(max_examples=50)

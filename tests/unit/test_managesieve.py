@@ -44,6 +44,7 @@ from stalroute.protocols.managesieve import (
     ManageSievePreAuth,
 )
 from stalroute.sasl import MECHANISMS, Credentials, decode_oauthbearer, plain_credentials
+from tests.unit.preauth_checks import assert_well_formed, authenticates, split
 
 PASSWORD = "s3cr3t"
 
@@ -70,14 +71,6 @@ def machine(**kwargs) -> ManageSievePreAuth:
 
 def tls_machine(**kwargs) -> ManageSievePreAuth:
     return machine(tls_mode="implicit", **kwargs)
-
-
-def text(events) -> bytes:
-    return b"".join(event.data for event in events if isinstance(event, Reply))
-
-
-def authenticates(events) -> list[Authenticate]:
-    return [event for event in events if isinstance(event, Authenticate)]
 
 
 def caps(sasl: bytes, starttls: bool) -> bytes:
@@ -349,11 +342,6 @@ def test_limits_and_timeout():
 # --- properties -----------------------------------------------------------------------------
 
 
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    cuts = sorted(set(cut % (len(data) + 1) for cut in cuts))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
-
-
 def sieve_string(value: bytes, style: int) -> bytes:
     if style == 0:
         return b'"' + value + b'"'
@@ -404,13 +392,7 @@ def test_random_input_is_bounded_and_split_independent(data, cuts, tls_mode):
         chunked += chunked_machine.receive(chunk)
         assert len(chunked_machine._buffer) <= MAX_PREAUTH_LINE + 1
     assert chunked == whole
-    for event in whole:
-        assert isinstance(event, (Reply, Authenticate, StartTLS, Close))
-        if isinstance(event, Reply):
-            assert len(event.data) <= 2048 and event.data.endswith(b"\r\n")
-    closes = [index for index, event in enumerate(whole) if isinstance(event, Close)]
-    assert not closes or closes == [len(whole) - 1]
-    assert sum(isinstance(event, Authenticate) for event in whole) <= 1
+    assert_well_formed(whole, max_reply=2048)
 
 
 @hypothesis_settings(max_examples=50)

@@ -36,6 +36,7 @@ from stalroute.protocols.pop3 import (
 )
 from stalroute.protocols.xclient import IMPLIED_ATTRIBUTES, xclient_command
 from stalroute.sasl import MECHANISMS, Credentials, decode_xoauth2, plain_credentials
+from tests.unit.preauth_checks import assert_well_formed, authenticates, split, text
 
 PASSWORD = "s3cr3t"
 CONTEXT = POP3Login(utf8=False)
@@ -61,14 +62,6 @@ def machine(**kwargs) -> POP3PreAuth:
 
 def tls_machine(**kwargs) -> POP3PreAuth:
     return machine(tls_mode="implicit", **kwargs)
-
-
-def text(events) -> bytes:
-    return b"".join(event.data for event in events if isinstance(event, Reply))
-
-
-def authenticates(events) -> list[Authenticate]:
-    return [event for event in events if isinstance(event, Authenticate)]
 
 
 def test_spec_names_the_machines():
@@ -367,11 +360,6 @@ def test_long_sasl_response_within_the_limit():
 # --- properties -----------------------------------------------------------------------------
 
 
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    cuts = sorted(set(cut % (len(data) + 1) for cut in cuts))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
-
-
 fields = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\0\r\n"),
                  min_size=1, max_size=12).filter(lambda value: value.strip(" ") == value)
 
@@ -413,13 +401,7 @@ def test_random_input_is_bounded_and_split_independent(data, cuts, tls_mode):
         chunked += chunked_machine.receive(chunk)
         assert len(chunked_machine._buffer) <= MAX_PREAUTH_LINE + 1
     assert chunked == whole
-    for event in whole:
-        assert isinstance(event, (Reply, Authenticate, StartTLS, Close))
-        if isinstance(event, Reply):
-            assert len(event.data) <= 1024 and event.data.endswith(b"\r\n")
-    closes = [index for index, event in enumerate(whole) if isinstance(event, Close)]
-    assert not closes or closes == [len(whole) - 1]
-    assert sum(isinstance(event, Authenticate) for event in whole) <= 1
+    assert_well_formed(whole)
 
 
 @hypothesis_settings(max_examples=50)

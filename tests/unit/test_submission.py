@@ -46,6 +46,7 @@ from stalroute.protocols.submission import (
 )
 from stalroute.protocols.xclient import ATTRIBUTES, IMPLIED_ATTRIBUTES, xclient_command, xtext
 from stalroute.sasl import MECHANISMS, Credentials, decode_xoauth2, plain_credentials
+from tests.unit.preauth_checks import assert_well_formed, authenticates, split, text
 
 PASSWORD = "s3cr3t"
 EHLO_DEFAULT = b"".join(b"250-" + word.encode() + b"\r\n" for word in DEFAULT_SUBMISSION_EHLO)
@@ -74,14 +75,6 @@ def machine(greet: bool = True, **kwargs) -> SubmissionPreAuth:
 
 def tls_machine(**kwargs) -> SubmissionPreAuth:
     return machine(tls_mode="implicit", **kwargs)
-
-
-def text(events) -> bytes:
-    return b"".join(event.data for event in events if isinstance(event, Reply))
-
-
-def authenticates(events) -> list[Authenticate]:
-    return [event for event in events if isinstance(event, Authenticate)]
 
 
 def test_spec_names_the_machines():
@@ -450,11 +443,6 @@ def test_limits_and_timeout():
 # --- properties -----------------------------------------------------------------------------
 
 
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    cuts = sorted(set(cut % (len(data) + 1) for cut in cuts))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
-
-
 login_fields = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\0"),
                        min_size=1, max_size=12)
 
@@ -499,13 +487,7 @@ def test_random_input_is_bounded_and_split_independent(data, cuts, tls_mode):
         chunked += chunked_machine.receive(chunk)
         assert len(chunked_machine._buffer) <= MAX_PREAUTH_LINE + 1
     assert chunked == whole
-    for event in whole:
-        assert isinstance(event, (Reply, Authenticate, StartTLS, Close))
-        if isinstance(event, Reply):
-            assert len(event.data) <= 1024 and event.data.endswith(b"\r\n")
-    closes = [index for index, event in enumerate(whole) if isinstance(event, Close)]
-    assert not closes or closes == [len(whole) - 1]
-    assert sum(isinstance(event, Authenticate) for event in whole) <= 1
+    assert_well_formed(whole)
 
 
 @hypothesis_settings(max_examples=50)
