@@ -21,14 +21,14 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
+from bench.common import (  # noqa: E402
+    COMPARISON, Target, measure_logins, note, print_table, ratio,
+)
 from tests.harness.clients import SourceIMAP4_SSL, make_message  # noqa: E402
 from tests.harness.dovecot import start_seeded_nodes  # noqa: E402
 from tests.harness.pki import CertificateAuthority  # noqa: E402
@@ -40,34 +40,6 @@ from tests.harness.stalroute import (  # noqa: E402
 
 USER, PASSWORD = "bench", "bench-Pw-31415"
 BIG_MAILBOX = "Bench"
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a client connects: host, port and the TLS name to verify."""
-
-    name: str
-    host: str
-    port: int
-    server_hostname: str
-
-
-@dataclass(frozen=True)
-class LoginResult:
-    sessions: int
-    seconds: float
-    latencies: list[float]
-
-    @property
-    def per_second(self) -> float:
-        return self.sessions / self.seconds if self.seconds else 0.0
-
-    @property
-    def p95_ms(self) -> float:
-        if not self.latencies:
-            return float("nan")
-        ordered = sorted(self.latencies)
-        return 1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
 def connect(target: Target, ca: CertificateAuthority) -> SourceIMAP4_SSL:
@@ -89,34 +61,6 @@ def one_session(target: Target, ca: CertificateAuthority) -> None:
         client.fetch("1", "(BODY.PEEK[HEADER])")
     finally:
         client.logout()
-
-
-def measure_logins(
-    target: Target, ca: CertificateAuthority, sessions: int, concurrency: int, limit: float
-) -> LoginResult:
-    """Run up to ``sessions`` sessions over ``concurrency`` threads for at most ``limit`` s."""
-    lock = threading.Lock()
-    started = 0
-    latencies: list[float] = []
-    deadline = time.monotonic() + limit
-
-    def worker() -> None:
-        nonlocal started
-        while time.monotonic() < deadline:
-            with lock:
-                if started >= sessions:
-                    return
-                started += 1
-            begin = time.monotonic()
-            one_session(target, ca)
-            with lock:
-                latencies.append(time.monotonic() - begin)
-
-    begin = time.monotonic()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(worker) for _ in range(concurrency)]:
-            future.result()
-    return LoginResult(len(latencies), time.monotonic() - begin, latencies)
 
 
 def measure_relay(
@@ -163,27 +107,6 @@ def measure_idle_memory(
     return len(clients), (after - before) / max(len(clients), 1)
 
 
-def note(what: str) -> None:
-    """Progress on stderr (the table goes to stdout)."""
-    print(f"... {what}", file=sys.stderr, flush=True)
-
-
-def ratio(proxied: float, direct: float) -> str:
-    return f"{proxied / direct:.2f}" if direct else "-"
-
-
-def print_table(rows: list[tuple[str, str, str, str]]) -> None:
-    header = ("metric", "direct", "stalroute", "ratio")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print(
-            "  ".join(
-                cell.ljust(w) if i == 0 else cell.rjust(w)
-                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-
-
 def run(args: argparse.Namespace) -> None:
     payload = make_message("benchmark payload", size=args.size_mb * 2**20)
     size = len(payload)
@@ -213,7 +136,7 @@ def run(args: argparse.Namespace) -> None:
             note(f"{target.name}: {args.sessions} sessions over {args.concurrency} clients")
             one_session(target, ca)  # warm-up
             logins[target.name] = measure_logins(
-                target, ca, args.sessions, args.concurrency, args.max_seconds
+                one_session, target, ca, args.sessions, args.concurrency, args.max_seconds
             )
             note(f"{target.name}: FETCH of {args.size_mb} MB × {args.fetches}")
             relay[target.name] = measure_relay(target, ca, size, args.fetches, args.max_seconds)
@@ -224,6 +147,7 @@ def run(args: argparse.Namespace) -> None:
 
     d, s = logins["direct"], logins["stalroute"]
     print_table(
+        COMPARISON,
         [
             (
                 "logins/s (connect+LOGIN+SELECT+FETCH+LOGOUT)",

@@ -28,15 +28,13 @@ import shutil
 import smtplib
 import sys
 import tempfile
-import threading
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
+from bench.common import (  # noqa: E402
+    COMPARISON, LoginResult, Target, measure_logins, note, print_table, ratio,
+)
 from tests.harness.clients import make_message  # noqa: E402
 from tests.harness.dovecot import DovecotNode  # noqa: E402
 from tests.harness.pki import CertificateAuthority  # noqa: E402
@@ -50,35 +48,6 @@ from tests.harness.smtp_sink import SMTPSink  # noqa: E402
 from tests.harness.stalroute import StalrouteProcess  # noqa: E402
 
 USER, PASSWORD = "bench", "bench-Pw-27182"
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a client connects: host, port and the TLS name to verify."""
-
-    name: str
-    host: str
-    port: int
-    server_hostname: str
-
-
-@dataclass(frozen=True)
-class LoginResult:
-    sessions: int
-    seconds: float
-    latencies: list[float]
-    errors: int
-
-    @property
-    def per_second(self) -> float:
-        return self.sessions / self.seconds if self.seconds else 0.0
-
-    @property
-    def p95_ms(self) -> float:
-        if not self.latencies:
-            return float("nan")
-        ordered = sorted(self.latencies)
-        return 1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
 def pop3_session(target: Target, ca: CertificateAuthority) -> None:
@@ -116,58 +85,6 @@ def submission_session(target: Target, ca: CertificateAuthority) -> None:
         client.noop()
     finally:
         client.quit()
-
-
-def measure_logins(session: Callable[[Target, CertificateAuthority], None], target: Target,
-                   ca: CertificateAuthority, sessions: int, concurrency: int,
-                   limit: float) -> LoginResult:
-    """Run up to ``sessions`` sessions over ``concurrency`` threads for at most ``limit`` s."""
-    lock = threading.Lock()
-    started = errors = 0
-    latencies: list[float] = []
-    deadline = time.monotonic() + limit
-
-    def worker() -> None:
-        nonlocal started, errors
-        while time.monotonic() < deadline:
-            with lock:
-                if started >= sessions:
-                    return
-                started += 1
-            begin = time.monotonic()
-            try:
-                session(target, ca)
-            except Exception as exc:  # counted and shown; a bench must not hide failures
-                with lock:
-                    errors += 1
-                    if errors == 1:
-                        note(f"{target.name}: first error: {exc!r}")
-                continue
-            with lock:
-                latencies.append(time.monotonic() - begin)
-
-    begin = time.monotonic()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(worker) for _ in range(concurrency)]:
-            future.result()
-    return LoginResult(len(latencies), time.monotonic() - begin, latencies, errors)
-
-
-def note(what: str) -> None:
-    """Progress on stderr (the table goes to stdout)."""
-    print(f"... {what}", file=sys.stderr, flush=True)
-
-
-def ratio(proxied: float, direct: float) -> str:
-    return f"{proxied / direct:.2f}" if direct else "-"
-
-
-def print_table(rows: list[tuple[str, str, str, str]]) -> None:
-    header = ("metric", "direct", "stalroute", "ratio")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                        for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -224,7 +141,7 @@ def run(args: argparse.Namespace) -> None:
             (f"{protocol} sessions completed (errors)", f"{d.sessions} ({d.errors})",
              f"{s.sessions} ({s.errors})", ""),
         ]
-    print_table(rows)
+    print_table(COMPARISON, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

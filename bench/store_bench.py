@@ -35,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
+from bench.common import note, print_table  # noqa: E402
 from tests.harness.pki import CertificateAuthority  # noqa: E402
 from tests.harness.postgres import PostgresServer, postgres_bindir  # noqa: E402
 from tests.harness.redis import RedisServer  # noqa: E402
@@ -52,11 +53,6 @@ class LookupResult:
     cached_us: float
     uncached_per_s: float
     lookups: int
-
-
-def note(what: str) -> None:
-    """Progress on stderr (the table goes to stdout)."""
-    print(f"... {what}", file=sys.stderr, flush=True)
 
 
 def identifiers(count: int) -> list[str]:
@@ -237,13 +233,6 @@ def measure_logins(tables: dict[str, dict[str, Any]], workdir: Path, count: int,
 
 
 # --- report ----------------------------------------------------------------------------------
-
-
-def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                        for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
 
 
 def run(args: argparse.Namespace) -> None:
