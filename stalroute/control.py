@@ -124,7 +124,7 @@ class Control:
 
     def connections(self) -> list[dict]:
         now = self._service.reactor.seconds()
-        return [{"id": s.id, "protocol": s.spec.name, "listener": s.listener.name,
+        return [{"id": s.id, "protocol": s.listener.protocol, "listener": s.listener.name,
                  "client": f"{s.client[0]}:{s.client[1]}", "identifier": s.account,
                  "destination": s.destination, "bytes_in": s.bytes_in,
                  "bytes_out": s.bytes_out, "age": round(now - s.started, 3)}

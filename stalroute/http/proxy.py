@@ -29,7 +29,6 @@ from http import HTTPStatus
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterable
-from types import SimpleNamespace
 from typing import Any
 
 import h11
@@ -361,9 +360,6 @@ class _Exchange:
         self.logged = False
 
 
-_HTTP_SPEC = SimpleNamespace(name="http")
-
-
 class _Gone(Exception):
     """The client connection closed while a request was being routed."""
 
@@ -385,7 +381,6 @@ class HTTPConnection(InboundConnection):
         self.routes = factory.routes_for(self.http)
         self.listener = self.config.listeners[factory.listener_name]
         self.id = f"{self.config.cluster.node_id}-{secrets.token_hex(6)}"
-        self.spec = _HTTP_SPEC  # what the registry's listings read (``spec.name``)
         self.state = "new"  # new → [proxy_header →] http → [spliced (WebSocket) →] closed
         self.client = self.local = ("", 0)
         self.tls = None
