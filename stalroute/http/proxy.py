@@ -1173,9 +1173,7 @@ class HTTPConnection(InboundConnection):
         if ex.logged:
             return
         ex.logged = True
-        metrics = getattr(self.runtime, "metrics", None)
-        if metrics is not None:
-            metrics.sessions[("http", ex.destination or "-", ex.outcome)] += 1
+        self.runtime.metrics.sessions[("http", ex.destination or "-", ex.outcome)] += 1
         path = ex.path or "/"
         account = "-"
         if ex.account:
