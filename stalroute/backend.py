@@ -17,9 +17,12 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.internet import error as neterror
-from twisted.internet.defer import Deferred, CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IDelayedCall, IHandshakeListener, IOpenSSLClientConnectionCreator, IReactorTime,
+)
+from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -29,6 +32,7 @@ from zope.interface import implementer
 from stalroute import proxyproto
 from stalroute.circuit import CircuitBreaker
 from stalroute.config import PASSTHROUGH_PROTOCOLS, Config, DestinationConfig
+from stalroute.inbound import CLOSE_GRACE
 from stalroute.protocols.base import (
     BackendDialogue, BackendError, BackendEvent, BackendReady, BackendSend, BackendSettings,
     BackendStartTLS, ForwardingInfo, LoginFailed, LoginSucceeded,
@@ -92,8 +96,9 @@ def forwarding_info(client: ClientInfo) -> ForwardingInfo:
 class BackendLeg(Protocol):
     """One connection to a backend: the dialogue first, then a relay for a client session."""
 
-    def __init__(self, dialogue: BackendDialogue, tls_mode: str, preamble: bytes,
-                 tls: IOpenSSLClientConnectionCreator | None) -> None:
+    def __init__(self, clock: IReactorTime, dialogue: BackendDialogue, tls_mode: str,
+                 preamble: bytes, tls: IOpenSSLClientConnectionCreator | None) -> None:
+        self._clock = clock
         self.dialogue = dialogue
         self._tls_mode = tls_mode
         self._preamble = preamble
@@ -106,6 +111,8 @@ class BackendLeg(Protocol):
         self._waiting: Deferred | None = self._established
         self._relay_to: Callable[[bytes], None] | None = None
         self._on_lost: Callable[[], None] | None = None
+        self._lost = False
+        self._abort_timer: IDelayedCall | None = None
 
     # establishment and login --------------------------------------------------------
 
@@ -120,7 +127,10 @@ class BackendLeg(Protocol):
         return waiting
 
     def _abort(self, _d: Deferred) -> None:
-        if self.transport is not None:
+        """Canceller of the phase's Deferred (a timeout, or the client left): the Deferred
+        is settled by the cancellation, so connection loss must not settle it again."""
+        self._waiting = None
+        if self.transport is not None and not self._lost:
             self.transport.abortConnection()
 
     def connectionMade(self) -> None:
@@ -160,33 +170,57 @@ class BackendLeg(Protocol):
                 self.transport.abortConnection()
                 return
 
-    def _settle(self, result) -> None:
+    def _settle(self, result: object) -> None:
         waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.callback(result) if not isinstance(result, Failure) else waiting.errback(result)
+        if waiting is None or waiting.called:
+            return
+        if isinstance(result, Failure):
+            waiting.errback(result)
+        else:
+            waiting.callback(result)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        self._lost = True
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
+        self._abort_timer = None
         if self._waiting is not None:
             self._settle(Failure(BackendUnavailable(
                 f"backend closed the connection ({reason.getErrorMessage()})")))
-        if self._on_lost is not None:
-            self._on_lost()
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost()
 
     # relay ---------------------------------------------------------------------------
 
     def attach(self, relay_to: Callable[[bytes], None], on_lost: Callable[[], None]) -> None:
         """Hand the leg to a client session: backend bytes go to ``relay_to`` from now on."""
         self._relay_to = relay_to
-        self._on_lost = on_lost
         leftover = self.dialogue.leftover
         if leftover:
             relay_to(leftover)
+        if self._lost:
+            on_lost()
+        else:
+            self._on_lost = on_lost
 
     def close(self) -> None:
+        """Close without telling the session (it asked); abort a backend that does not
+        finish closing within :data:`CLOSE_GRACE`."""
         self._on_lost = None
-        if self.transport is not None and self.transport.connected:
-            self.transport.unregisterProducer()  # TLS waits for it before closing
-            self.transport.loseConnection()
+        if self.transport is None or self._lost or self._abort_timer is not None:
+            return
+        if self._relay_to is not None:  # the client side is registered as our producer
+            self.transport.unregisterProducer()  # and TLS waits for it before closing
+        self.transport.loseConnection()
+        self._abort_timer = self._clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
+
+
+@dataclass
+class _Progress:
+    """How far one establishment got, for the circuit breaker when it times out."""
+
+    connected: bool = False
 
 
 class _OneLeg(Factory):
@@ -242,14 +276,17 @@ class BackendConnector:
         if not breaker.allow():
             raise BackendUnavailable(f"destination {destination.name} is marked down "
                                      "(circuit open)", connect_stage=True)
-        d = Deferred.fromCoroutine(self._establish(destination, leg_config, dialogue, preamble))
+        progress = _Progress()
+        d = Deferred.fromCoroutine(self._establish(destination, leg_config, dialogue, preamble,
+                                                   progress))
         d.addTimeout(self._config.server.backend_timeout, self._reactor)
         try:
             leg = await d
-        except defer.TimeoutError as exc:  # timed out between attempts
-            breaker.failed(client.peer[0], connect_stage=True)
-            raise BackendUnavailable(f"destination {destination.name}: timed out",
-                                     connect_stage=True) from exc
+        except defer.TimeoutError as exc:
+            breaker.failed(client.peer[0], connect_stage=not progress.connected)
+            stage = "after connecting" if progress.connected else "connecting"
+            raise BackendUnavailable(f"destination {destination.name}: timed out {stage}",
+                                     connect_stage=not progress.connected) from exc
         except BackendUnavailable as exc:
             breaker.failed(client.peer[0], connect_stage=exc.connect_stage)
             raise
@@ -257,12 +294,16 @@ class BackendConnector:
         return leg
 
     async def _establish(self, destination: DestinationConfig, leg_config,
-                         dialogue: BackendDialogue, preamble: bytes) -> BackendLeg:
+                         dialogue: BackendDialogue, preamble: bytes,
+                         progress: _Progress) -> BackendLeg:
+        """Connect (with retries) and run the dialogue up to ready. A cancellation (the
+        timeout, or the client left) propagates as CancelledError and aborts the leg."""
         addresses = await self._resolve(destination.host, leg_config.port)
         attempts = 1 + self._config.server.backend_connect_retries
         for attempt in range(attempts):
             address = addresses[attempt % len(addresses)]
-            leg = BackendLeg(dialogue, leg_config.tls, preamble, self._tls.get(destination.name))
+            leg = BackendLeg(self._reactor, dialogue, leg_config.tls, preamble,
+                             self._tls.get(destination.name))
             try:
                 await self._endpoint(destination, address, leg_config.port).connect(_OneLeg(leg))
             except _RETRYABLE as exc:
@@ -271,17 +312,13 @@ class BackendConnector:
                                              f"{exc.__class__.__name__}", connect_stage=True) from exc
                 await deferLater(self._reactor, RETRY_DELAY)
                 continue
+            except neterror.ConnectingCancelledError as exc:
+                raise CancelledError() from exc
             except neterror.ConnectError as exc:
                 raise BackendUnavailable(f"destination {destination.name}: {exc}",
                                          connect_stage=True) from exc
-            except CancelledError as exc:
-                raise BackendUnavailable(f"destination {destination.name}: connect timed out",
-                                         connect_stage=True) from exc
-            try:
-                return await leg.ready()
-            except CancelledError as exc:
-                raise BackendUnavailable(f"destination {destination.name}: timed out after "
-                                         "connecting") from exc
+            progress.connected = True
+            return await leg.ready()
         raise AssertionError("unreachable")
 
     async def _resolve(self, host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:

@@ -11,7 +11,7 @@ from stalroute.identity import normalize_identifier, redact
 from stalroute.logs import logger
 from stalroute.mapping import ReadOnlyStore
 from stalroute.service import StalrouteService
-from stalroute.session import ClientSession, Runtime
+from stalroute.session import Runtime
 
 log = logger("stalroute.admin")
 
@@ -37,27 +37,40 @@ class Control:
     # statistics ----------------------------------------------------------------------
 
     def stats(self) -> dict:
+        """The reference product's top-level keys (``cache_hits`` … ``active_connections``),
+        then stalroute's breakdown. Hits are answers the cache gave (positive and negative
+        tiers); misses are lookups that went to the store; a remembered store failure
+        (transient tier) is neither."""
         runtime = self.runtime
         sessions = list(runtime.registry.sessions.values())
-        spliced = runtime.registry.spliced()
+        spliced = runtime.registry.routed()
+        counters = runtime.router.cache.counters
+        hits = counters["hit:positive"] + counters["hit:negative"]
+        misses = counters["miss"]
+        factories = self._service.factories
         return {
+            "cache_hits": hits,
+            "cache_misses": misses,
+            "hit_rate_pct": round(100 * hits / (hits + misses), 1) if hits + misses else 0.0,
+            "cache_entries": len(runtime.router.cache),
+            "active_connections": sum(factory.active for factory in factories.values()),
             "draining": runtime.registry.draining,
             "listeners": {
-                name: {"protocol": runtime.config.listeners[name].protocol,
+                # A listener a reload removed is listed under the name it was started with.
+                name: {"protocol": factory.listener.protocol,
                        "active_connections": factory.active,
                        "rejected_connections": factory.rejected, "probes": factory.probes}
-                for name, factory in self._service.factories.items()},
+                for name, factory in factories.items()},
             "sessions": {"open": len(sessions), "spliced": len(spliced),
                          "preauth": len(sessions) - len(spliced)},
-            "cache": {"entries": len(runtime.router.cache),
-                      "counters": dict(runtime.router.cache.counters)},
+            "cache": {"entries": len(runtime.router.cache), "counters": dict(counters)},
             "bans": runtime.bans.bans,
             "login_delays": len(runtime.delays.active()),
         }
 
     def destinations(self) -> list[dict]:
         runtime = self.runtime
-        spliced = runtime.registry.spliced()
+        spliced = runtime.registry.routed()
         return [{"name": name, "host": destination.host,
                  "protocols": sorted(destination.protocols),
                  "circuit": runtime.connector.breakers[name].state,
@@ -128,17 +141,19 @@ class Control:
                  "client": f"{s.client[0]}:{s.client[1]}", "identifier": s.account,
                  "destination": s.destination, "bytes_in": s.bytes_in,
                  "bytes_out": s.bytes_out, "age": round(now - s.started, 3)}
-                for s in self.runtime.registry.spliced()]
+                for s in self.runtime.registry.routed()]
 
     def kick(self, identifier: str | None = None, destination: str | None = None) -> int:
         """Close the spliced sessions of an account and/or on a destination (drain a node)."""
         key = None if identifier is None else self.normalize(identifier)
-        victims: list[ClientSession] = [
-            s for s in self.runtime.registry.spliced()
-            if (key is None or s.account == key)
-            and (destination is None or s.destination == destination)]
+        victims = [s for s in self.runtime.registry.routed()
+                   if (key is None or s.account == key)
+                   and (destination is None or s.destination == destination)]
         for session in victims:
-            session.close("kicked")
+            try:
+                session.close("kicked")
+            except Exception:  # one broken session must not spare the others
+                log.failure("admin: kicking session {session} failed", session=session.id)
         log.info("admin: kicked {count} sessions (identifier={identifier}, "
                  "destination={destination})", count=len(victims),
                  identifier=redact(key) if key else "-", destination=destination or "-")

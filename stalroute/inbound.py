@@ -8,11 +8,31 @@ releases what it took. The mail session pipeline and the HTTP listener both buil
 
 from __future__ import annotations
 
+import enum
+
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 
 from stalroute.config import ListenerConfig, ip_in_networks
 from stalroute.limits import PerIPCounter
 from stalroute.proxyproto import NotAProxyHeader, ProxyHeaderError, ProxyHeaderParser
+
+
+#: How long a closing connection may take to flush before it is aborted.
+CLOSE_GRACE = 5.0
+
+
+class ConnectionState(enum.Enum):
+    """Where a client connection is in its life; mail sessions and HTTP share the ends."""
+
+    NEW = "new"
+    PROXY_HEADER = "proxy_header"
+    PREAUTH = "preauth"  # mail: the protocol's pre-auth dialogue
+    ROUTING = "routing"  # mail: a login is being routed and replayed
+    HTTP = "http"  # HTTP: requests routed one by one
+    SPLICED = "spliced"  # bytes relayed both ways (mail after login, HTTP WebSocket tunnels)
+    CLOSING = "closing"  # close requested: input is dropped, output flushes
+    CLOSED = "closed"  # connectionLost ran
 
 
 class ListenerFactory(Factory):
@@ -24,7 +44,10 @@ class ListenerFactory(Factory):
         self.reactor = reactor
         #: Replaced by a config reload; live connections keep the runtime they started with.
         self.runtime = runtime
-        self.listener_name = listener_name
+        #: The listener's settings: a reload replaces them, except for a listener the new
+        #: configuration removes or renames, which keeps serving its port with these until a
+        #: restart (see ``service.listener_after_reload``).
+        self.listener: ListenerConfig = runtime.config.listeners[listener_name]
         self.active = 0
         self.rejected = 0
         self.probes = 0
@@ -52,8 +75,15 @@ class InboundConnection(Protocol):
     client_speaks_first = False
 
     factory: ListenerFactory
+    id: str
+    account: str | None = None
+    destination: str | None = None
+    bytes_in = 0
+    bytes_out = 0
+    state = ConnectionState.NEW
     outcome = "client_closed"
-    _timer = None
+    _timer: IDelayedCall | None = None
+    _abort_timer: IDelayedCall | None = None
     _has_slot = False
     _counted_ip: str | None = None
     _proxy_header: ProxyHeaderParser | None = None
@@ -68,8 +98,7 @@ class InboundConnection(Protocol):
         self.local = (local.host, local.port)
         self.started = self._clock.seconds()
         if not self.factory.take_slot(self.listener):
-            self.outcome = "rejected"
-            self.transport.abortConnection()
+            self._refuse("rejected")
             return
         self._has_slot = True
         self.runtime.registry.add(self)
@@ -80,7 +109,7 @@ class InboundConnection(Protocol):
         elif trusted and (mode != "deferred" or self.listener.tls == "implicit"
                           or self.client_speaks_first):
             # Nothing (greeting, TLS) may happen before the header names the client.
-            self.state = "proxy_header"
+            self.state = ConnectionState.PROXY_HEADER
             self._proxy_header = ProxyHeaderParser()
             self._timer = self._clock.callLater(self.listener.proxy_header_timeout,
                                                 self._proxy_header_expired)
@@ -91,6 +120,16 @@ class InboundConnection(Protocol):
 
     def start(self) -> None:
         """The connection is admitted and the client's address known: begin the protocol."""
+        raise NotImplementedError
+
+    @property
+    def routed(self) -> bool:
+        """Relaying for an account or destination: listed by ``GET /connections``, reached
+        by kicks."""
+        return False
+
+    def close(self, outcome: str) -> None:
+        """End the connection (kick, shutdown): flush what was written, then close."""
         raise NotImplementedError
 
     def _admit(self) -> bool:
@@ -123,6 +162,7 @@ class InboundConnection(Protocol):
 
     def _refuse(self, outcome: str) -> None:
         self.outcome = outcome
+        self.state = ConnectionState.CLOSING
         self.transport.abortConnection()
 
     def _proxy_header_expired(self) -> None:
@@ -138,7 +178,7 @@ class InboundConnection(Protocol):
     def take_proxy_header(self, data: bytes) -> bytes | None:
         """Feed an expected PROXY header: the bytes that follow it, for the protocol, or None
         while it is incomplete (or when the connection was refused or admitted with them)."""
-        waiting = self.state == "proxy_header"
+        waiting = self.state is ConnectionState.PROXY_HEADER
         try:
             header = self._proxy_header.feed(data)
         except NotAProxyHeader as exc:
@@ -167,10 +207,20 @@ class InboundConnection(Protocol):
                 return None
         return rest
 
+    def close_transport(self) -> None:
+        """Flush and close the client connection, aborting it if it is still open after
+        :data:`CLOSE_GRACE` (a peer that never answers a TLS close_notify, or never reads)."""
+        self.transport.loseConnection()
+        self._abort_timer = self._clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
+
     def release(self) -> bool:
-        """Give back what admission took (on connection loss); False if it took nothing."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        """On connection loss: cancel this connection's timers and give back what admission
+        took (slot, per-IP count, registry entry) exactly once; False if it took nothing."""
+        self.state = ConnectionState.CLOSED
+        for timer in (self._timer, self._abort_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._abort_timer = None
         if not self._has_slot:
             return False
         self._has_slot = False

@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 
 from twisted.internet.defer import Deferred, succeed
-from stalroute.logs import logger
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from stalroute.config import Config, DestinationConfig
 from stalroute.identity import redact
+from stalroute.limits import LoginDelays
+from stalroute.logs import logger
 from stalroute.mapping import MappingStore, StoreError
 from stalroute.mapping.cache import RoutingCache
 from stalroute.stats import Metrics
@@ -73,3 +76,14 @@ class Router:
                      identifier=redact(identifier), error=failure.getErrorMessage())
             return self.default
         raise RoutingUnavailable(failure.getErrorMessage())
+
+
+async def resolve_login(router: Router, delays: LoginDelays, clock: IReactorTime,
+                        identifier: str | None, session_id: str) -> DestinationConfig:
+    """The one routing step of every login and HTTP request: honour a login delay set by an
+    operator (``POST /connections/delay``), then resolve. Cancelling it cancels the wait."""
+    if identifier and (held := delays.remaining(identifier)):
+        log.info("session {session}: holding the login of {account} for {held:.1f}s",
+                 session=session_id, account=redact(identifier), held=held)
+        await deferLater(clock, held)
+    return await router.resolve(identifier)

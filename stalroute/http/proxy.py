@@ -32,8 +32,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import h11
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.interfaces import (
     IHandshakeListener, IPushProducer,
 )
@@ -51,20 +52,18 @@ from stalroute.http.routes import (
 )
 from stalroute.health import readiness
 from stalroute.identity import redact
-from stalroute.inbound import InboundConnection, ListenerFactory
+from stalroute.inbound import ConnectionState, InboundConnection, ListenerFactory
 from stalroute.logs import logger
 from stalroute.protocols.base import (
     BackendDialogue, BackendEvent, BackendReady, BackendSettings, LoginSucceeded,
 )
-from stalroute.router import RoutingUnavailable
+from stalroute.router import RoutingUnavailable, resolve_login
 from stalroute.tls import tls_details
 
 __all__ = ["HTTPBackendDialogue", "HTTPConnection", "HTTPListenerFactory"]
 
 log = logger("stalroute.http")
 
-#: How long a closing client connection may take to flush before it is aborted.
-CLOSE_GRACE = 5.0
 #: Backend connections one client connection keeps (one per destination, least recent out).
 MAX_POOLED_BACKENDS = 8
 #: ``Retry-After`` of a 503 caused by a mapping-store outage.
@@ -245,15 +244,9 @@ class _Backend:
             return
         self.closed = True
         self.owner._resume_reading(("backend", self.id))
-        transport = self.leg.transport
-        if transport is not None:
-            try:
-                transport.unregisterProducer()
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-            if self.read_paused:
-                transport.resumeProducing()
-        self.leg.close()
+        if self.read_paused and self.leg.transport is not None:
+            self.leg.transport.resumeProducing()
+        self.leg.close()  # unregisters our write producer
 
     def finish_exchange(self) -> None:
         """The response ended: back to idle (reusable) or closed."""
@@ -379,9 +372,9 @@ class HTTPConnection(InboundConnection):
         self.config = self.runtime.config
         self.http = self.config.http
         self.routes = factory.routes_for(self.http)
-        self.listener = self.config.listeners[factory.listener_name]
+        self.listener = factory.listener
         self.id = f"{self.config.cluster.node_id}-{secrets.token_hex(6)}"
-        self.state = "new"  # new → [proxy_header →] http → [spliced (WebSocket) →] closed
+        # NEW → [PROXY_HEADER →] HTTP → [SPLICED (WebSocket) →] CLOSING → CLOSED
         self.client = self.local = ("", 0)
         self.tls = None
         self.account: str | None = None
@@ -402,10 +395,9 @@ class HTTPConnection(InboundConnection):
         self._head_scanned = 0
         self._pumping = False
         self._pump_again = False
-        self._closing = False
         self._timer = None
         self._timer_kind = "idle"
-        self._abort_call = None
+        self._dispatching: Deferred[None] | None = None
         self._activity_limit = 0.0
         self._last_activity = 0.0
 
@@ -419,7 +411,7 @@ class HTTPConnection(InboundConnection):
 
     def start(self) -> None:
         """Admitted: TLS, then wait for a request."""
-        self.state = "http"
+        self.state = ConnectionState.HTTP
         _no_delay(self.transport)
         if self.listener.tls == "implicit":
             self.transport.startTLS(self.runtime.server_tls.options)
@@ -430,7 +422,7 @@ class HTTPConnection(InboundConnection):
         self.tls = tls_details(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state == "closed":
+        if self.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
             return
         if self._proxy_header is not None:
             data = self.take_proxy_header(data)
@@ -441,28 +433,23 @@ class HTTPConnection(InboundConnection):
         self._client_spoke = True
         self._last_activity = self._clock.seconds()
         self.bytes_in += len(data)
-        if self.state == "spliced":
+        if self.state is ConnectionState.SPLICED:
             self.exchange.bytes_in += len(data)
             self.tunnel.write_raw(data)
             return
-        if self.state != "http":
+        if self.state is not ConnectionState.HTTP:
             return
         if self._head is not None:
             self._head += data
         self.h11.receive_data(data)
         self._pump()
 
-    def connectionLost(self, reason: Failure = None) -> None:
-        self.state = "closed"
-        self._cancel_timer()
-        if self._abort_call is not None and self._abort_call.active():
-            self._abort_call.cancel()
-        if not self.release():
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        released = self.release()
+        self._stop_work()
+        if not released:
             return
         self.factory.connections.discard(self)
-        for backend in self._all_backends():
-            backend.close()
-        self.pool.clear()
         ex = self.exchange
         if ex is not None and not ex.logged:
             if ex.outcome == "ok" and not ex.response_complete:
@@ -480,36 +467,46 @@ class HTTPConnection(InboundConnection):
             bytes_in=self.bytes_in, bytes_out=self.bytes_out,
             duration=self._clock.seconds() - self.started)
 
+    @property
+    def routed(self) -> bool:
+        """Routed a request to a destination (kicks reach SSE streams and WebSocket tunnels
+        as well as keep-alive connections)."""
+        return (self.state in (ConnectionState.HTTP, ConnectionState.SPLICED)
+                and self.destination is not None)
+
     def close(self, outcome: str) -> None:
         """End the connection (kick, shutdown): what was written is flushed first."""
         self._close(outcome)
 
     def drain(self) -> None:
         """Shutdown: close when idle, else after the current response."""
-        if self.exchange is not None and self.state == "http":
+        if self.exchange is not None and self.state is ConnectionState.HTTP:
             self.exchange.close_after = True
-        elif self.state != "spliced":
+        elif self.state is not ConnectionState.SPLICED:
             self._close("shutdown")
 
     def _close(self, outcome: str) -> None:
-        if self.state == "closed" or self._closing:
+        if self.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
             return
-        self._closing = True
+        self.state = ConnectionState.CLOSING
         self.outcome = outcome
-        for backend in self._all_backends():
-            backend.close()
-        self.pool.clear()
+        self._stop_work()
         try:
             self.transport.unregisterProducer()
         except Exception:  # noqa: BLE001 - none registered yet
             pass
         self._paused.clear()
-        self.transport.loseConnection()
-        self._abort_call = self._clock.callLater(CLOSE_GRACE, self._abort_if_open)
+        self.close_transport()
 
-    def _abort_if_open(self) -> None:
-        if self.state != "closed":
-            self.transport.abortConnection()
+    def _stop_work(self) -> None:
+        """Cancel the routing in flight and the timer, close every backend connection."""
+        dispatching, self._dispatching = self._dispatching, None
+        if dispatching is not None:
+            dispatching.cancel()
+        self._cancel_timer()
+        for backend in self._all_backends():
+            backend.close()
+        self.pool.clear()
 
     def _all_backends(self) -> list[_Backend]:
         backends = list(self.pool.values())
@@ -521,7 +518,7 @@ class HTTPConnection(InboundConnection):
     # reading and writing -------------------------------------------------------------------
 
     def _pause_reading(self, reason: Any) -> None:
-        if self.state == "closed" or self._closing:
+        if self.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
             return
         if not self._paused:
             self.transport.pauseProducing()
@@ -531,14 +528,20 @@ class HTTPConnection(InboundConnection):
         if reason not in self._paused:
             return
         self._paused.discard(reason)
-        if not self._paused and self.state != "closed" and not self._closing:
+        if not self._paused and self.state not in (ConnectionState.CLOSING,
+                                                   ConnectionState.CLOSED):
             self.transport.resumeProducing()
 
     def _client_write_paused(self, paused: bool) -> None:
+        """The client stopped (or resumed) reading: pause the backend answering it, and take
+        no next request until the client reads its responses."""
         self._write_paused = paused
         backend = self.tunnel or self.answering
         if backend is not None:
             backend.pause_reading(paused)
+        if not paused and "client_write" in self._paused:
+            self._resume_reading("client_write")
+            self._pump()
 
     def _set_answering(self, backend: _Backend | None) -> None:
         previous, self.answering = self.answering, backend
@@ -580,7 +583,7 @@ class HTTPConnection(InboundConnection):
         self._set_timer(limit, "idle")
 
     def _idle_expired(self) -> None:
-        if self.exchange is not None or self.state != "http":
+        if self.exchange is not None or self.state is not ConnectionState.HTTP:
             return
         if self.h11.trailing_data[0]:
             self._fatal(408, "request head not received in time", outcome="timeout")
@@ -593,14 +596,14 @@ class HTTPConnection(InboundConnection):
         self._set_timer(limit, "activity")
 
     def _activity_check(self) -> None:
-        if self.state not in ("http", "spliced"):
+        if self.state not in (ConnectionState.HTTP, ConnectionState.SPLICED):
             return
         idle_for = self._clock.seconds() - self._last_activity
         if idle_for < self._activity_limit:
             self._set_timer(self._activity_limit - idle_for, "activity")
             return
         ex = self.exchange
-        if self.state == "spliced" or ex is None:
+        if self.state is ConnectionState.SPLICED or ex is None:
             self._close("idle")
         elif not ex.response_started and ex.phase in ("routing", "forwarding", "buffering"):
             ex.outcome = "timeout"
@@ -629,10 +632,13 @@ class HTTPConnection(InboundConnection):
             self._pumping = False
 
     def _pump_events(self) -> None:
-        while self.state == "http" and not self._closing:
+        while self.state is ConnectionState.HTTP:
             ex = self.exchange
             if ex is not None and ex.phase == "routing":
                 self._pause_reading("routing")
+                return
+            if ex is None and self._write_paused:
+                self._pause_reading("client_write")
                 return
             if self.h11.their_state is h11.IDLE and not self._check_head():
                 return
@@ -754,31 +760,38 @@ class HTTPConnection(InboundConnection):
         """Resolve and connect; called from the pump, which pauses reading the client if this
         does not finish at once (a cached mapping and a pooled connection finish at once)."""
         ex.phase = "routing"
-        Deferred.fromCoroutine(self._dispatch(ex))
+        dispatching = Deferred.fromCoroutine(self._dispatch(ex))
+        if not dispatching.called:
+            self._dispatching = dispatching
 
     async def _dispatch(self, ex: _Exchange) -> None:
         try:
             destination = await self._destination(ex)
             ex.destination = self.destination = destination.name
             backend = await self._backend_for(destination)
-        except _Gone:
+        except (_Gone, CancelledError):
             return
-        except RoutingUnavailable:
+        except Exception as exc:
+            self._dispatching = None
+            self._routing_failed(ex, exc)
+            return
+        self._dispatching = None
+        if self.state is not ConnectionState.HTTP or self.exchange is not ex:
+            return
+        self._forward(ex, backend)
+
+    def _routing_failed(self, ex: _Exchange, error: Exception) -> None:
+        if isinstance(error, RoutingUnavailable):
             ex.outcome = "tempfail"
             self._local(ex, 503, "routing is temporarily unavailable, retry later",
                         headers=[(b"Retry-After", str(STORE_RETRY_AFTER).encode())])
-            return
-        except BackendUnavailable as exc:
-            self._backend_unavailable(ex, exc)
-            return
-        except Exception:
-            log.failure("http {session}: unexpected error while routing", session=self.id)
+        elif isinstance(error, BackendUnavailable):
+            self._backend_unavailable(ex, error)
+        else:
+            log.failure("http {session}: unexpected error while routing", session=self.id,
+                        failure=Failure(error))
             ex.outcome = "error"
             self._local(ex, 502, "internal error while routing", close=True)
-            return
-        if self.state != "http" or self.exchange is not ex:
-            return
-        self._forward(ex, backend)
 
     async def _destination(self, ex: _Exchange) -> DestinationConfig:
         config = self.config
@@ -795,8 +808,9 @@ class HTTPConnection(InboundConnection):
         if decision.destination is not None:
             return config.destinations[decision.destination]
         ex.account = self.account = decision.identifier
-        destination = await self.runtime.router.resolve(decision.identifier)
-        if self.state != "http":
+        destination = await resolve_login(self.runtime.router, self.runtime.delays, self._clock,
+                                          decision.identifier, self.id)
+        if self.state is not ConnectionState.HTTP:
             raise _Gone()
         return destination
 
@@ -813,7 +827,7 @@ class HTTPConnection(InboundConnection):
     async def _open_backend(self, destination: DestinationConfig) -> _Backend:
         leg = await self.runtime.connector.open(destination, "http", self._make_dialogue,
                                                 self._client_info())
-        if self.state != "http":
+        if self.state is not ConnectionState.HTTP:
             leg.close()
             raise _Gone()
         if leg.transport is None or not leg.transport.connected:
@@ -907,7 +921,7 @@ class HTTPConnection(InboundConnection):
         except BackendUnavailable as exc:
             self._backend_unavailable(ex, exc)
             return
-        if self.state == "http" and self.exchange is ex:
+        if self.state is ConnectionState.HTTP and self.exchange is ex:
             self._forward(ex, backend)
 
     # the response side ------------------------------------------------------------------------------
@@ -915,7 +929,7 @@ class HTTPConnection(InboundConnection):
     def _backend_event(self, backend: _Backend, event: Any) -> None:
         ex = backend.exchange
         kind = type(event)
-        if ex is None or ex is not self.exchange or self.state != "http":
+        if ex is None or ex is not self.exchange or self.state is not ConnectionState.HTTP:
             if kind is not h11.ConnectionClosed:
                 # Bytes on an idle connection (a late 408, garbage): it is not reused.
                 self._discard(backend)
@@ -978,7 +992,7 @@ class HTTPConnection(InboundConnection):
 
     def _maybe_finish(self, ex: _Exchange) -> None:
         """After the response: next request (keep-alive) or close."""
-        if ex is not self.exchange or not ex.response_complete or self.state != "http":
+        if ex is not self.exchange or not ex.response_complete or self.state is not ConnectionState.HTTP:
             return
         our = self.h11.our_state
         if our is h11.MUST_CLOSE or our is h11.CLOSED or ex.close_after:
@@ -1014,12 +1028,12 @@ class HTTPConnection(InboundConnection):
         """A backend connection closed or broke the protocol (it is already closed)."""
         self._forget(backend)
         ex, backend.exchange = backend.exchange, None
-        if self.state == "spliced" and backend is self.tunnel:
+        if self.state is ConnectionState.SPLICED and backend is self.tunnel:
             if self.exchange is not None and self.exchange.outcome == "ok":
                 self.exchange.outcome = "backend_closed"
             self._close("backend_closed")
             return
-        if ex is None or ex is not self.exchange or self.state != "http" \
+        if ex is None or ex is not self.exchange or self.state is not ConnectionState.HTTP \
                 or ex.response_complete:
             return
         if not ex.response_started:
@@ -1050,7 +1064,7 @@ class HTTPConnection(InboundConnection):
         ex.status = 101
         ex.response_started = True
         ex.phase = "tunnel"
-        self.state = "spliced"
+        self.state = ConnectionState.SPLICED
         self.tunnel = backend
         backend.tunnel = True
         for other in list(self.pool.values()):
@@ -1071,7 +1085,7 @@ class HTTPConnection(InboundConnection):
             self._tunnel_from_backend(backend_rest)
 
     def _tunnel_from_backend(self, data: bytes) -> None:
-        if self.state != "spliced":
+        if self.state is not ConnectionState.SPLICED:
             return
         self._last_activity = self._clock.seconds()
         self.exchange.bytes_out += len(data)
@@ -1100,7 +1114,7 @@ class HTTPConnection(InboundConnection):
                body: bytes | None = None, headers: Iterable[tuple[bytes, bytes]] = (),
                close: bool = False, outcome: str | None = None) -> None:
         """Answer the current request from stalroute itself."""
-        if ex is not self.exchange or self.state != "http" or self._closing:
+        if ex is not self.exchange or self.state is not ConnectionState.HTTP:
             return
         if ex.response_started:
             self._close(ex.outcome if ex.outcome != "ok" else "error")
@@ -1138,7 +1152,7 @@ class HTTPConnection(InboundConnection):
         self._set_answering(None)
         self._resume_reading("routing")
         self._maybe_finish(ex)
-        if self.state == "http" and not self._closing:
+        if self.state is ConnectionState.HTTP:
             self._pump()
 
     def _fatal(self, status: int, reason: str, outcome: str = "bad_request") -> None:
@@ -1187,6 +1201,6 @@ class HTTPConnection(InboundConnection):
                  method=ex.method.decode("latin-1"), path=path, status=ex.status or "-",
                  destination=ex.destination or "-", account=account, bytes_in=ex.bytes_in,
                  bytes_out=ex.bytes_out, duration=self._clock.seconds() - ex.started,
-                 outcome=ex.outcome, session=self.id,
-                 client=f"{self.client[0]}:{self.client[1]}",
+                 outcome=ex.outcome, session=self.id, protocol="http",
+                 listener=self.listener.name, client=f"{self.client[0]}:{self.client[1]}",
                  why=f" reason={reason!r}" if reason else "")
