@@ -1,10 +1,16 @@
-"""The ``stalroute`` command line: ``stalroute check CONFIG`` (and, later, ``stalroute ctl``).
+"""The ``stalroute`` command line: ``stalroute check CONFIG`` and ``stalroute ctl`` (ctl.py).
 
 ``check`` loads the file through :func:`stalroute.config.load_config` and prepares the
 runtime with :func:`stalroute.service.build_runtime` (mapping table, TLS material), the same
 calls the twistd plugin makes at startup, so "check passes" and "startup accepts it" cannot
-drift apart. A network mapping store (SQL, Redis) is then asked one bounded lookup: an
-unreachable store is a warning, not an error, since stalroute starts without it.
+drift apart. A network mapping store (SQL, Redis) is then asked one bounded lookup, and
+destinations behind an explicit capability list are asked what they offer: an unreachable
+store or destination, or a list promising more than a destination offers, is a warning, not
+an error, since stalroute starts without them.
+``check --skip-files`` validates a configuration written for another host: nothing the
+file names is read or stat'ed (certificates, keys, CA files, the token file, the mapping
+file), so the runtime is not built and nothing is asked over the network; every other check
+still runs.
 Output is meant for people and scripts alike: on success one ``OK:`` line on stdout, on
 failure one ``key: message`` line per problem on stdout and exit status 1.  Warnings go to
 stderr so they never disturb either form.
@@ -21,16 +27,13 @@ from typing import TYPE_CHECKING
 from stalroute.config import ConfigError, config_path_from_env, load_config
 
 if TYPE_CHECKING:
-    from twisted.python.failure import Failure
-
     from stalroute.config import Config
-    from stalroute.mapping import MappingStore
     from stalroute.session import Runtime
 
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
-#: Bound of the ``check`` probe of a network mapping store.
+#: Bound of each question ``check`` asks over the network (mapping store, destinations).
 PROBE_TIMEOUT = 3.0
 #: What the probe looks up: only whether the store answers matters, not the answer.
 PROBE_IDENTIFIER = "stalroute-check-probe"
@@ -55,6 +58,12 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="CONFIG",
         help="path of the TOML file (default: $STALROUTE_CONFIG, or $PROXY_CONFIG)",
     )
+    check.add_argument(
+        "--skip-files",
+        action="store_true",
+        help="for a configuration written for another host: do not read or look for the files "
+        "it names (certificates, keys, CA files, token file, mapping file)",
+    )
     check.set_defaults(handler=_check)
 
     from stalroute.ctl import add_ctl_parser
@@ -69,21 +78,27 @@ def _check(args: argparse.Namespace) -> int:
         print("stalroute check: no CONFIG given and $STALROUTE_CONFIG is not set", file=sys.stderr)
         return EXIT_USAGE
     try:
-        config = load_config(path, os.environ)
+        config = load_config(path, os.environ, check_files=not args.skip_files)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)
         return EXIT_INVALID
+    listeners, destinations = len(config.listeners), len(config.destinations)
+    if args.skip_files:
+        if problem := store_url_problem(config):
+            print(problem)
+            return EXIT_INVALID
+        for warning in config.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"OK: {path} ({listeners} listeners, {destinations} destinations; "
+              "files not checked)")
+        return EXIT_OK
     problem, runtime = prepare_runtime(config)
     if problem or runtime is None:
         print(problem)
         return EXIT_INVALID
-    for warning in config.warnings:
+    for warning in [*config.warnings, *network_warnings(config, runtime)]:
         print(f"warning: {warning}", file=sys.stderr)
-    if config.mapping.source != "file":
-        if warning := store_warning(runtime.router.store):
-            print(f"warning: {warning}", file=sys.stderr)
-    listeners, destinations = len(config.listeners), len(config.destinations)
     print(f"OK: {path} ({listeners} listeners, {destinations} destinations)")
     return EXIT_OK
 
@@ -100,40 +115,71 @@ def prepare_runtime(config: Config) -> tuple[str | None, Runtime | None]:
         return str(exc), None
 
 
-def store_warning(store: MappingStore, timeout: float = PROBE_TIMEOUT) -> str | None:
-    """Ask the mapping store one lookup, bounded by ``timeout``; a warning when it fails.
+def store_url_problem(config: Config) -> str | None:
+    """What startup refuses in a Redis store's URL (its parameters), without building the
+    store, which would read the ``ssl_ca_certs`` file (``--skip-files``)."""
+    if config.mapping.source != "redis" or config.mapping.redis is None:
+        return None
+    from stalroute.mapping.factory import InvalidStoreSetting
+    from stalroute.mapping.redis import parse_redis_url
 
-    A store that is down is not a configuration error (stalroute starts and tempfails
-    lookups until it is back), so ``check`` only warns. Runs the reactor once, so it can be
-    used once per process.
+    try:
+        parse_redis_url(config.mapping.redis.url)
+    except InvalidStoreSetting as exc:
+        return str(exc)
+    return None
+
+
+def network_warnings(config: Config, runtime: Runtime,
+                     timeout: float = PROBE_TIMEOUT) -> list[str]:
+    """What ``check`` learns by asking, each question bounded by ``timeout``: whether a network
+    mapping store answers one lookup, and whether an explicit capability list promises more
+    than a destination offers (:func:`stalroute.capabilities.check_promises`).
+
+    Neither is a configuration error (stalroute starts without them), so both only warn.
+    Runs the reactor once (only when there is something to ask), so it can be used once per
+    process.
     """
     from twisted.internet import defer, error, reactor
 
-    outcome: list[str | None] = []
+    from stalroute.capabilities import check_promises, explicit_targets
 
-    def failed(failure: Failure) -> str:
-        if failure.check(defer.TimeoutError, error.TimeoutError):
-            return f"no answer within {timeout:g}s"
-        return failure.getErrorMessage() or failure.type.__name__
+    ask_store = config.mapping.source != "file"
+    if not ask_store and not explicit_targets(config):
+        return []
+    warnings: list[str] = []
 
-    def probe() -> None:
-        d = defer.maybeDeferred(store.lookup, PROBE_IDENTIFIER)
-        d.addTimeout(timeout, reactor)
-        d.addCallbacks(lambda _: None, failed)
-        d.addCallback(outcome.append)
-        d.addBoth(lambda _: store.close())
-        d.addBoth(lambda _: reactor.stop())
+    async def store_warnings() -> list[str]:
+        store = runtime.router.store
+        lookup = defer.maybeDeferred(store.lookup, PROBE_IDENTIFIER)
+        lookup.addTimeout(timeout, reactor)
+        try:
+            await lookup
+            return []
+        except (defer.TimeoutError, error.TimeoutError):
+            reason = f"no answer within {timeout:g}s"
+        except Exception as exc:  # noqa: BLE001 - any failure means "unreachable"
+            reason = str(exc) or type(exc).__name__
+        finally:
+            await defer.maybeDeferred(store.close)
+        return [f"mapping store unreachable: {reason}"]
+
+    async def ask() -> None:
+        try:
+            if ask_store:
+                warnings.extend(await store_warnings())
+            warnings.extend(await check_promises(reactor, config, timeout))
+        finally:
+            reactor.stop()
 
     if reactor.running:  # pragma: no cover - check is a command, not a library call
-        return None
-    reactor.callWhenRunning(probe)
+        return []
+    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(ask()))
     try:
         reactor.run(installSignalHandlers=False)
     except error.ReactorNotRestartable:
-        return "mapping store not probed (the reactor already ran in this process)"
-    if outcome and outcome[0]:
-        return f"mapping store unreachable: {outcome[0]}"
-    return None
+        return ["network not asked (the reactor already ran in this process)"]
+    return warnings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

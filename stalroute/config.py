@@ -32,6 +32,8 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stalroute import sqlparams
+
 __all__ = [
     "AdminConfig",
     "CapabilitiesConfig",
@@ -424,6 +426,37 @@ def _word() -> Converter:
     return convert
 
 
+def _protocol_text(base: Converter, pattern: str, expected: str) -> Converter:
+    """``base``, then ``pattern`` (printable ASCII) must match whole: for text stalroute puts
+    on the wire as it is, where anything else would break the protocol or the greeting."""
+    compiled = re.compile(pattern)
+
+    def convert(value: Any, ctx: _Context, key: str) -> str:
+        text = base(value, ctx, key)
+        if not compiled.fullmatch(text):
+            raise _Invalid(f"{_show(text)} is not {expected}")
+        return text
+
+    return convert
+
+
+#: A banner or implementation name: text of printable ASCII, spaces included.
+_BANNER = (r"[ -~]*", "printable ASCII text (characters 32 to 126; no accents or tabs)")
+#: ``server.hostname``: the name in SMTP greetings and EHLO (RFC 5321 §4.1.2, ASCII only).
+_HOSTNAME = (r"[!-~]+", "a printable ASCII host name (write an internationalised name in "
+                        "its xn-- form)")
+#: ``[capabilities.imap] advertise``: a capability is an IMAP atom (RFC 9051 §9).
+_IMAP_CAPABILITY = (r'[^\x00-\x20\x7f-\U0010ffff(){%*"\\\]]+',
+                    'an IMAP capability: an atom of printable ASCII without spaces or '
+                    '( ) { % * " \\ ]')
+#: ``[capabilities.submission] ehlo``: an EHLO keyword (RFC 5321 §4.1.1.1).
+_EHLO_KEYWORD = (r"[A-Za-z0-9][A-Za-z0-9-]*",
+                 "an EHLO keyword: ASCII letters, digits and hyphens, not starting with a hyphen")
+#: ``[capabilities.managesieve] sieve``: a Sieve extension name, sent in a quoted string.
+_SIEVE_EXTENSION = (r'[!#-\[\]-~]+', "a Sieve extension name: printable ASCII without spaces, "
+                                    "quotes or backslashes")
+
+
 def _bool(value: Any, ctx: _Context, key: str) -> bool:
     if not isinstance(value, bool):
         raise _Invalid(f"must be true or false, not {_kind(value)}")
@@ -533,9 +566,13 @@ def _path(value: Any, ctx: _Context, key: str) -> Path:
         path = ctx.base_dir / path
     if ctx.check_files:
         shown = _show(text) if str(path) == text else f"{_show(text)} (resolved to {path})"
-        if not path.exists():
+        try:
+            exists, regular = path.exists(), path.is_file()
+        except OSError as exc:  # a name over 255 bytes, a path too long for the system
+            raise _Invalid(f"{shown} cannot be used: {exc.strerror or exc}") from None
+        if not exists:
             raise _Invalid(f"{shown} does not exist")
-        if not path.is_file():
+        if not regular:
             raise _Invalid(f"{shown} is not a regular file")
         if not os.access(path, os.R_OK):
             raise _Invalid(f"{shown} is not readable")
@@ -564,25 +601,6 @@ def _sql_url(value: Any, ctx: _Context, key: str) -> str:
             raise _Invalid("a SQLite URL must be sqlite:///path/to/file.db")
         return text
     return _url("postgresql", "postgres")(text, ctx, key)
-
-
-#: SQL text where ``$n`` is no parameter (strings, quoted identifiers, comments, dollar-quoted
-#: bodies: what the SQL store's placeholder translation skips), or a ``$n`` parameter.
-_SQL_PARAMETER = re.compile(
-    r"""(?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|/\*.*?\*/"""
-    r"|\$(?P<tag>(?:[A-Za-z_][A-Za-z_0-9]*)?)\$.*?\$(?P=tag)\$|(?P<parameter>\$[0-9]+)",
-    re.S,
-)
-
-
-def _sql_without_parameters(value: Any, ctx: _Context, key: str) -> str:
-    """A SQL statement that takes no ``$n`` parameters (``mapping.sql.list_query``)."""
-    text = _text(single_line=False)(value, ctx, key)
-    for match in _SQL_PARAMETER.finditer(text):
-        if match["parameter"]:
-            raise _Invalid(f"must not use parameters ({match['parameter']} found): it lists "
-                           "every mapping, as rows of identifier, destination")
-    return text
 
 
 def _sha256_pin(value: Any, ctx: _Context, key: str) -> bytes:
@@ -639,7 +657,7 @@ class ServerConfig:
     """``[server]``: process-wide behaviour (SPEC §2.1)."""
 
     #: ``None`` in the file means ``socket.getfqdn()``, filled in by the validator.
-    hostname: str = _key(_word(), None)
+    hostname: str = _key(_protocol_text(_word(), *_HOSTNAME), None)
     shutdown_grace: float = _key(_duration(), 30.0)
     bridge_idle: float = _key(_duration(positive=True), 1800.0)
     backend_timeout: float = _key(_duration(positive=True), 10.0)
@@ -649,6 +667,8 @@ class ServerConfig:
     host_down_cooldown: float = _key(_duration(positive=True), 30.0)
     proxy_ttl: int = _key(_int(1, 255), 7)
     log_level: str = _key(_choice(*LOG_LEVELS), "info")
+    #: ``json``: one flat JSON object per line (:func:`stalroute.logs.event_as_json`).
+    log_format: str = _key(_choice("text", "json"), "text")
     workers: int = _key(_int(1, 1024), 1)
     #: Accepted for the reference format; stalroute's parallelism is ``workers``.
     threads: int = _key(_int(0), 0)
@@ -763,11 +783,16 @@ class ProtocolCapabilities:
 
     sasl: tuple[str, ...] = _key(_list(_sasl, unique=True), SASL_MECHANISMS)
     allow_plain_auth_without_tls: bool = _key(_bool, False)
-    banner: str = _key(_text(nonempty=False), DEFAULT_BANNER)
-    advertise: tuple[str, ...] = _key(_list(_word(), unique=True), ())
-    ehlo: tuple[str, ...] = _key(_list(_word(), unique=True), ())
-    sieve: tuple[str, ...] = _key(_list(_word(), unique=True), ())
-    implementation: str = _key(_text(), "")
+    banner: str = _key(_protocol_text(_text(nonempty=False), *_BANNER), DEFAULT_BANNER)
+    advertise: tuple[str, ...] = _key(
+        _list(_protocol_text(_word(), *_IMAP_CAPABILITY), unique=True), ())
+    ehlo: tuple[str, ...] = _key(_list(_protocol_text(_word(), *_EHLO_KEYWORD), unique=True), ())
+    sieve: tuple[str, ...] = _key(
+        _list(_protocol_text(_word(), *_SIEVE_EXTENSION), unique=True), ())
+    implementation: str = _key(_protocol_text(_text(), *_BANNER), "")
+    #: The keys set in the TOML file: a list given there is advertised as written, the
+    #: others only as far as the destinations honour them (:mod:`stalroute.capabilities`).
+    explicit: frozenset[str] = frozenset()
 
 
 _CAPABILITY_KEYS = {
@@ -887,7 +912,7 @@ class SQLMappingConfig:
     delete_query: str | None = _key(_text(single_line=False), None)
     pool_size: int = _key(_int(1, 1024), 16)
     #: [ext] No parameters; rows of ``identifier, destination`` (the admin API's export).
-    list_query: str | None = _key(_sql_without_parameters, None)
+    list_query: str | None = _key(_text(single_line=False), None)
 
     @property
     def writable(self) -> bool:
@@ -1270,7 +1295,8 @@ def _build_capabilities(ctx: _Context, table: Any) -> CapabilitiesConfig:
             only=only,
         )
         given = {k: v for k, v in values.items() if v is not None}
-        sections[protocol] = ProtocolCapabilities(**{**_CAPABILITY_DEFAULTS[protocol], **given})
+        sections[protocol] = ProtocolCapabilities(**{**_CAPABILITY_DEFAULTS[protocol], **given},
+                                                  explicit=frozenset(given))
     return CapabilitiesConfig(**sections)
 
 
@@ -1379,6 +1405,8 @@ def _build_mapping(ctx: _Context, table: Any) -> MappingConfig:
         ctx.error("mapping.sql.url", 'mapping.source = "sqlite" needs a sqlite:///path URL')
     if source == "sqlite":
         values["source"] = "sql"
+    if sql is not None and sql.url:
+        _check_sql_parameters(ctx, sql)
     if sql is not None and bool(sql.upsert_query) != bool(sql.delete_query):
         ctx.warn(
             "mapping.sql",
@@ -1386,6 +1414,25 @@ def _build_mapping(ctx: _Context, table: Any) -> MappingConfig:
             "the admin API will answer 501 to mapping writes",
         )
     return MappingConfig(**values, **subs)
+
+
+#: The parameters each ``[mapping.sql]`` statement gets: ``$1`` the first name, …
+_SQL_STATEMENT_PARAMETERS = {
+    "query": ("identifier",),
+    "upsert_query": ("identifier", "destination"),
+    "delete_query": ("identifier",),
+    "list_query": (),
+}
+
+
+def _check_sql_parameters(ctx: _Context, sql: SQLMappingConfig) -> None:
+    """Each statement uses exactly its parameters, written as its engine accepts them."""
+    for name, parameters in _SQL_STATEMENT_PARAMETERS.items():
+        statement = getattr(sql, name)
+        if statement:
+            problem = sqlparams.parameter_problem(statement, sql.backend, parameters)
+            if problem:
+                ctx.error(f"mapping.sql.{name}", problem)
 
 
 def _build_http(ctx: _Context, table: Any) -> HTTPConfig:

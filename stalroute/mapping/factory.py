@@ -19,16 +19,17 @@ class UnsupportedStore(Exception):
 
 
 class InvalidStoreSetting(UnsupportedStore):
-    """A store setting that parses as TOML but cannot work (a statement without ``$1``, an
-    unknown URL parameter, a missing CA file). The message starts with the key path."""
+    """A store setting that parses as TOML but cannot work (an unknown Redis URL parameter, a
+    missing CA file). The message starts with the key path."""
 
 
 def build_store(mapping: MappingConfig, destinations: Collection[str]) -> MappingStore:
     """The store ``[mapping]`` names.
 
-    Raises MappingFileError for a bad TSV file and InvalidStoreSetting for unusable SQL or
-    Redis settings. Network stores never contact their server here: one that is down at boot
-    must not stop stalroute from starting (its lookups fail until it is back).
+    Raises MappingFileError for a bad TSV file and InvalidStoreSetting for unusable Redis
+    settings (the SQL statements were checked with the configuration). Network stores never
+    contact their server here: one that is down at boot must not stop stalroute from starting
+    (its lookups fail until it is back).
     """
     if mapping.source == "file" and mapping.file is not None:
         return FileMappingStore(mapping.file.path, destinations, mapping.normalize)

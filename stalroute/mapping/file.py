@@ -2,11 +2,15 @@
 
 Writes rewrite the whole file atomically (temp file, fsync, rename, fsync of the folder),
 sorted and tab-separated, so the file stays diffable and a crash never leaves half a table.
+A file that cannot be used (unreadable, not UTF-8, an identifier a login could never produce,
+an undeclared destination) is refused as a whole with :class:`MappingFileError`, naming the
+file and each bad line; startup, ``stalroute check`` and reloads report it as such.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Collection, Iterable
 from pathlib import Path
@@ -14,8 +18,13 @@ from pathlib import Path
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.threads import deferToThread
 
-from stalroute.identity import normalize_identifier
+from stalroute.identity import InvalidIdentifier, normalize_identifier
 from stalroute.mapping import StoreError
+
+#: Bad lines named in one :class:`MappingFileError` (a file of garbage gives a short answer).
+MAX_REPORTED_PROBLEMS = 20
+#: What ``surrogateescape`` decoding makes of bytes that are not UTF-8.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
 class MappingFileError(StoreError):
@@ -29,10 +38,14 @@ class MappingFileError(StoreError):
 def parse_mapping_lines(
     lines: Iterable[str], destinations: Collection[str], normalize: str, path: Path
 ) -> dict[str, str]:
-    """Parse the table, collecting every problem (unknown destination, malformed line)."""
+    """Parse the table, collecting every problem (malformed or non-UTF-8 line, invalid
+    identifier, unknown destination); ``lines`` decoded with ``surrogateescape``."""
     table: dict[str, str] = {}
     problems: list[str] = []
     for number, raw in enumerate(lines, start=1):
+        if _UNDECODABLE.search(raw):
+            problems.append(f"line {number}: not UTF-8 text")
+            continue
         fields = raw.split("#", 1)[0].split() if not raw.lstrip().startswith("#") else []
         if not fields:
             continue
@@ -43,7 +56,13 @@ def parse_mapping_lines(
         if destination not in destinations:
             problems.append(f"line {number}: unknown destination {destination!r}")
             continue
-        table[normalize_identifier(identifier, normalize)] = destination
+        try:
+            table[normalize_identifier(identifier, normalize)] = destination
+        except InvalidIdentifier as exc:
+            problems.append(f"line {number}: invalid identifier ({exc})")
+    if len(problems) > MAX_REPORTED_PROBLEMS:
+        more = len(problems) - MAX_REPORTED_PROBLEMS
+        problems = [*problems[:MAX_REPORTED_PROBLEMS], f"and {more} more bad lines"]
     if problems:
         raise MappingFileError(path, problems)
     return table
@@ -89,7 +108,7 @@ class FileMappingStore:
 
     def _read(self) -> dict[str, str]:
         try:
-            with open(self.path, encoding="utf-8") as handle:
+            with open(self.path, encoding="utf-8", errors="surrogateescape") as handle:
                 return parse_mapping_lines(handle, self._destinations, self._normalize, self.path)
         except OSError as exc:
             raise MappingFileError(self.path, [exc.strerror or str(exc)]) from exc

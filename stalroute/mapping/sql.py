@@ -14,9 +14,9 @@ pool, so every statement runs in a pool thread and the reactor never blocks:
   it from the reactor thread once the worker has stopped. The file must exist
   (``mode=rw``): a typo in the path is an error, not a fresh empty database.
 
-Statements are written with ``$1`` (identifier) and ``$2`` (destination) and translated to
-the driver's style: psycopg2's ``%(p1)s`` (literal ``%`` doubled) or SQLite's ``?1``. Quoted
-strings, quoted identifiers, dollar-quoted bodies and comments are left alone.
+Statements are written with ``$1`` (identifier) and ``$2`` (destination), SQLite's also with
+``?NNN`` or ``?``, and translated to the driver's style by :mod:`stalroute.sqlparams` (the
+configuration validator has already checked their parameters with it).
 
 Listing every mapping (:meth:`SQLMappingStore.entries`, the admin export) needs the optional
 ``list_query``: a statement without parameters whose rows are ``identifier, destination``.
@@ -28,7 +28,6 @@ list statement runs in one pool thread, bounded by :data:`~stalroute.mapping.LIS
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 
+from stalroute import sqlparams
 from stalroute.config import SQLMappingConfig
 from stalroute.mapping import (
     LIST_TIMEOUT,
@@ -50,79 +50,30 @@ from stalroute.mapping import (
     store_error,
     url_secrets,
 )
-from stalroute.mapping.factory import InvalidStoreSetting
 
 #: libpq waits at least 2 s whatever is asked; more than this would hold a pool thread for long.
 CONNECT_TIMEOUT_RANGE = (2, 10)
 
-# One alternation, scanned left to right: the first branch skips text where "$1" and "%"
-# mean nothing special (except that psycopg2 formats "%" everywhere).
-_LEXEMES = re.compile(
-    r"""
-      (?P<skip>
-          (?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'             # escape string E'it\'s'
-        | '(?:[^']|'')*'                                 # string literal
-        | "(?:[^"]|"")*"                                 # quoted identifier
-        | --[^\n]*                                       # line comment
-        | /\*.*?\*/                                      # block comment
-        | \$(?P<tag>(?:[A-Za-z_][A-Za-z_0-9]*)?)\$.*?\$(?P=tag)\$   # dollar-quoted body
-      )
-    | \$(?P<number>[0-9]+)                               # a parameter
-    | (?P<percent>%)
-    """,
-    re.S | re.X,
-)
-
 
 @dataclass(frozen=True)
 class Statement:
-    """One configured statement in a driver's parameter style."""
+    """One configured statement in its driver's parameter style."""
 
     text: str
-    #: "pyformat" (psycopg2: named ``%(pN)s``) or "numeric" (sqlite3: ``?N``).
-    style: str
-    #: The highest ``$N`` used: how many values the driver expects.
+    #: "postgresql" (psycopg2: named ``%(pN)s``) or "sqlite" (sqlite3: ``?N``).
+    engine: str
+    #: The highest parameter number used: how many values the driver expects.
     arity: int
 
     @classmethod
-    def translate(cls, sql: str, style: str) -> tuple[Statement, set[int]]:
-        """The statement in ``style``, and the set of parameter numbers it uses."""
-        used: set[int] = set()
-
-        def replace(match: re.Match[str]) -> str:
-            if match["number"] is not None:
-                number = int(match["number"])
-                used.add(number)
-                return f"%(p{number})s" if style == "pyformat" else f"?{number}"
-            text = match[0]
-            return text.replace("%", "%%") if style == "pyformat" else text
-
-        text = _LEXEMES.sub(replace, sql)
-        return cls(text, style, max(used, default=0)), used
-
-    @classmethod
-    def configured(cls, sql: str, style: str, key: str, names: Sequence[str]) -> Statement:
-        """Translate the statement at ``key``, whose parameters are ``$1``… named ``names``.
-
-        Every parameter must be used (a lookup without ``$1`` would give every account the
-        same answer) and none may be unknown: both are startup errors naming the key.
-        """
-        statement, used = cls.translate(sql, style)
-        wanted = set(range(1, len(names) + 1))
-        meaning = ", ".join(f"${n} the {name}" for n, name in enumerate(names, start=1))
-        meaning = f"this statement gets {meaning}" if names else "this statement has none"
-        if unknown := sorted(used - wanted):
-            raise InvalidStoreSetting(
-                f"{key}: unknown parameter ${unknown[0]} ({meaning})")
-        if missing := sorted(wanted - used):
-            raise InvalidStoreSetting(
-                f"{key}: must use ${missing[0]} ({meaning}; write "
-                "placeholders as $1, $2, whatever the database)")
-        return statement
+    def translate(cls, sql: str, engine: str) -> Statement:
+        """``sql`` (parameters already checked by the configuration) for ``engine``."""
+        text, placeholders = sqlparams.translate(sql, engine)
+        return cls(text, engine, max((p.number for p in placeholders), default=0))
 
     def bind(self, values: Sequence[str]) -> dict[str, str] | tuple[str, ...]:
         """The driver's parameters for ``values`` (``$1``, ``$2``, … in order)."""
-        if self.style == "pyformat":
+        if self.engine == "postgresql":
             return {f"p{number}": value for number, value in enumerate(values, start=1)}
         return tuple(values[: self.arity])
 
@@ -138,25 +89,17 @@ class Statements:
     list: Statement | None = None
 
     @classmethod
-    def configured(cls, settings: SQLMappingConfig, style: str) -> Statements:
-        """Translate and check every statement (InvalidStoreSetting names the bad key)."""
-        lookup = Statement.configured(settings.query, style, "mapping.sql.query",
-                                      ["identifier"])
-        listing = None
-        if settings.list_query:
-            listing = Statement.configured(settings.list_query, style,
-                                           "mapping.sql.list_query", [])
+    def configured(cls, settings: SQLMappingConfig) -> Statements:
+        """The statements of ``settings``, translated for its engine."""
+        engine = settings.backend
+        listing = (Statement.translate(settings.list_query, engine)
+                   if settings.list_query else None)
+        lookup = Statement.translate(settings.query, engine)
         if not settings.writable:
             return cls(lookup, list=listing)
         assert settings.upsert_query and settings.delete_query
-        return cls(
-            lookup,
-            Statement.configured(settings.upsert_query, style, "mapping.sql.upsert_query",
-                                 ["identifier", "destination"]),
-            Statement.configured(settings.delete_query, style, "mapping.sql.delete_query",
-                                 ["identifier"]),
-            listing,
-        )
+        return cls(lookup, Statement.translate(settings.upsert_query, engine),
+                   Statement.translate(settings.delete_query, engine), listing)
 
 
 class _ConnectionDropped(Exception):
@@ -347,9 +290,8 @@ def sqlite_database(path: str) -> str:
 
 def build_sql_store(settings: SQLMappingConfig, lookup_timeout: float) -> SQLMappingStore:
     """A PostgreSQL or SQLite store for ``[mapping.sql]``; connects on first use only."""
-    sqlite = settings.backend == "sqlite"
-    statements = Statements.configured(settings, "numeric" if sqlite else "pyformat")
-    if sqlite:
+    statements = Statements.configured(settings)
+    if settings.backend == "sqlite":
         database = sqlite_database(settings.sqlite_path or "")
         pool = adbapi.ConnectionPool("sqlite3", database, uri=True, check_same_thread=False,
                                      cp_min=1, cp_max=1, cp_noisy=False)

@@ -189,6 +189,9 @@ class BackendSettings:
     forwarding: ForwardingInfo | None  # set when the destination's forwarding is "xclient"
     hide_auth_errors: bool = False
     ehlo_name: str = "localhost"  # SMTP: the name to greet the backend with
+    #: A capability probe (:mod:`stalroute.capabilities`): ask for the capabilities even
+    #: where the login itself would not need them (POP3 CAPA over implicit TLS).
+    learn_capabilities: bool = False
 
 
 class BackendDialogue(abc.ABC):
@@ -223,6 +226,14 @@ class BackendDialogue(abc.ABC):
     @abc.abstractmethod
     def leftover(self) -> bytes:
         """Backend bytes received after the login outcome, to relay to the client."""
+
+    @property
+    def offered(self) -> dict[str, frozenset[str]] | None:
+        """What the backend offers before login over the leg as established (after TLS),
+        once :class:`BackendReady` was emitted: upper-cased words by ``[capabilities.<proto>]``
+        key (``sasl``, IMAP ``advertise``, submission ``ehlo``, ManageSieve ``sieve``, and
+        ManageSieve ``notify`` for its NOTIFY methods).  None when nothing was learnt."""
+        return None
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,8 @@ MAX_BAD_COMMANDS = 20
 SERVER_ID = b'("name" "stalroute")'
 HIDDEN_FAILURE_TEXT = b"NO [AUTHENTICATIONFAILED] Authentication failed."
 
-# Capability tokens stalroute computes itself; never taken from ``advertise``.
-_MANAGED_CAPABILITIES = ("STARTTLS", "LOGINDISABLED", "AUTH=")
+#: Capability tokens stalroute computes itself; never taken from ``advertise``.
+MANAGED_CAPABILITIES = ("STARTTLS", "LOGINDISABLED", "AUTH=")
 
 _TAG = re.compile(rb'[^\x00-\x20\x7f-\xff%(){*+"\\]+')
 _UNTIL_SPACE = re.compile(rb"[^ ]*")
@@ -216,7 +216,7 @@ class IMAPPreAuth(PreAuthMachine):
 
     def _capabilities(self) -> bytes:
         advertise = cast(Sequence[str], self.settings.extra.get("advertise", DEFAULT_ADVERTISE))
-        caps = [token for token in advertise if not token.upper().startswith(_MANAGED_CAPABILITIES)]
+        caps = [token for token in advertise if not token.upper().startswith(MANAGED_CAPABILITIES)]
         if self.settings.tls_mode == "starttls" and not self._tls_active:
             caps.append("STARTTLS")
         if not self._cleartext_allowed:
@@ -520,6 +520,14 @@ class IMAPBackendDialogue(BackendDialogue):
     @property
     def leftover(self) -> bytes:
         return self._leftover
+
+    @property
+    def offered(self) -> dict[str, frozenset[str]] | None:
+        if self._capabilities is None:
+            return None
+        words = [token.decode("ascii", "replace") for token in self._capabilities]
+        return {"advertise": frozenset(w for w in words if not w.startswith("AUTH=")),
+                "sasl": frozenset(w[len("AUTH="):] for w in words if w.startswith("AUTH="))}
 
     # -- steps
 

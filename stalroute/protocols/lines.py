@@ -13,12 +13,16 @@ import re
 from dataclasses import dataclass, field
 
 
-class LineTooLong(ValueError):
-    """A line grew past the buffer's limit before (or without) its terminator."""
-
-
 class ProtocolViolation(ValueError):
     """A peer sent something its protocol does not allow here (a malformed reply line)."""
+
+
+class LineTooLong(ProtocolViolation):
+    """A line grew past the buffer's limit before (or without) its terminator.
+
+    A violation like any other where the caller has no better answer (an SMTP backend
+    announcing the client); the pre-auth machines catch it first to answer it themselves.
+    """
 
 
 class LineBuffer:
@@ -91,6 +95,37 @@ class LineBuffer:
         del self._data[:count]
         self._scanned = 0
         return count
+
+
+# --- capability lists read from backends -----------------------------------------------------
+
+#: Most lines of a backend's capability list (POP3 CAPA, a ManageSieve capability block);
+#: real servers send a dozen or two.
+MAX_CAPABILITY_LINES = 64
+#: Most bytes of such a list, its lines together.
+MAX_CAPABILITY_BYTES = 16 * 1024
+
+
+class CapabilityLines:
+    """The lines of a backend's capability list, collected up to the bounds above.
+
+    Without them a backend could make every login hold ``lines × line limit`` bytes before
+    the list ends; beyond them the dialogue fails as a backend protocol error.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self._size = 0
+
+    def add(self, line: bytes, size: int | None = None) -> bool:
+        """Keep ``line`` (``size``: the bytes it took on the wire, default its length);
+        False, keeping nothing, when the list would exceed a bound."""
+        size = len(line) if size is None else size
+        if len(self.lines) >= MAX_CAPABILITY_LINES or self._size + size > MAX_CAPABILITY_BYTES:
+            return False
+        self.lines.append(line)
+        self._size += size
+        return True
 
 
 # --- texts stalroute itself puts into replies ------------------------------------------------

@@ -3,7 +3,9 @@
 :class:`ManageSievePreAuth` answers the client before authentication (RFC 5804): the
 capability block and ``OK`` as greeting, CAPABILITY, NOOP (with its tag echoed), LOGOUT,
 STARTTLS (capabilities re-sent once TLS is up), and AUTHENTICATE with quoted or literal
-strings for the initial response and the continuation responses.
+strings for the initial response and the continuation responses.  Whenever ``enotify`` is
+among the advertised extensions, ``NOTIFY`` lists the notification methods (RFC 5804 §1.7):
+the settings' ``notify`` (``extra["notify"]``), else :data:`DEFAULT_NOTIFY_METHODS`.
 :class:`ManageSieveBackendDialogue` plays the client toward the backend: capability block,
 STARTTLS and the re-sent block, ``XCLIENT`` (Dovecot), then ``AUTHENTICATE "<mech>" "<ir>"``.
 """
@@ -27,6 +29,7 @@ from stalroute.protocols.linebased import GREETING, LOGIN, LineDialogue, LinePre
 from stalroute.protocols.lines import (
     ArgumentError,
     Arguments,
+    CapabilityLines,
     LiteralAssembler,
     Unit,
     quote,
@@ -36,14 +39,14 @@ from stalroute.protocols.xclient import xclient_command
 from stalroute.sasl import Credentials, SASLError, encode_base64
 
 DEFAULT_IMPLEMENTATION = "stalroute"
+#: NOTIFY methods sent with ``enotify`` when the settings name none (Pigeonhole's only one).
+DEFAULT_NOTIFY_METHODS = ("mailto",)
 #: The generic refusal (``hide_auth_errors``), as Dovecot words it.
 HIDDEN_FAILURE = b'NO "Authentication failed."\r\n'
 #: Longest NOOP tag echoed back; longer ones are refused.
 MAX_NOOP_TAG = 1024
 #: Longer SASL responses go to the backend as a literal instead of a quoted string.
 MAX_QUOTED_RESPONSE = 1024
-#: Capability lines read from a backend's capability block.
-MAX_CAPABILITY_LINES = 256
 
 _COMMAND_NAME = re.compile(rb"[A-Za-z]+")
 _ATOM = re.compile(rb"[A-Za-z0-9-]+")
@@ -94,12 +97,17 @@ class ManageSievePreAuth(LinePreAuth):
         """The capability lines as they stand now (RFC 5804 §1.7)."""
         implementation = cast(str, self.settings.extra.get("implementation")
                               or DEFAULT_IMPLEMENTATION)
-        sieve = cast(Sequence[str], self.settings.extra.get("sieve") or DEFAULT_SIEVE_EXTENSIONS)
+        # An empty list is a choice (nothing the destinations honour), not "unset".
+        sieve = cast(Sequence[str], self.settings.extra.get("sieve", DEFAULT_SIEVE_EXTENSIONS))
         lines = [
             b'"IMPLEMENTATION" ' + _text(safe_text(implementation, DEFAULT_IMPLEMENTATION)),
             b'"SASL" ' + _words(self._usable_mechanisms()),
             b'"SIEVE" ' + _words(sieve),
         ]
+        if any(extension.lower() == "enotify" for extension in sieve):
+            methods = cast(Sequence[str], self.settings.extra.get("notify")
+                           or DEFAULT_NOTIFY_METHODS)
+            lines.append(b'"NOTIFY" ' + _words(methods))
         if self._starttls_offered:
             lines.append(b'"STARTTLS"')
         lines.append(b'"VERSION" "1.0"')
@@ -225,6 +233,19 @@ def _classify(unit: Unit) -> tuple[bytes, bytes | None]:
         return b"?", None
 
 
+def _capability_value(unit: Unit) -> bytes:
+    """The value of a capability line (``"SIEVE" "fileinto …"``); empty when it has none."""
+    arguments = unit.arguments()
+    try:
+        arguments.string()
+        if arguments.at_end():
+            return b""
+        arguments.space()
+        return arguments.string()
+    except ArgumentError:
+        return b""
+
+
 class ManageSieveBackendDialogue(LineDialogue):
     """The ManageSieve client dialogue toward a backend, up to the replayed login's outcome."""
 
@@ -232,7 +253,10 @@ class ManageSieveBackendDialogue(LineDialogue):
         super().__init__(settings)
         self._input = LiteralAssembler(MAX_PREAUTH_LINE, synchronising=False)
         self._capabilities: frozenset[bytes] | None = None
-        self._block: list[bytes] = []
+        self._block = CapabilityLines()
+        # The values of the block being read, and of the last complete one, by name.
+        self._block_values: dict[bytes, bytes] = {}
+        self._values: dict[bytes, bytes] = {}
 
     # -- plumbing
 
@@ -258,6 +282,14 @@ class ManageSieveBackendDialogue(LineDialogue):
     def _offers(self, capability: bytes) -> bool:
         return self._capabilities is not None and capability in self._capabilities
 
+    @property
+    def offered(self) -> dict[str, frozenset[str]] | None:
+        if self._capabilities is None:
+            return None
+        return {key: frozenset(self._values.get(name, b"").decode("ascii", "replace")
+                               .upper().split())
+                for key, name in (("sasl", b"SASL"), ("sieve", b"SIEVE"), ("notify", b"NOTIFY"))}
+
     def _next_step(self) -> list[BackendEvent]:
         """capabilities → STARTTLS → capabilities again → XCLIENT → ready."""
         if self._starttls_needed:
@@ -282,7 +314,7 @@ class ManageSieveBackendDialogue(LineDialogue):
         if self._state == LOGIN:
             return self._handle_login(response, status)
         if self._state in (GREETING, _TLS_CAPABILITIES):
-            return self._capability_line(status, name)
+            return self._capability_line(response, status, name)
         if self._state not in (_STARTTLS, _XCLIENT):  # nothing is expected while ready
             return self._fail("unexpected response from backend")
         if status != b"OK":
@@ -293,14 +325,17 @@ class ManageSieveBackendDialogue(LineDialogue):
             return self._handshake()
         return self._ready()
 
-    def _capability_line(self, status: bytes, name: bytes | None) -> list[BackendEvent]:
+    def _capability_line(self, unit: Unit, status: bytes,
+                         name: bytes | None) -> list[BackendEvent]:
         if name is not None:
-            if len(self._block) >= MAX_CAPABILITY_LINES:
+            if not self._block.add(name.upper(), len(unit.raw)):
                 return self._fail("backend sent too many capabilities")
-            self._block.append(name.upper())
+            self._block_values[name.upper()] = _capability_value(unit)
             return []
         if status == b"OK":
-            self._capabilities, self._block = frozenset(self._block), []
+            self._capabilities = frozenset(self._block.lines)
+            self._values, self._block_values = self._block_values, {}
+            self._block = CapabilityLines()
             return self._next_step()
         if status in (b"NO", b"BYE"):
             return self._fail("backend refused the connection")

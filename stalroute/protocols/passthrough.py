@@ -89,7 +89,7 @@ class PassthroughBackend(BackendDialogue):
         self._replies.feed(data)
         try:
             return self._advance()
-        except ProtocolViolation as exc:
+        except ProtocolViolation as exc:  # a malformed or over-long reply
             return [BackendError(f"backend broke SMTP while announcing the client: {exc}")]
 
     def _advance(self) -> list[BackendEvent]:

@@ -27,7 +27,7 @@ from stalroute.protocols.linebased import (
     LineDialogue,
     LinePreAuth,
 )
-from stalroute.protocols.lines import LineBuffer, safe_text
+from stalroute.protocols.lines import CapabilityLines, LineBuffer, safe_text
 from stalroute.protocols.xclient import xclient_command
 from stalroute.sasl import Credentials, SASLError, encode_base64, plain_credentials
 
@@ -35,8 +35,6 @@ from stalroute.sasl import Credentials, SASLError, encode_base64, plain_credenti
 HIDDEN_FAILURE = b"-ERR [AUTH] Authentication failed.\r\n"
 #: RFC 5034 §4: an AUTH command with its initial response must fit in 255 octets.
 MAX_AUTH_COMMAND = 255
-#: Capability lines read from a backend's CAPA answer.
-MAX_CAPABILITY_LINES = 256
 
 _GREETING_CODES = re.compile(rb"\+OK \[([^\]]*)\]")
 
@@ -219,7 +217,7 @@ class POP3BackendDialogue(LineDialogue):
         super().__init__(settings)
         self._reader = LineBuffer(MAX_PREAUTH_LINE)
         self._capabilities: frozenset[bytes] | None = None
-        self._capa_lines: list[bytes] = []
+        self._capa_list = CapabilityLines()
         self._xclient_hint = False  # "+OK [XCLIENT] ..." in the greeting
         self._auth_command = b""
 
@@ -243,6 +241,15 @@ class POP3BackendDialogue(LineDialogue):
     def _offers(self, capability: bytes) -> bool:
         return self._capabilities is not None and capability in self._capabilities
 
+    @property
+    def offered(self) -> dict[str, frozenset[str]] | None:
+        if self._capabilities is None:
+            return None
+        mechanisms = [word.decode("ascii", "replace").upper()
+                      for words in (line.split() for line in self._capa_list.lines)
+                      if words and words[0].upper() == b"SASL" for word in words[1:]]
+        return {"sasl": frozenset(mechanisms)}
+
     def _next_step(self) -> list[BackendEvent]:
         """greeting → CAPA → STLS → CAPA over TLS → XCLIENT → ready."""
         if self._starttls_needed:
@@ -251,7 +258,7 @@ class POP3BackendDialogue(LineDialogue):
             if not self._offers(b"STLS"):
                 return self._fail("backend does not offer STLS")
             return self._send(b"STLS", _STLS)
-        if self._tls_done and self._capabilities is None:
+        if self._capabilities is None and (self._tls_done or self.settings.learn_capabilities):
             return self._send(b"CAPA", _CAPA)
         forwarding = self.settings.forwarding
         if forwarding is not None:
@@ -286,10 +293,11 @@ class POP3BackendDialogue(LineDialogue):
         if self._state == _CAPA:
             if _is_ok(line):
                 self._state = _CAPA_LIST
-                self._capa_lines = []
+                self._capa_list = CapabilityLines()
                 return []
             if _is_err(line):  # CAPA is optional (RFC 2449): no capabilities known
                 self._capabilities = frozenset()
+                self._capa_list = CapabilityLines()
                 return self._next_step()
             return self._fail("unexpected response from backend")
         if self._state == _UTF8:
@@ -309,12 +317,11 @@ class POP3BackendDialogue(LineDialogue):
     def _capability_line(self, line: bytes) -> list[BackendEvent]:
         if line == b".":
             self._capabilities = frozenset(
-                words[0].upper() for words in (item.split() for item in self._capa_lines)
+                words[0].upper() for words in (item.split() for item in self._capa_list.lines)
                 if words)
             return self._next_step()
-        if len(self._capa_lines) >= MAX_CAPABILITY_LINES:
+        if not self._capa_list.add(line[1:] if line.startswith(b".") else line):
             return self._fail("backend sent too many capabilities")
-        self._capa_lines.append(line[1:] if line.startswith(b".") else line)
         return []
 
     # -- the login

@@ -47,8 +47,8 @@ MAX_AUTH_COMMAND = 12288
 _HELO_NAME = re.compile(rb"[!-~]{1,255}")
 _BDAT = re.compile(rb"([0-9]{1,18})(?: +LAST)? *\Z", re.IGNORECASE)
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-# Keywords stalroute computes itself; never taken from ``[capabilities.submission] ehlo``.
-_MANAGED_KEYWORDS = frozenset({"STARTTLS", "AUTH"})
+#: Keywords stalroute computes itself; never taken from ``[capabilities.submission] ehlo``.
+MANAGED_KEYWORDS = frozenset({"STARTTLS", "AUTH"})
 _TRANSACTION = frozenset({b"MAIL", b"RCPT", b"DATA", b"BDAT"})
 
 
@@ -78,10 +78,11 @@ class SubmissionPreAuth(LinePreAuth):
 
     def ehlo_keywords(self) -> list[bytes]:
         """The EHLO extensions as they stand now."""
-        configured = cast(Sequence[str], self.settings.extra.get("ehlo")
-                          or DEFAULT_SUBMISSION_EHLO)
+        # An empty list is a choice (nothing the destinations honour), not "unset".
+        configured = cast(Sequence[str], self.settings.extra.get("ehlo",
+                                                                  DEFAULT_SUBMISSION_EHLO))
         keywords = [word.encode("ascii") for word in configured
-                    if _KEYWORD.fullmatch(word) and word.upper() not in _MANAGED_KEYWORDS]
+                    if _KEYWORD.fullmatch(word) and word.upper() not in MANAGED_KEYWORDS]
         if self._starttls_offered:
             keywords.append(b"STARTTLS")
         mechanisms = self._usable_mechanisms()
@@ -211,6 +212,14 @@ class SubmissionBackendDialogue(LineDialogue):
         self._forwarded = False
         name = settings.ehlo_name.encode("utf-8", "replace")
         self._ehlo_name = name if _HELO_NAME.fullmatch(name) else b"localhost"
+
+    @property
+    def offered(self) -> dict[str, frozenset[str]] | None:
+        if self._keywords is None:
+            return None
+        mechanisms = self._keywords.get("AUTH", ())
+        return {"ehlo": frozenset(keyword for keyword in self._keywords if keyword != "AUTH"),
+                "sasl": frozenset(m.decode("ascii", "replace").upper() for m in mechanisms)}
 
     # -- plumbing
 

@@ -10,13 +10,15 @@ through the proxy must appear in the home directory of the user *on the mapped n
 from __future__ import annotations
 
 import base64
+import os
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import DovecotPair
+from tests.conftest import DovecotPair, require_binary
 from tests.harness.dovecot import DovecotNode
 from tests.harness.pki import CertificateAuthority, IssuedCertificate
 from tests.harness.ports import LOOPBACK
@@ -103,6 +105,34 @@ def test_capabilities_before_and_after_starttls(proxy: StalrouteProcess,
         after = client.capabilities
         assert "STARTTLS" not in after
         assert {"PLAIN", "LOGIN"} <= set(after["SASL"].split())
+
+
+def test_enotify_comes_with_its_notify_methods(proxy: StalrouteProcess) -> None:
+    """RFC 5804 §1.7: a server with "enotify" MUST advertise NOTIFY with its methods."""
+    with ManageSieveClient.connect(*proxy.listener("sieve")) as client:
+        assert "enotify" in client.capabilities["SIEVE"].split()
+        assert client.capabilities["NOTIFY"] == "mailto"
+
+
+def test_sieve_connect_lists_scripts_without_complaint(
+    proxy: StalrouteProcess, pki: CertificateAuthority, users: dict[str, str]
+) -> None:
+    """The real sieve-connect client checks the capability block on every session."""
+    binary = require_binary("sieve-connect")
+    _, port = proxy.listener("sieve")
+    read_end, write_end = os.pipe()
+    os.write(write_end, users["bob"].encode() + b"\n")
+    os.close(write_end)
+    try:
+        result = subprocess.run(
+            [binary, "--server", "localhost", "--port", str(port), "--user", "bob",
+             "--passwordfd", str(read_end), "--tlscafile", str(pki.cert_path), "--list"],
+            pass_fds=(read_end,), capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        os.close(read_end)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "violates" not in output.lower(), output
 
 
 @pytest.mark.parametrize("user", sorted(ROUTES), ids=lambda u: f"{u}-{ROUTES[u][1]}")

@@ -457,10 +457,48 @@ def test_check_rejects_an_unusable_statement(
     tmp_path: Path,
 ) -> None:
     config = proxy_config(pki, proxy_certificate, dovecot_pair, sqlite_backend)
-    config["mapping"]["sql"]["query"] = "SELECT destination FROM routes WHERE login = ?"
+    config["mapping"]["sql"]["query"] = "SELECT destination FROM routes WHERE login = :login"
     check = run_check(config, tmp_path)
     assert check.returncode == 1
     assert check.stdout.startswith("mapping.sql.query: must use $1"), check.stdout
+
+
+#: SQLite's own placeholder spellings: bare ``?`` (numbered in order) and ``?NNN``.
+SQLITE_STATEMENTS = {
+    "?": {"query": "SELECT destination FROM routes WHERE login = ?",
+          "upsert_query": "INSERT INTO routes VALUES (?, ?) ON CONFLICT (login) "
+                          "DO UPDATE SET destination = excluded.destination",
+          "delete_query": "DELETE FROM routes WHERE login = ?"},
+    "?NNN": {"query": "SELECT destination FROM routes WHERE login = ?1",
+             "upsert_query": "INSERT INTO routes VALUES (?1, ?2) ON CONFLICT (login) "
+                             "DO UPDATE SET destination = ?2",
+             "delete_query": "DELETE FROM routes WHERE login = ?1"},
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(SQLITE_STATEMENTS))
+def test_sqlite_statements_with_sqlite_placeholders(
+    stalroute: StalrouteFactory,
+    pki: CertificateAuthority,
+    proxy_certificate: IssuedCertificate,
+    dovecot_pair: DovecotPair,
+    users: dict[str, str],
+    sqlite_backend: SQLiteBackend,
+    tmp_path: Path,
+    spelling: str,
+) -> None:
+    """A query written for SQLite loads, routes, and writes (issue 11 item 12)."""
+    config = proxy_config(pki, proxy_certificate, dovecot_pair, sqlite_backend)
+    config["mapping"]["sql"].update(SQLITE_STATEMENTS[spelling])
+    check = run_check(config, tmp_path)
+    assert check.returncode == 0, check.stdout + check.stderr
+    sqlite_backend.set("bob", "node2")
+    proxy = stalroute(config)
+    assert lands_on(proxy, pki, users, "bob") == "node2"
+    assert lands_on(proxy, pki, users, "alice") == "node1"
+    result = run_scenario("writes", config["mapping"])
+    assert result == {"writable": True, "upsert": None, "lookup": "node2", "delete": True,
+                      "delete_again": False, "after": None}
 
 
 # --- the cache against the real stores (in-process, in a child) ----------------------------

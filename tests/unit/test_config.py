@@ -196,6 +196,55 @@ def test_capabilities_overrides(base_dir: Path) -> None:
     assert config.capabilities.submission.ehlo  # untouched sections keep their defaults
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("capabilities.imap.advertise", ["IMAP4rev1", "ÜBER"],
+         'capabilities.imap.advertise[1]: "ÜBER" is not an IMAP capability'),
+        ("capabilities.imap.advertise", ["X(Y"],
+         'capabilities.imap.advertise[0]: "X(Y" is not an IMAP capability'),
+        ("capabilities.imap.advertise", ["IMAP4rev1", "X]"],
+         'capabilities.imap.advertise[1]: "X]" is not an IMAP capability'),
+        ("capabilities.submission.ehlo", ["SIZE", "8BITMIMÉ"],
+         'capabilities.submission.ehlo[1]: "8BITMIMÉ" is not an EHLO keyword'),
+        ("capabilities.submission.ehlo", ["-X"],
+         'capabilities.submission.ehlo[0]: "-X" is not an EHLO keyword'),
+        ("capabilities.managesieve.sieve", ["fileinto", "vacaciön"],
+         'capabilities.managesieve.sieve[1]: "vacaciön" is not a Sieve extension name'),
+        ("capabilities.managesieve.sieve", ['a"b'],
+         'capabilities.managesieve.sieve[0]: "a\\"b" is not a Sieve extension name'),
+        ("capabilities.managesieve.implementation", "Dövecot",
+         'capabilities.managesieve.implementation: "Dövecot" is not printable ASCII text'),
+        ("capabilities.imap.banner", "Willkommen über IMAP",
+         'capabilities.imap.banner: "Willkommen über IMAP" is not printable ASCII text'),
+        ("capabilities.pop3.banner", "tab\there",
+         'capabilities.pop3.banner: "tab\\there" is not printable ASCII text'),
+        ("server.hostname", "mäil.example.com",
+         'server.hostname: "mäil.example.com" is not a printable ASCII host name'),
+    ],
+)
+def test_text_sent_as_it_is_must_be_what_the_protocol_allows(
+    base_dir: Path, key: str, value: Any, expected: str
+) -> None:
+    """Non-ASCII or special characters would break every greeting (issue 11 item 6)."""
+    [problem] = problems_of(base_dir, with_((key, value)))
+    assert problem.startswith(expected), problem
+
+
+def test_protocol_tokens_within_their_grammar_are_kept(base_dir: Path) -> None:
+    config = parse(base_dir, with_(
+        ("capabilities.imap.advertise", ["IMAP4rev1", "LITERAL+", "UTF8=ACCEPT", "X-VENDOR"]),
+        ("capabilities.submission.ehlo", ["SIZE", "X-EXPS", "8BITMIME"]),
+        ("capabilities.managesieve.sieve", ["comparator-i;ascii-numeric", "vnd.dovecot.debug"]),
+        ("capabilities.managesieve.implementation", 'Dovecot "Pigeonhole" (0.5)'),
+        ("capabilities.imap.banner", ""),
+        ("server.hostname", "xn--mil-sna.example.com"),
+    ))
+    assert config.capabilities.imap.advertise[-1] == "X-VENDOR"
+    assert config.capabilities.managesieve.sieve[0] == "comparator-i;ascii-numeric"
+    assert config.server.hostname == "xn--mil-sna.example.com"
+
+
 def test_dataclasses_are_frozen(base_dir: Path) -> None:
     config = parse(base_dir)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -916,6 +965,22 @@ def test_check_files_false_skips_the_file_system(base_dir: Path) -> None:
     assert config.admin.token is None and config.admin.token_source == "admin.bearer_token_file"
 
 
+def test_path_components_over_255_bytes_are_problems_at_their_keys(base_dir: Path) -> None:
+    """``Path.exists()`` raises ENAMETOOLONG for them; each is reported like a missing file."""
+    long = "x" * 300
+    found = problems_of(base_dir, with_(
+        ("tls.certificate.main", {"cert": f"/{long}/cert.pem", "key": f"{long}.pem"}),
+        ("destination.main.tls_ca_file", f"{long}/ca.pem"),
+        ("mapping.file.path", long),
+        ("admin", {"bind": "127.0.0.1:8443", "bearer_token_file": f"/tmp/{long}"}),
+    ))
+    keys = [problem.split(": ", 1)[0] for problem in found]
+    assert keys == ["tls.certificate.main.cert", "tls.certificate.main.key",
+                    "destination.main.tls_ca_file", "mapping.file.path",
+                    "admin.bearer_token_file"]
+    assert all(problem.endswith("cannot be used: File name too long") for problem in found)
+
+
 def test_certificate_key_mismatch_and_garbage(base_dir: Path, tmp_path: Path) -> None:
     ca = CertificateAuthority(tmp_path / "ca")
     one, two = ca.issue("one"), ca.issue("two")
@@ -1023,7 +1088,8 @@ def test_sql_mapping_and_writability(base_dir: Path) -> None:
     assert config.mapping.sql.pool_size == 16
     assert "pw" not in repr(config.mapping)
 
-    sql.update(upsert_query="INSERT ...", delete_query="DELETE ...")
+    sql.update(upsert_query="INSERT INTO m VALUES ($1, $2)",
+               delete_query="DELETE FROM m WHERE id = $1")
     config = parse(base_dir, with_(("mapping.source", "sql"), ("mapping.sql", sql)))
     assert config.mapping.sql.writable and config.mapping.writable
 
@@ -1527,6 +1593,95 @@ def test_check_uses_the_environment(
     assert main(["check"]) == 2
 
 
+def test_check_reports_non_ascii_capabilities(
+    base_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = base_dir / "stalroute.toml"
+    path.write_text(MINIMAL_TOML + '\n[capabilities.imap]\nadvertise = ["IMAP4rev1", "ÜBER"]\n',
+                    encoding="utf-8")
+    assert main(["check", str(path)]) == 1
+    out, _ = capsys.readouterr()
+    assert out.splitlines() == [
+        'capabilities.imap.advertise[1]: "ÜBER" is not an IMAP capability: an atom of printable '
+        'ASCII without spaces or ( ) { % * " \\ ]']
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"bob main\n\xff\xfe main\n", "line 2: not UTF-8 text"),
+        (b"b\"ob main\n", "line 1: invalid identifier (identifier contains a quote or backslash)"),
+        (b"bob nowhere\n", "line 1: unknown destination 'nowhere'"),
+    ],
+)
+def test_check_reports_a_bad_mapping_file_as_one_problem(
+    base_dir: Path, capsys: pytest.CaptureFixture[str], content: bytes, problem: str
+) -> None:
+    (base_dir / "mappings.tsv").write_bytes(content)
+    path = base_dir / "stalroute.toml"
+    path.write_text(MINIMAL_TOML)
+    assert main(["check", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"mapping.file.path: {base_dir / 'mappings.tsv'}: {problem}\n"
+    assert "Traceback" not in err
+
+
+def test_check_of_a_config_path_too_long_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / ("x" * 300 + ".toml")
+    assert main(["check", str(path)]) == 1
+    assert capsys.readouterr().out == f"{path}: cannot read the file: File name too long\n"
+
+
+def test_check_skip_files_validates_a_config_for_another_host(
+    base_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Files named by the config are neither read nor looked for; everything else is checked."""
+    elsewhere = MINIMAL_TOML.replace('path = "mappings.tsv"', 'path = "/srv/other/map.tsv"') + (
+        '\n[tls.certificate.main]\ncert = "/etc/other/cert.pem"\nkey = "/etc/other/key.pem"\n'
+        '\n[admin]\nbind = "127.0.0.1:8443"\nbearer_token_file = "/etc/other/token"\n'
+    )
+    path = base_dir / "stalroute.toml"
+    path.write_text(elsewhere)
+    assert main(["check", str(path)]) == 1
+    assert "does not exist" in capsys.readouterr().out
+    assert main(["check", "--skip-files", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"OK: {path} (1 listeners, 1 destinations; files not checked)\n"
+    assert err == ""
+
+    path.write_text(elsewhere + '\n[capabilities.pop3]\nbanner = "héllo"\n[server]\nworkers = 0\n',
+                    encoding="utf-8")
+    assert main(["check", "--skip-files", str(path)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "server.workers: must be at least 1, not 0",
+        'capabilities.pop3.banner: "héllo" is not printable ASCII text (characters 32 to 126; '
+        "no accents or tabs)",
+    ]
+
+
+def test_check_skip_files_still_checks_store_settings(
+    base_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    redis = MINIMAL_TOML.replace('source = "file"', 'source = "redis"').replace(
+        '[mapping.file]\npath = "mappings.tsv"',
+        '[mapping.redis]\nurl = "rediss://cache:6380/0?ssl_ca_certs=/etc/other/ca.pem&tls=1"')
+    path = base_dir / "stalroute.toml"
+    path.write_text(redis)
+    assert main(["check", "--skip-files", str(path)]) == 1
+    assert capsys.readouterr().out.startswith("mapping.redis.url: unknown parameter 'tls'")
+    path.write_text(redis.replace("&tls=1", ""))
+    assert main(["check", "--skip-files", str(path)]) == 0
+    sqlite = MINIMAL_TOML.replace('source = "file"', 'source = "sqlite"').replace(
+        '[mapping.file]\npath = "mappings.tsv"',
+        '[mapping.sql]\nurl = "sqlite:///srv/other/m.db"\nquery = "SELECT d FROM m"')
+    path.write_text(sqlite)
+    capsys.readouterr()
+    assert main(["check", "--skip-files", str(path)]) == 1
+    assert capsys.readouterr().out.startswith("mapping.sql.query: must use $1")
+
+
 def test_check_requires_a_subcommand() -> None:
     with pytest.raises(SystemExit) as info:
         main([])
@@ -1561,7 +1716,8 @@ def test_sqlite_memory_url(base_dir: Path) -> None:
     config = parse(
         base_dir,
         with_(
-            ("mapping.source", "sql"), ("mapping.sql", {"url": "sqlite:///:memory:", "query": "q"})
+            ("mapping.source", "sql"),
+            ("mapping.sql", {"url": "sqlite:///:memory:", "query": "SELECT d FROM m WHERE id = ?"}),
         ),
     )
     assert config.mapping.sql.sqlite_path == ":memory:"

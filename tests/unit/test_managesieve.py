@@ -30,6 +30,8 @@ from stalroute.protocols.base import (
 )
 from stalroute.protocols.linebased import MAX_BAD_COMMANDS
 from stalroute.protocols.lines import (
+    MAX_CAPABILITY_BYTES,
+    MAX_CAPABILITY_LINES,
     SYNC_LITERAL,
     ArgumentError,
     LineTooLong,
@@ -156,6 +158,21 @@ def test_greeting_over_tls_and_defaults():
     assert greeting.startswith(b'"IMPLEMENTATION" "stalroute"\r\n"SASL" ""\r\n"SIEVE" "'
                                + " ".join(DEFAULT_SIEVE_EXTENSIONS).encode() + b'"\r\n')
     assert greeting.endswith(b'"VERSION" "1.0"\r\nOK "Ready."\r\n')
+
+
+def test_enotify_is_advertised_with_its_notify_methods():
+    """RFC 5804 §1.7: with "enotify" in SIEVE, NOTIFY MUST list the notification methods."""
+    def capability_lines(**extra: object) -> list[bytes]:
+        settings = PreAuthSettings(hostname="h", tls_mode="implicit", sasl=("PLAIN",),
+                                   allow_plain_auth_without_tls=False, banner="", extra=extra)
+        return ManageSievePreAuth(settings).capability_block().splitlines()
+
+    assert b'"NOTIFY" "mailto"' in capability_lines()  # the default list has enotify
+    assert b'"NOTIFY" "mailto"' in capability_lines(sieve=("fileinto", "enotify"))
+    assert b'"NOTIFY" "xmpp mailto"' in capability_lines(sieve=("enotify",),
+                                                        notify=("xmpp", "mailto"))
+    without = capability_lines(sieve=("fileinto", "vacation"), notify=("mailto",))
+    assert not any(line.startswith(b'"NOTIFY"') for line in without)
 
 
 def test_capability_noop_logout():
@@ -486,8 +503,17 @@ def test_backend_bad_greetings(greeting, reason):
 
 
 def test_backend_capability_block_is_bounded():
-    assert dialogue().receive(b'"X"\r\n' * 300)[-1] == BackendError(
-        "backend sent too many capabilities")
+    too_many = BackendError("backend sent too many capabilities")
+    d = dialogue()
+    assert d.receive(b'"X"\r\n' * MAX_CAPABILITY_LINES) == []
+    assert d.receive(b'"X"\r\n') == [too_many]
+    d = dialogue()  # the values count too, literals included
+    assert d.receive(b'"SIEVE" {%d}\r\n%s\r\n' % (MAX_CAPABILITY_BYTES - 100,
+                                                   b"x" * (MAX_CAPABILITY_BYTES - 100))) == []
+    assert d.receive(b'"NOTIFY" "%s"\r\n' % (b"m" * 100)) == [too_many]
+    d = dialogue(tls_mode="starttls")  # a block within bounds is read to its end
+    assert d.receive(b'"X"\r\n' * (MAX_CAPABILITY_LINES - 1) + b'"STARTTLS"\r\nOK\r\n') == [
+        BackendSend(b"STARTTLS\r\n")]
     assert dialogue().receive(b'"X" {%d}\r\n' % (MAX_PREAUTH_LINE + 1)) == [
         BackendError("backend line too long")]
 

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 
 from stalroute.mapping import StoreError
 from stalroute.mapping.cache import TRANSIENT_TTL, RoutingCache
-from stalroute.mapping.file import FileMappingStore, MappingFileError
+from stalroute.mapping.file import MAX_REPORTED_PROBLEMS, FileMappingStore, MappingFileError
 
 
 def result_of(d: Deferred):
@@ -132,6 +132,30 @@ def test_file_store_rejects_unknown_destinations_with_line_numbers(tmp_path: Pat
         FileMappingStore(path, ["node1", "node2"], "none")
     assert info.value.problems == ["line 2: unknown destination 'nowhere'",
                                    "line 3: expected 'identifier destination'"]
+
+
+def test_file_store_refuses_invalid_identifiers_and_non_utf8_lines(tmp_path: Path) -> None:
+    """Each bad line named with its number, the file named too; never a traceback."""
+    path = tmp_path / "m.tsv"
+    path.write_bytes(b"bob node2\n\xff\xfe\tnode1\ncar\x00ol\tnode1\nal\"ice node1\n"
+                     b"# caf\xc3\xa9 is fine in a comment\nb\xc3\xa9a node1\n")
+    with pytest.raises(MappingFileError) as info:
+        FileMappingStore(path, ["node1", "node2"], "none")
+    assert info.value.problems == [
+        "line 2: not UTF-8 text",
+        "line 3: invalid identifier (identifier contains a control character)",
+        "line 4: invalid identifier (identifier contains a quote or backslash)",
+    ]
+    assert str(info.value).startswith(f"{path}: line 2: not UTF-8 text; line 3: ")
+
+
+def test_a_file_of_garbage_gives_a_bounded_error(tmp_path: Path) -> None:
+    path = tmp_path / "m.tsv"
+    path.write_bytes(b"a\x01 node1\n" * 1000)
+    with pytest.raises(MappingFileError) as info:
+        FileMappingStore(path, ["node1"], "none")
+    assert len(info.value.problems) == MAX_REPORTED_PROBLEMS + 1
+    assert info.value.problems[-1] == "and 980 more bad lines"
 
 
 def test_rewrite_is_sorted_tab_separated_and_keeps_the_file_mode(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from stalroute.protocols.base import (
-    BackendError, BackendReady, BackendSend, BackendSettings, ForwardingInfo, LoginSucceeded,
+    MAX_PREAUTH_LINE, BackendError, BackendReady, BackendSend, BackendSettings, ForwardingInfo,
+    LoginSucceeded,
 )
 from stalroute.protocols.passthrough import LMTPPassthroughBackend, PassthroughBackend
 
@@ -50,3 +51,17 @@ def test_a_refusing_greeting_is_relayed_and_a_refused_xclient_is_an_error() -> N
     assert isinstance(error, BackendError)
     [error] = PassthroughBackend(settings(CLIENT)).receive(b"garbage\r\n")
     assert isinstance(error, BackendError)
+
+
+def test_an_over_long_backend_reply_while_announcing_the_client_is_a_backend_error() -> None:
+    """Too long for the reply reader: a backend error (the client gets a temporary failure),
+    never an exception out of the dialogue."""
+    for hello in (b"250-mx\r\n250 " + b"X" * MAX_PREAUTH_LINE + b"\r\n",  # a line too long
+                  (b"250-" + b"X" * 1000 + b"\r\n") * (MAX_PREAUTH_LINE // 1000 + 1)):  # a reply
+        backend = PassthroughBackend(settings(CLIENT))
+        backend.receive(b"220 mx ESMTP\r\n")
+        [error] = backend.receive(hello)
+        assert isinstance(error, BackendError) and "too long" in error.reason, error
+    greeting = LMTPPassthroughBackend(settings(CLIENT))  # before any complete line
+    [error] = greeting.receive(b"220 " + b"x" * (MAX_PREAUTH_LINE + 10))
+    assert isinstance(error, BackendError) and "too long" in error.reason

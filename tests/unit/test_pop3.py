@@ -28,6 +28,7 @@ from stalroute.protocols.base import (
     StartTLS,
 )
 from stalroute.protocols.linebased import MAX_BAD_COMMANDS
+from stalroute.protocols.lines import MAX_CAPABILITY_BYTES, MAX_CAPABILITY_LINES
 from stalroute.protocols.pop3 import (
     SPEC,
     POP3BackendDialogue,
@@ -531,9 +532,20 @@ def test_backend_unexpected_lines():
 
 
 def test_backend_capa_is_bounded():
+    assert (MAX_CAPABILITY_LINES, MAX_CAPABILITY_BYTES) == (64, 16 * 1024)
+    too_many = BackendError("backend sent too many capabilities")
     d = dialogue(tls_mode="starttls")
     d.receive(b"+OK ready\r\n+OK\r\n")
-    assert d.receive(b"X\r\n" * 300)[-1] == BackendError("backend sent too many capabilities")
+    assert d.receive(b"X\r\n" * MAX_CAPABILITY_LINES) == []
+    assert d.receive(b"X\r\n") == [too_many]
+    d = dialogue(tls_mode="starttls")
+    d.receive(b"+OK ready\r\n+OK\r\n")
+    assert d.receive(b"X-LONG " + b"x" * (MAX_CAPABILITY_BYTES - 100) + b"\r\n") == []
+    assert d.receive(b"X-MORE " + b"x" * 100 + b"\r\n") == [too_many]
+    d = dialogue(tls_mode="starttls")  # a list within bounds is read to its end
+    d.receive(b"+OK ready\r\n+OK\r\n")
+    assert d.receive(b"X\r\n" * (MAX_CAPABILITY_LINES - 1) + b"STLS\r\n.\r\n") == [
+        BackendSend(b"STLS\r\n")]
     d = dialogue()
     assert d.receive(b"+OK " + b"x" * MAX_PREAUTH_LINE + b"\r\n") == [
         BackendError("backend line too long")]

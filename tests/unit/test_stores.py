@@ -39,7 +39,7 @@ from stalroute.mapping import (
     url_secrets,
 )
 from stalroute.mapping import redis as redis_store
-from stalroute.mapping.factory import InvalidStoreSetting, UnsupportedStore, build_store
+from stalroute.mapping.factory import InvalidStoreSetting, build_store
 from stalroute.mapping.file import FileMappingStore
 from stalroute.mapping.redis import RedisMappingStore, RedisTarget, parse_redis_url, tls_options
 from stalroute.mapping.sql import (
@@ -52,12 +52,13 @@ from stalroute.mapping.sql import (
     postgresql_dsn,
     sqlite_database,
 )
+from stalroute.sqlparams import parameter_problem, translate
 
 # --- placeholders ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("sql", "pyformat", "numeric"),
+    ("sql", "postgresql", "sqlite"),
     [
         ("SELECT d FROM m WHERE login = $1",
          "SELECT d FROM m WHERE login = %(p1)s", "SELECT d FROM m WHERE login = ?1"),
@@ -75,26 +76,53 @@ from stalroute.mapping.sql import (
         ("SELECT d /* $2 % */ FROM m WHERE login = $1",
          "SELECT d /* $2 %% */ FROM m WHERE login = %(p1)s",
          "SELECT d /* $2 % */ FROM m WHERE login = ?1"),
+        # SQLite's own placeholders; "?" is an operator in PostgreSQL (jsonb), left alone
+        ("SELECT d FROM m WHERE login = ? AND '?' <> ?1",
+         "SELECT d FROM m WHERE login = ? AND '?' <> ?1",
+         "SELECT d FROM m WHERE login = ?1 AND '?' <> ?1"),
+        ("INSERT INTO m VALUES (?, ?) ON CONFLICT (login) DO UPDATE SET d = ?2",
+         "INSERT INTO m VALUES (?, ?) ON CONFLICT (login) DO UPDATE SET d = ?2",
+         "INSERT INTO m VALUES (?1, ?2) ON CONFLICT (login) DO UPDATE SET d = ?2"),
     ],
 )
 def test_placeholders_are_translated_outside_quotes_and_comments(
-    sql: str, pyformat: str, numeric: str
+    sql: str, postgresql: str, sqlite: str
 ) -> None:
-    assert Statement.translate(sql, "pyformat")[0].text == pyformat
-    assert Statement.translate(sql, "numeric")[0].text == numeric
+    assert Statement.translate(sql, "postgresql").text == postgresql
+    assert Statement.translate(sql, "sqlite").text == sqlite
 
 
-@given(st.text(alphabet="ab %$'12 \n-", max_size=40))
+def test_a_bare_question_mark_is_numbered_as_sqlite_numbers_it() -> None:
+    """One more than the largest number assigned before it (SQLite's "Parameters" rule)."""
+    _, found = translate("SELECT ?2, ?, $1, ?", "sqlite")
+    assert [(p.written, p.number) for p in found] == [("?2", 2), ("?", 3), ("$1", 1), ("?", 4)]
+    assert translate("SELECT ?", "postgresql") == ("SELECT ?", [])
+    _, [huge] = translate("SELECT $" + "9" * 5000, "postgresql")  # no int() of 5000 digits
+    assert huge.number > 32766
+
+
+@given(st.text(alphabet="ab %$'12 \n-?", max_size=40))
 def test_pyformat_translation_leaves_no_lone_percent(sql: str) -> None:
     """psycopg2 formats the whole string: every % that is not a parameter must be doubled."""
-    text = Statement.translate(sql, "pyformat")[0].text
+    text = Statement.translate(sql, "postgresql").text
     assert "%" not in re.sub(r"%%|%\(p[0-9]+\)s", "", text)
 
 
-def test_bind_follows_the_style() -> None:
-    upsert, used = Statement.translate("INSERT INTO m VALUES ($2, $1)", "numeric")
-    assert used == {1, 2} and upsert.bind(["bob", "node2"]) == ("bob", "node2")
-    lookup = Statement.translate("SELECT d FROM m WHERE a = $1 OR b = $1", "pyformat")[0]
+@given(st.text(max_size=60), st.sampled_from(["postgresql", "sqlite"]),
+       st.integers(min_value=0, max_value=2))
+def test_any_statement_gets_an_answer_never_an_exception(sql: str, engine: str,
+                                                         arity: int) -> None:
+    names = ["identifier", "destination"][:arity]
+    problem = parameter_problem(sql, engine, names)
+    assert problem is None or isinstance(problem, str)
+    if problem is None:  # then the translation binds exactly the parameters it names
+        assert Statement.translate(sql, engine).arity == arity
+
+
+def test_bind_follows_the_engine() -> None:
+    upsert = Statement.translate("INSERT INTO m VALUES ($2, $1)", "sqlite")
+    assert upsert.arity == 2 and upsert.bind(["bob", "node2"]) == ("bob", "node2")
+    lookup = Statement.translate("SELECT d FROM m WHERE a = $1 OR b = $1", "postgresql")
     assert lookup.bind(["bob"]) == {"p1": "bob"}
 
 
@@ -108,25 +136,69 @@ def test_bind_follows_the_style() -> None:
          r"mapping\.sql\.upsert_query: must use \$2"),
         ("delete_query", "DELETE FROM m WHERE login = $3",
          r"mapping\.sql\.delete_query: unknown parameter \$3"),
+        # PostgreSQL has no "?" placeholder: the error says so
+        ("query", "SELECT d FROM m WHERE login = ?",
+         r"mapping\.sql\.query: must use \$1 .*PostgreSQL has no \? placeholder"),
+        ("list_query", "SELECT l, d FROM m WHERE l = $1",
+         r"mapping\.sql\.list_query: must not use parameters \(\$1 found\)"),
     ],
 )
-def test_unusable_statements_are_startup_errors(field: str, sql: str, message: str) -> None:
-    settings = {
-        "url": "postgresql://db/x",
-        "query": "SELECT d FROM m WHERE login = $1",
-        "upsert_query": "INSERT INTO m VALUES ($1, $2)",
-        "delete_query": "DELETE FROM m WHERE login = $1",
-        field: sql,
-    }
-    with pytest.raises(InvalidStoreSetting, match=message) as raised:
-        Statements.configured(SQLMappingConfig(**settings), "pyformat")
-    assert isinstance(raised.value, UnsupportedStore)  # the service reports it at startup
+def test_unusable_postgresql_statements_are_configuration_errors(
+    tmp_path: Path, field: str, sql: str, message: str
+) -> None:
+    statements = {"upsert_query": "INSERT INTO m VALUES ($1, $2)",
+                  "delete_query": "DELETE FROM m WHERE login = $1", field: sql}
+    document = sql_document(url="postgresql://db/x", **statements)
+    with pytest.raises(ConfigError) as raised:
+        parse_config(document, tmp_path, {}, check_files=False)
+    [problem] = raised.value.problems
+    assert re.match(message, str(problem)), problem
+
+
+@pytest.mark.parametrize(
+    ("field", "sql", "message"),
+    [
+        ("query", "SELECT d FROM m WHERE login = :login",
+         r"mapping\.sql\.query: must use \$1 .*SQLite's \?1, \?2 and \?"),
+        ("query", "SELECT d FROM m WHERE login = ? OR alias = ?",
+         r"mapping\.sql\.query: unknown parameter \? \(numbered \?2\)"),
+        ("upsert_query", "INSERT INTO m VALUES (?, 'node1')",
+         r"mapping\.sql\.upsert_query: must use \$2"),
+        ("delete_query", "DELETE FROM m WHERE login = ?3",
+         r"mapping\.sql\.delete_query: unknown parameter \?3"),
+        ("list_query", "SELECT l, d FROM m WHERE l > ?",
+         r"mapping\.sql\.list_query: must not use parameters \(\? found\)"),
+    ],
+)
+def test_unusable_sqlite_statements_are_configuration_errors(
+    tmp_path: Path, field: str, sql: str, message: str
+) -> None:
+    statements = {"upsert_query": "INSERT INTO m VALUES (?1, ?2)",
+                  "delete_query": "DELETE FROM m WHERE login = ?", field: sql}
+    document = sql_document(**statements)
+    with pytest.raises(ConfigError) as raised:
+        parse_config(document, tmp_path, {}, check_files=False)
+    [problem] = raised.value.problems
+    assert re.match(message, str(problem)), problem
+
+
+@pytest.mark.parametrize("query", ["SELECT d FROM m WHERE login = ?",
+                                   "SELECT d FROM m WHERE login = ?1",
+                                   "SELECT d FROM m WHERE login = $1"])
+def test_sqlite_statements_take_sqlite_placeholders(tmp_path: Path, query: str) -> None:
+    document = sql_document(query=query, upsert_query="INSERT INTO m VALUES (?, ?)",
+                            delete_query="DELETE FROM m WHERE login = ?1")
+    sql = parse_config(document, tmp_path, {}, check_files=False).mapping.sql
+    assert sql is not None and sql.query == query
+    statements = Statements.configured(sql)
+    assert statements.lookup.text == "SELECT d FROM m WHERE login = ?1"
+    assert statements.upsert == Statement("INSERT INTO m VALUES (?1, ?2)", "sqlite", 2)
 
 
 def test_statements_without_both_writes_are_read_only() -> None:
     only_upsert = SQLMappingConfig(url="sqlite:///m.db", query="SELECT d FROM m WHERE l = $1",
                                    upsert_query="INSERT INTO m VALUES ($1, $2)")
-    statements = Statements.configured(only_upsert, "numeric")
+    statements = Statements.configured(only_upsert)
     assert statements.upsert is None and statements.delete is None
 
 
@@ -352,23 +424,13 @@ def test_unusable_list_queries_are_configuration_errors(
 def test_list_query_is_translated_like_the_others() -> None:
     settings = SQLMappingConfig(url="postgresql://db/x", query=SQLITE_LOOKUP,
                                 list_query="SELECT l, d FROM m WHERE note LIKE 'x%'")
-    statements = Statements.configured(settings, "pyformat")
+    statements = Statements.configured(settings)
     assert statements.upsert is None  # listing does not need writes
     assert statements.list == Statement("SELECT l, d FROM m WHERE note LIKE 'x%%'",
-                                        "pyformat", 0)
+                                        "postgresql", 0)
     assert statements.list.bind([]) == {}  # psycopg2 formats with {}: %% becomes %
-    assert Statements.configured(SQLMappingConfig(url="sqlite:///m.db", query=SQLITE_LOOKUP),
-                                 "numeric").list is None
-
-
-def test_list_query_with_a_parameter_is_refused_by_the_store_too() -> None:
-    """A config built in code skips the TOML converter; the store still names the key."""
-    settings = SQLMappingConfig(url="sqlite:///m.db", query=SQLITE_LOOKUP,
-                                list_query="SELECT l, d FROM m WHERE l = $1")
-    with pytest.raises(InvalidStoreSetting,
-                       match=r"^mapping\.sql\.list_query: unknown parameter \$1 "
-                             r"\(this statement has none\)$"):
-        Statements.configured(settings, "numeric")
+    assert Statements.configured(SQLMappingConfig(url="sqlite:///m.db",
+                                                  query=SQLITE_LOOKUP)).list is None
 
 
 @pytest.fixture
