@@ -261,7 +261,8 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
         "",
         f"sessions: {sessions['open']} open ({sessions['spliced']} logged in, "
         f"{sessions['preauth']} before login)",
-        f"cache: {cache['entries']} entries; hits: {hits}; misses {counters.get('miss', 0)}",
+        f"cache: {cache['entries']} entries; hits: {hits}; misses {counters.get('miss', 0)}; "
+        f"hit rate {stats['hit_rate_pct']}%",
         f"bans: {stats['bans']}; login delays: {stats['login_delays']}",
     ])
     _emit(args, stats, text)

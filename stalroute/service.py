@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 
@@ -9,11 +10,13 @@ from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 
 from stalroute.backend import BackendConnector
-from stalroute.config import Config, ConfigError, load_config
+from stalroute.capabilities import DestinationCapabilities
+from stalroute.config import Config, ConfigError, ListenerConfig, load_config
 from stalroute.limits import BanList, LoginDelays
 from stalroute.logs import logger, set_level
 from stalroute.mapping.cache import RoutingCache
@@ -22,7 +25,8 @@ from stalroute.mapping.file import MappingFileError
 from stalroute.protocols import PROTOCOLS
 from stalroute.router import Router
 from stalroute.stats import Metrics
-from stalroute.session import CLOSE_GRACE, Runtime, SessionFactory, SessionRegistry
+from stalroute.inbound import CLOSE_GRACE
+from stalroute.session import Runtime, SessionFactory, SessionRegistry
 from stalroute.tls import ServerTLS
 
 log = logger("stalroute.service")
@@ -51,7 +55,8 @@ def build_runtime(reactor, config: Config, previous: Runtime | None = None) -> R
     """Everything a configuration needs at run time.
 
     On a reload, ``previous`` hands over what must survive it: the live sessions, bans, login
-    delays and the circuit state of destinations that still exist. Raises
+    delays, the destinations' learnt capabilities and the circuit state of destinations that
+    still exist. Raises
     :class:`StartupError` (naming the key or file) before anything binds or is swapped.
     """
     for name, listener in config.listeners.items():
@@ -78,22 +83,44 @@ def build_runtime(reactor, config: Config, previous: Runtime | None = None) -> R
         registry, bans, delays, metrics = (previous.registry, previous.bans, previous.delays,
                                            previous.metrics)
         bans.security = config.security
+        cache.counters = previous.router.cache.counters  # hits and misses count across reloads
         for name in connector.breakers.keys() & previous.connector.breakers.keys():
             connector.breakers[name] = previous.connector.breakers[name]
     return Runtime(config=config, router=Router(config, store, cache, metrics),
                    connector=connector, server_tls=server_tls, registry=registry, bans=bans,
-                   delays=delays, metrics=metrics)
+                   delays=delays, metrics=metrics,
+                   capabilities=previous.capabilities if previous else DestinationCapabilities())
 
 
 def settings_needing_restart(old: Config, new: Config) -> list[str]:
-    """Changed settings a reload cannot apply: listener sockets, the admin endpoint, workers."""
+    """Changed settings a reload cannot apply: listener sockets, the admin endpoint, workers,
+    the log format (twistd's observer is set once, at startup)."""
     changed = [f"listener.{name}" for name in sorted(old.listeners.keys() | new.listeners.keys())
                if old.listeners.get(name) != new.listeners.get(name)]
     if old.admin != new.admin:
         changed.append("admin")
     if old.server.workers != new.server.workers:
         changed.append("server.workers")
+    if old.server.log_format != new.server.log_format:
+        changed.append("server.log_format")
     return changed
+
+
+def listener_after_reload(running: ListenerConfig, config: Config) -> ListenerConfig:
+    """The settings a bound listener serves with after a reload: the new ones, unless the new
+    configuration removed or renamed it or changed its protocol; then its port keeps the
+    settings it was started with until a restart (the reload reports it as needing one)."""
+    new = config.listeners.get(running.name)
+    return new if new is not None and new.protocol == running.protocol else running
+
+
+def bind_refused(key: str, host: str, port: int, error: CannotListenError) -> StartupError:
+    """``listener.imaps: cannot bind 0.0.0.0:993: address already in use``."""
+    reason = error.socketError
+    errno = getattr(reason, "errno", None)
+    text = os.strerror(errno).lower() if errno else str(reason)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return StartupError(f"{key}: cannot bind {address}: {text}")
 
 
 class ListeningPort(tcp.Port):
@@ -126,6 +153,21 @@ class StalrouteService(service.Service):
     def startService(self) -> None:
         super().startService()
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._reload_on_signal))
+        try:
+            self._listen()
+        except StartupError as exc:
+            # One line naming the listener and address, and exit status 1: twistd would print
+            # a traceback for an exception.
+            log.critical("{problem}", problem=str(exc))
+            raise SystemExit(1) from None
+        config = self.runtime.config
+        self.runtime.capabilities.start(self.reactor, config)  # answers come in later
+        log.info("stalroute started: {listeners} listeners, {destinations} destinations",
+                 listeners=len(config.listeners), destinations=len(config.destinations))
+
+    def _listen(self) -> None:
+        """Bind every listener address and the admin API; StartupError names the first
+        address that cannot be bound."""
         config = self.runtime.config
         ipv4_ports = {port for listener in config.listeners.values()
                       for host, port in listener.bind if ":" not in host}
@@ -136,7 +178,10 @@ class StalrouteService(service.Service):
                 listening = ListeningPort(port, factory, 1024, host, self.reactor,
                                           v6only=":" in host and port in ipv4_ports)
                 # Synchronous, so that a port we cannot bind stops startup instead of a log line.
-                listening.startListening()
+                try:
+                    listening.startListening()
+                except CannotListenError as exc:
+                    raise bind_refused(f"listener.{name}", host, port, exc) from None
                 address = listening.getHost()
                 log.info("listener {name} on {host}:{port}", name=name, host=address.host,
                          port=address.port)
@@ -145,8 +190,6 @@ class StalrouteService(service.Service):
             from stalroute.admin.server import start_admin  # here: admin imports control → us
 
             self._ports.append(start_admin(self))
-        log.info("stalroute started: {listeners} listeners, {destinations} destinations",
-                 listeners=len(config.listeners), destinations=len(config.destinations))
 
     def _factory_for(self, name: str, protocol: str):
         """The connection factory of one listener: the shared session pipeline for the
@@ -167,7 +210,9 @@ class StalrouteService(service.Service):
         self.runtime = new
         for factory in self.factories.values():
             factory.runtime = new
+            factory.listener = listener_after_reload(factory.listener, new.config)
         set_level(new.config.server.log_level)
+        new.capabilities.start(self.reactor, new.config)  # re-probe, keeping the answers meanwhile
         # In-flight lookups of sessions still holding the old runtime may use the old store.
         self.reactor.callLater(RETIRE_DELAY, old.router.store.close)
         not_applied = settings_needing_restart(old.config, new.config)
@@ -182,11 +227,14 @@ class StalrouteService(service.Service):
             problems = exc.problems if isinstance(exc, ConfigError) else [exc]
             log.error("configuration reload refused, keeping the running one: {problems}",
                       problems="; ".join(str(p) for p in problems))
+        except Exception:  # noqa: BLE001 - a bug: logged as one event, the process goes on
+            log.failure("configuration reload failed: unexpected error")
 
     def stopService(self) -> Deferred[None]:
         """Graceful drain: stop accepting, let sessions finish up to ``shutdown_grace``, then
         close the rest."""
         super().stopService()
+        self.runtime.capabilities.stop()
         self.runtime.registry.draining = True
         stopped = DeferredList([port.stopListening() for port in self._ports])
         stopped.addCallback(lambda _: Deferred.fromCoroutine(self._drain()))

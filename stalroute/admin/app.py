@@ -56,6 +56,8 @@ EXPORT_CHUNK = 64 * 1024
 #: Query parameters whose values are identifiers: redacted in logs.
 _IDENTIFIER_PARAMETERS = frozenset({"identifier"})
 _SECRET_PARAMETERS = frozenset({"token", "password", "bearer_token"})
+#: The answer to a failure nobody foresaw (its traceback is logged).
+INTERNAL_ERROR = "internal error (see the stalroute log)"
 
 
 class ApiError(Exception):
@@ -239,7 +241,7 @@ class AdminAPI:
             return Reply(400, {"error": "configuration refused; the running one is kept",
                                "problems": problems})
         if isinstance(exc, MappingFileError):
-            return Reply(400, {"error": "mapping file refused; the old table is kept",
+            return Reply(400, {"error": f"mapping file refused, the old table is kept: {exc}",
                                "problems": exc.problems})
         if isinstance(exc, ReadOnlyStore):
             return Reply(501, {"error": str(exc) or "the mapping store is read-only"})
@@ -250,7 +252,7 @@ class AdminAPI:
         if isinstance(exc, (TimeoutError, DeferTimeoutError)):
             return Reply(503, {"error": "the mapping store did not answer in time"})
         log.failure("admin: unexpected error", failure=None)
-        return Reply(500, {"error": "internal error (see the stalroute log)"})
+        return Reply(500, {"error": INTERNAL_ERROR})
 
     # --- parameters ---------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -188,6 +189,11 @@ class _JSONReader:
                     raise BulkFormatError(self.line_at(min(exc.pos, len(self._buffer))),
                                           f"invalid JSON: {exc.msg}") from None
                 continue
+            except RecursionError:
+                raise BulkFormatError(line, "JSON nested too deeply") from None
+            except ValueError:  # not a JSONDecodeError: int() refused a number that long
+                raise BulkFormatError(line, f"a JSON number longer than "
+                                            f"{sys.get_int_max_str_digits()} digits") from None
             # A number (or literal) ending exactly at the buffer's end may go on in the
             # next chunk: read on before accepting it.
             if end == len(self._buffer) and not self._eof and self._fill():

@@ -4,9 +4,8 @@ time (SPEC §10).
 A custom collector: every value already exists on the listeners, the cache, the circuit
 breakers, the ban list, the session registry and the runtime's measurements
 (:mod:`stalroute.stats`: finished sessions, login and store latency).  Counters survive a
-config reload: the routing cache is rebuilt by a reload, so the collector keeps the counters
-of every cache it has seen (just the small ``Counter`` objects, never the caches) and reports
-their sum.
+config reload: the rebuilt routing cache takes over its predecessor's counters
+(:func:`stalroute.service.build_runtime`).
 """
 
 from __future__ import annotations
@@ -37,19 +36,9 @@ class StalrouteCollector:
                  ) -> None:
         self._control = control
         self._lockout_count = lockout_count
-        #: Every cache counter object seen, by identity (a reload builds a new cache).
-        self._cache_counters: dict[int, Counter] = {}
 
     def describe(self) -> list[Metric]:
         return []  # collected on demand only
-
-    def _cache_totals(self) -> Counter:
-        counters = self._control.runtime.router.cache.counters
-        self._cache_counters.setdefault(id(counters), counters)
-        total: Counter = Counter()
-        for seen in self._cache_counters.values():
-            total.update(seen)
-        return total
 
     def collect(self) -> Iterator[Metric]:
         stats = self._control.stats()
@@ -85,7 +74,7 @@ class StalrouteCollector:
             by_destination.add_metric([protocol, destination], count)
         yield by_destination
 
-        totals = self._cache_totals()
+        totals = stats["cache"]["counters"]
         hits = CounterMetricFamily("stalroute_cache_hits", "Routing cache hits by tier.",
                                    labels=["tier"])
         for tier in CACHE_TIERS:

@@ -62,6 +62,30 @@ def _op(summary: str, responses: dict[str, Any], *, parameters: list | None = No
     return operation
 
 
+_COUNT = {"type": "integer", "minimum": 0}
+#: ``GET /stats``: the reference product's top-level keys first, then stalroute's breakdown.
+_STATISTICS = {"type": "object", "required": [
+    "cache_hits", "cache_misses", "hit_rate_pct", "cache_entries", "active_connections",
+    "listeners", "sessions", "cache"], "properties": {
+    "cache_hits": {**_COUNT, "description": "Lookups the routing cache answered (positive "
+                   "and negative tiers)."},
+    "cache_misses": {**_COUNT, "description": "Lookups that went to the mapping store."},
+    "hit_rate_pct": {"type": "number", "minimum": 0, "maximum": 100, "description":
+                     "cache_hits / (cache_hits + cache_misses) in percent, one decimal; 0 "
+                     "before the first lookup."},
+    "cache_entries": {**_COUNT, "description": "Entries in the routing cache."},
+    "active_connections": {**_COUNT, "description": "Open client connections, all listeners."},
+    "draining": {"type": "boolean"},
+    "listeners": {"type": "object", "description": "Per listener: protocol, "
+                  "active_connections, rejected_connections, probes.",
+                  "additionalProperties": {"type": "object"}},
+    "sessions": {"type": "object", "description": "open, spliced, preauth."},
+    "cache": {"type": "object", "description": "entries, and counters by tier (hit:positive, "
+              "hit:negative, hit:transient, miss)."},
+    "bans": _COUNT, "login_delays": _COUNT,
+    "version": {"type": "string"}, "uptime": {"type": "number"},
+    "admin": {"type": "object", "description": "lockouts, locked_addresses."}}}
+
 _MAPPING = {"type": "object", "properties": {
     "identifier": {"type": "string"}, "destination": {"type": "string", "nullable": True}}}
 
@@ -90,7 +114,7 @@ SPEC: dict[str, Any] = {
                 "200": _json("Ready"), "503": _json("Not ready, with the reasons")},
             auth=False, tag="health")},
         "/stats": {"get": _op("Counters: listeners, sessions, cache, bans", {
-            "200": _json("Statistics")})},
+            "200": _json("Statistics", _STATISTICS)})},
         "/destinations": {"get": _op("Destinations with their circuit state", {
             "200": _json("Destinations")})},
         "/destinations/reset": {"post": _op("Close a destination's circuit by hand", {

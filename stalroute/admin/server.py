@@ -11,15 +11,19 @@ to ``[admin]`` is reported by the reload as needing a restart).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from OpenSSL import SSL
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from stalroute.admin.app import AdminAPI
+from stalroute.admin.app import INTERNAL_ERROR, AdminAPI
 from stalroute.logs import logger
+from stalroute.service import bind_refused
 from stalroute.tls import ServerTLS
 
 log = logger("stalroute.admin")
@@ -54,6 +58,23 @@ class AdminRequest(Request):
         if not self._discard_body:
             super().handleContentChunk(data)
 
+    def processingFailed(self, reason):
+        """Whatever escapes the API's own error handling (see ``AdminAPI._handle``) is logged
+        and answered with a JSON 500, never twisted.web's HTML page."""
+        log.failure("admin: unexpected error", failure=reason)
+        if self.startedWriting:  # cut a half-written answer, so it cannot pass as whole
+            transport = getattr(self.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+            return reason
+        body = json.dumps({"error": INTERNAL_ERROR}).encode() + b"\n"
+        self.setResponseCode(500)
+        self.setHeader(b"Content-Type", b"application/json")
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+        return reason
+
 
 class _JSONGuard(Resource):
     """In front of the Klein resource: a URL that is not UTF-8 gets a JSON 400 as well (Klein
@@ -76,10 +97,53 @@ class _JSONGuard(Resource):
         return self._inner.render(request)
 
 
-class AdminSite(Site):
-    """The Klein resource, with our request class and no access log (our own request log
-    line redacts identifiers; the stock one would print them)."""
+class AdminChannel(HTTPChannel):
+    """twisted.web's HTTP/1.1 channel, answering a request head it will not read with a JSON
+    error before closing: a line over ``MAX_LENGTH`` (16 KiB) would otherwise be dropped
+    without an answer, leaving the client waiting for the idle timeout, and a head over
+    ``totalHeadersSize`` or a malformed one would get a bare 400."""
 
+    _refused = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._refused:  # the rest of a refused request is discarded
+            super().dataReceived(data)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self.requests:  # the request line was read: this is a header line
+            self._refuse(431, f"a request header line is longer than {self.MAX_LENGTH} bytes")
+        else:
+            self._refuse(414, f"the request line is longer than {self.MAX_LENGTH} bytes")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """twisted.web's way out of a request it cannot parse (overridden: a bare 400)."""
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self._refuse(431, f"the request head is larger than {self.totalHeadersSize} bytes")
+        else:
+            self._refuse(400, "malformed HTTP request")
+
+    def _refuse(self, status: int, message: str) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        body = json.dumps({"error": message}).encode() + b"\n"
+        self.transport.write(b"".join([
+            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
+            b"Content-Type: application/json\r\nCache-Control: no-store\r\n",
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body), body]))
+        self.loseConnection()
+        # A TLS close waits for the client's close_notify: do not wait for it for ever.
+        self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+
+_REASONS = {400: b"Bad Request", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+
+
+class AdminSite(Site):
+    """The Klein resource, with our request class and channel and no access log (our own
+    request log line redacts identifiers; the stock one would print them)."""
+
+    protocol = AdminChannel
     requestFactory = AdminRequest
     displayTracebacks = False
     noisy = False
@@ -126,13 +190,17 @@ class AdminTLS:
 
 
 def start_admin(service) -> IListeningPort:
-    """Listen with TLS on ``[admin] bind``; raises (stopping startup) if it cannot bind."""
+    """Listen with TLS on ``[admin] bind``; StartupError (stopping startup) if it cannot
+    bind."""
     admin = service.runtime.config.admin
     api = AdminAPI.for_service(service)
     host, port = admin.bind
-    listening = service.reactor.listenSSL(port, AdminSite(api),
-                                          AdminTLS(service, admin.certificate),
-                                          backlog=128, interface=host)
+    try:
+        listening = service.reactor.listenSSL(port, AdminSite(api),
+                                              AdminTLS(service, admin.certificate),
+                                              backlog=128, interface=host)
+    except CannotListenError as exc:
+        raise bind_refused("admin", host, port, exc) from None
     address = listening.getHost()
     log.info("admin API on https://{host}:{port} (token from {source})", host=address.host,
              port=address.port, source=admin.token_source or "-")

@@ -29,7 +29,6 @@ from stalroute.config import ConfigError, parse_config
 from stalroute.control import Control
 from stalroute.identity import redact
 from stalroute.mapping import NotListable, StoreError
-from stalroute.mapping.cache import RoutingCache
 from stalroute.service import build_runtime
 
 TOKEN = "T0ken-" + "x" * 34
@@ -530,8 +529,9 @@ def test_metrics_parse_and_reflect_the_runtime(h: Harness) -> None:
         assert name in families, name
 
     # A reload builds a new cache: the counters keep counting from where they were.
-    h.runtime.router.cache = RoutingCache(h.clock, 600, 30, 1000, 5)
-    h.runtime.router.resolve("carol")
+    h.service.runtime = build_runtime(h.clock, h.runtime.config, previous=h.runtime)
+    h.service.runtime.router.store = h.store
+    h.service.runtime.router.resolve("carol")
     again = {f.name: f for f in text_string_to_metric_families(
         h.request("GET", "/metrics").body.decode())}
     misses = [s.value for s in again["stalroute_cache_misses"].samples
