@@ -35,11 +35,13 @@ class StalrouteServiceMaker:
         from twisted.internet import reactor
 
         from stalroute.config import ConfigError, load_config
+        from stalroute.logs import service_for_twistd
         from stalroute.service import StalrouteService, StartupError
 
         try:
             config = load_config(options["config"], env=os.environ)
-            return StalrouteService(reactor, config)
+            return service_for_twistd(StalrouteService(reactor, config),
+                                      config.server.log_format, options.parent)
         except ConfigError as exc:
             for problem in exc.problems:
                 print(f"{options['config']}: {problem}", file=sys.stderr)
