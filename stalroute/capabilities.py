@@ -51,7 +51,7 @@ REPLAYED_AS = {"LOGIN": "PLAIN"}
 FALLBACK: dict[str, Offer] = {
     "imap": {"advertise": frozenset({"IMAP4REV1", "ENABLE", "SASL-IR", "LITERAL+", "ID"}),
              "sasl": frozenset({"PLAIN"})},
-    "pop3": {"sasl": frozenset({"PLAIN"})},
+    "pop3": {"sasl": frozenset({"PLAIN"}), "capa": frozenset()},
     "submission": {"ehlo": frozenset({"ENHANCEDSTATUSCODES", "8BITMIME", "PIPELINING",
                                       "CHUNKING", "SIZE"}),
                    "sasl": frozenset({"PLAIN"})},
@@ -75,6 +75,8 @@ class Advertised:
     capabilities: ProtocolCapabilities
     #: ManageSieve: the NOTIFY methods every destination offers (lower-case).
     notify: tuple[str, ...] = ()
+    #: POP3: the CAPA words every destination lists (``UTF8`` is advertised only then).
+    capa: frozenset[str] = frozenset()
 
 
 def learnt_keys(protocol: str) -> tuple[str, ...]:
@@ -112,8 +114,11 @@ def effective(config: Config, protocol: str,
     narrowed = {key: tuple(word for word in getattr(section, key)
                            if all(honours(answer, key, word) for answer in answers))
                 for key in learnt_keys(protocol) if key not in section.explicit}
-    notify = frozenset.intersection(*(answer.get("notify", frozenset()) for answer in answers))
-    return Advertised(replace(section, **narrowed), tuple(sorted(m.lower() for m in notify)))
+    def common(key: str) -> frozenset[str]:
+        return frozenset.intersection(*(answer.get(key, frozenset()) for answer in answers))
+
+    return Advertised(replace(section, **narrowed),
+                      tuple(sorted(m.lower() for m in common("notify"))), common("capa"))
 
 
 def broken_promises(config: Config, destination: str, protocol: str, offer: Offer) -> list[str]:

@@ -117,7 +117,7 @@ def preauth_settings(runtime: Runtime, listener: ListenerConfig) -> PreAuthSetti
         banner=capabilities.banner,
         extra={"advertise": capabilities.advertise, "ehlo": capabilities.ehlo,
                "sieve": capabilities.sieve, "implementation": capabilities.implementation,
-               "notify": advertised.notify})
+               "notify": advertised.notify, "utf8": "UTF8" in advertised.capa})
 
 
 class SessionFactory(ListenerFactory):

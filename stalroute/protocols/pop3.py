@@ -122,7 +122,8 @@ class POP3PreAuth(LinePreAuth):
             caps.append(b"SASL " + " ".join(mechanisms).encode("ascii"))
         if self._starttls_offered:
             caps.append(b"STLS")
-        caps.append(b"UTF8")
+        if self._utf8_offered:
+            caps.append(b"UTF8")
         return caps
 
     def _capa(self, argument: bytes | None) -> list[PreAuthEvent]:
@@ -136,7 +137,14 @@ class POP3PreAuth(LinePreAuth):
             return self._invalid()
         return [Reply(b"+OK\r\n")]
 
+    @property
+    def _utf8_offered(self) -> bool:
+        """Advertised only when every destination offers it: it is replayed after login."""
+        return bool(self.settings.extra.get("utf8", True))
+
     def _utf8_command(self, argument: bytes | None) -> list[PreAuthEvent]:
+        if not self._utf8_offered:
+            return self._bad(b"-ERR Unknown command or not allowed before authentication\r\n")
         if argument is not None:
             return self._invalid()
         self._utf8 = True
@@ -248,7 +256,9 @@ class POP3BackendDialogue(LineDialogue):
         mechanisms = [word.decode("ascii", "replace").upper()
                       for words in (line.split() for line in self._capa_list.lines)
                       if words and words[0].upper() == b"SASL" for word in words[1:]]
-        return {"sasl": frozenset(mechanisms)}
+        return {"sasl": frozenset(mechanisms),
+                "capa": frozenset(line.split()[0].decode("ascii", "replace").upper()
+                                  for line in self._capa_list.lines if line.split())}
 
     def _next_step(self) -> list[BackendEvent]:
         """greeting → CAPA → STLS → CAPA over TLS → XCLIENT → ready."""

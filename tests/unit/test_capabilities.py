@@ -67,7 +67,9 @@ DOVECOT_OFFERS = {
     "imap": {"advertise": frozenset({"IMAP4REV1", "SASL-IR", "LOGIN-REFERRALS", "ID", "ENABLE",
                                      "IDLE", "LITERAL+"}),
              "sasl": frozenset({"PLAIN", "LOGIN"})},
-    "pop3": {"sasl": frozenset({"PLAIN", "LOGIN"})},
+    "pop3": {"sasl": frozenset({"PLAIN", "LOGIN"}),
+             "capa": frozenset({"CAPA", "TOP", "UIDL", "RESP-CODES", "PIPELINING",
+                                "AUTH-RESP-CODE", "USER", "SASL"})},
     "submission": {"ehlo": frozenset({"8BITMIME", "BURL", "CHUNKING", "ENHANCEDSTATUSCODES",
                                       "SIZE", "PIPELINING", "XCLIENT"}),
                    "sasl": frozenset({"PLAIN", "LOGIN"})},
@@ -115,7 +117,7 @@ def test_pop3_without_capa_offers_no_mechanism() -> None:
     probe = POP3BackendDialogue(backend_settings(learn_capabilities=True))
     probe.receive(b"+OK ready\r\n")
     assert probe.receive(b"-ERR unknown command\r\n") == [BackendReady()]
-    assert probe.offered == {"sasl": frozenset()}
+    assert probe.offered == {"sasl": frozenset(), "capa": frozenset()}
 
 
 def test_pop3_forgets_the_capabilities_read_before_stls() -> None:
@@ -125,7 +127,7 @@ def test_pop3_forgets_the_capabilities_read_before_stls() -> None:
     assert probe.receive(b"+OK go\r\n") == [BackendStartTLS()]
     assert probe.tls_started() == [BackendSend(b"CAPA\r\n")]
     assert probe.receive(b"-ERR no\r\n") == [BackendReady()]
-    assert probe.offered == {"sasl": frozenset()}
+    assert probe.offered == {"sasl": frozenset(), "capa": frozenset()}
 
 
 def test_submission_learns_the_ehlo_keywords_and_mechanisms() -> None:
@@ -208,6 +210,17 @@ def test_dovecot_answers_narrow_the_defaults() -> None:
     assert sieve.capabilities.sieve == tuple(
         e for e in DEFAULT_SIEVE_EXTENSIONS if e not in ("vacation-seconds", "editheader"))
     assert sieve.notify == ("mailto",)
+    assert "UTF8" not in effective(config, "pop3", offers).capa  # Dovecot 2.3 lists no UTF8
+
+
+def test_pop3_utf8_is_advertised_only_when_every_destination_lists_it() -> None:
+    config = make_config(destinations={"node1": ("pop3",), "node2": ("pop3",)})
+    with_utf8 = {"sasl": frozenset({"PLAIN"}), "capa": frozenset({"USER", "UTF8"})}
+    offers = {("node1", "pop3"): with_utf8, ("node2", "pop3"): with_utf8}
+    assert "UTF8" in effective(config, "pop3", offers).capa
+    offers[("node2", "pop3")] = DOVECOT_OFFERS["pop3"]
+    assert "UTF8" not in effective(config, "pop3", offers).capa
+    assert "UTF8" not in effective(config, "pop3", {}).capa  # nobody answered yet
 
 
 def test_a_richer_backend_gets_everything_configured_and_nothing_more() -> None:

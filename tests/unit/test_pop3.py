@@ -111,6 +111,15 @@ def test_noop_utf8_and_argument_checks():
     assert m.receive(b"UTF8 x\r\n") == [Reply(b"-ERR Invalid arguments\r\n")]
 
 
+def test_utf8_is_neither_advertised_nor_accepted_when_a_destination_lacks_it():
+    m = POP3PreAuth(PreAuthSettings(hostname="mx.example.com", tls_mode="implicit",
+                                    sasl=MECHANISMS, allow_plain_auth_without_tls=False,
+                                    banner="ready", extra={"utf8": False}))
+    m.greeting()
+    assert b"UTF8" not in text(m.receive(b"CAPA\r\n"))
+    assert text(m.receive(b"UTF8\r\n")).startswith(b"-ERR Unknown command")
+
+
 def test_quit_closes_and_ignores_the_rest():
     m = machine()
     assert m.receive(b"QUIT\r\nNOOP\r\n") == [Reply(b"+OK Logging out\r\n"), Close()]
