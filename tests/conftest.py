@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
@@ -53,6 +54,13 @@ class DovecotPair(NamedTuple):
 
     node1: DovecotNode
     node2: DovecotNode
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Make SIGTERM (``timeout``, a cancelled CI job) unwind like Ctrl-C: pytest then runs the
+    fixtures' teardown, which stops the servers and removes their temp dirs. Python's default
+    would exit at once and leave both behind (a Postfix master even keeps running)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -7,18 +7,21 @@ work is packaged too), with an environment cleaned of this test run's virtualenv
 machine's local pip sources, so the package is built the way it would be on a fresh machine.
 
 Installing touches the real system (that is what is being tested): :func:`purge` removes the
-package, its configuration and its generated files again.
+package, its configuration and its generated files again, :func:`remove_service_user` the
+system user a purge keeps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import os
+import pwd
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.harness.stalroute import REPO_ROOT
@@ -212,6 +215,22 @@ def purge() -> str:
     if package_state() == "not-installed":
         return ""
     return run(["dpkg", "--purge", PACKAGE], timeout=300).stdout
+
+
+def remove_service_user() -> None:
+    """Delete the ``stalroute`` system user and group, which a purge keeps (Debian practice)."""
+    if _exists(pwd.getpwnam, PACKAGE):
+        run(["deluser", "--system", PACKAGE])
+    if _exists(grp.getgrnam, PACKAGE):
+        run(["delgroup", "--system", PACKAGE])
+
+
+def _exists(lookup: Callable[[str], object], name: str) -> bool:
+    try:
+        lookup(name)
+    except KeyError:
+        return False
+    return True
 
 
 def lintian(deb: Path) -> list[str]:

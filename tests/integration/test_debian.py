@@ -4,8 +4,10 @@ The package is built once for this module from a copy of the work tree
 (``dpkg-buildpackage -us -uc -b``, a minute or two: pip fetches the pinned dependencies from
 PyPI into the bundled virtualenv), then installed on this machine with ``dpkg -i``. The tests
 run in file order against that installation and the last one purges it; the module fixture
-purges again at teardown, whatever failed. A ``stalroute`` package already installed on the
-machine is purged first: this test owns the package while it runs.
+purges again at teardown, whatever failed, deletes the system user the purge keeps (unless
+the package was installed before the test) and removes the build directory. A ``stalroute``
+package already installed on the machine is purged first: this test owns the package while
+it runs.
 
 The installed proxy is started with the unit's own ``ExecStart`` command line (only the
 configuration path swapped for a test one) as the ``stalroute`` user, with the capabilities the
@@ -72,24 +74,35 @@ UNIT_PRIVILEGES = [
 
 
 @pytest.fixture(scope="module")
-def built_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The ``.deb`` built from the current work tree."""
+def built_package(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The ``.deb`` built from the current work tree. Its build directory (a copy of the
+    tree and the bundled virtualenv: a few hundred MB) is removed after the module, passed
+    or failed; a failed build's log tail is in the error."""
     if os.geteuid() != 0:
         unavailable("building and installing the Debian package needs root")
     for tool in ("dpkg-buildpackage", "dh_virtualenv", "dh", "git"):
         require_binary(tool)
-    return debian.build_package(tmp_path_factory.mktemp("debian-build"))
+    workdir = tmp_path_factory.mktemp("debian-build")
+    try:
+        yield debian.build_package(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def installed(built_package: Path) -> Iterator[str]:
-    """The package installed on this machine (dpkg's output); purged at teardown."""
+    """The package installed on this machine (dpkg's output); purged at teardown. Unless the
+    package was installed before the test, the ``stalroute`` system user and group that a
+    purge keeps are deleted too, so the machine is left as it was found."""
     with debian.exclusive_installation():
+        was_installed = debian.installed_version() is not None
         debian.purge()
         try:
             yield debian.install(built_package)
         finally:
             debian.purge()
+            if not was_installed:
+                debian.remove_service_user()
 
 
 def service_argv(config: Path) -> list[str]:
