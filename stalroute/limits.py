@@ -1,51 +1,114 @@
-"""Per-client-IP limits that span connections (SPEC §2.3 ``max_connections_per_ip``, §2.12)."""
+"""Per-client limits that span connections (SPEC §2.3 ``max_connections_per_ip``, §2.12).
+
+Every table kept per client address or account is bounded or cleans itself: bans and
+failure histories (here and the admin lockout) live in :class:`ExpiringTable`, the per-IP
+connection counts drop an address when its last connection ends, and login delays drop
+the expired ones whenever a delay is set.
+"""
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter, OrderedDict
+from typing import Generic, TypeVar
 
 from twisted.internet.interfaces import IReactorTime
 
-from stalroute.config import SecurityConfig, ip_in_networks
+from stalroute.config import SecurityConfig
+from stalroute.net import ip_in_networks
+
+#: Addresses an :class:`ExpiringTable` holds at most; beyond it the least recently written go.
+MAX_TRACKED = 100_000
+
+Value = TypeVar("Value")
+
+
+class ExpiringTable(Generic[Value]):
+    """Entries per client address that expire, at most ``limit`` of them.
+
+    Entries are kept in the order they were written, so a full table forgets the address
+    written longest ago and a ban of a recent offender survives any flood of new addresses.
+    Every call first drops the expired entries at the front: with one lifetime per table they
+    expire in that order, so memory follows the clock at O(1) amortized cost. (After a reload
+    shortens a lifetime, a newer entry can wait behind an older one; it still reads as expired.)
+    """
+
+    def __init__(self, clock: IReactorTime, limit: int = MAX_TRACKED) -> None:
+        self._clock = clock
+        self._limit = limit
+        self._entries: OrderedDict[str, tuple[float, Value]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Entries held (expired ones at the front dropped first)."""
+        self._drop_expired(self._clock.seconds())
+        return len(self._entries)
+
+    def get(self, key: str) -> Value | None:
+        """The value of ``key`` until it expires, then None."""
+        now = self._clock.seconds()
+        self._drop_expired(now)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            del self._entries[key]
+            return None
+        return entry[1]
+
+    def put(self, key: str, value: Value, expires: float) -> None:
+        """Set ``key`` (now the most recently written) until the clock reaches ``expires``."""
+        self._drop_expired(self._clock.seconds())
+        self._entries.pop(key, None)
+        self._entries[key] = (expires, value)
+        while len(self._entries) > self._limit:
+            self._entries.popitem(last=False)
+
+    def discard(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def _drop_expired(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            key, (expires, _value) = next(iter(entries.items()))
+            if expires > now:
+                return
+            del entries[key]
 
 
 class BanList:
     """Bans a real client IP after too many refused logins within a window.
 
     Only logins the backend refused count: probes, temporary failures and protocol errors never
-    do, and ``allowed_ips`` are never banned.
+    do, and ``allowed_ips`` are never banned. Failure histories leave when their window has
+    passed and bans when they end; each table holds at most ``max_tracked`` addresses.
     """
 
-    def __init__(self, clock: IReactorTime, security: SecurityConfig) -> None:
+    def __init__(self, clock: IReactorTime, security: SecurityConfig,
+                 max_tracked: int = MAX_TRACKED) -> None:
         self._clock = clock
         #: Replaced on a config reload; the failure history and bans are kept.
         self.security = security
-        self._failures: dict[str, deque[float]] = {}
-        self._banned_until: dict[str, float] = {}
+        #: IP → times of its refused logins within the window.
+        self._failures: ExpiringTable[tuple[float, ...]] = ExpiringTable(clock, max_tracked)
+        #: IP → True while banned.
+        self._banned: ExpiringTable[bool] = ExpiringTable(clock, max_tracked)
         self.bans = 0
 
     def is_banned(self, ip: str) -> bool:
-        until = self._banned_until.get(ip)
-        if until is None:
-            return False
-        if until > self._clock.seconds():
-            return True
-        del self._banned_until[ip]
-        return False
+        return self._banned.get(ip) is not None
 
     def login_refused(self, ip: str) -> None:
         threshold = self.security.auth_fail_ban_threshold
         if not threshold or ip_in_networks(ip, self.security.allowed_ips):
             return
         now = self._clock.seconds()
-        recent = self._failures.setdefault(ip, deque())
-        recent.append(now)
-        while recent and recent[0] <= now - self.security.auth_fail_ban_window:
-            recent.popleft()
+        window = self.security.auth_fail_ban_window
+        recent = tuple(t for t in (*(self._failures.get(ip) or ()), now) if t > now - window)
         if len(recent) >= threshold:
-            del self._failures[ip]
-            self._banned_until[ip] = now + self.security.ban_duration
+            self._failures.discard(ip)
+            self._banned.put(ip, True, now + self.security.ban_duration)
             self.bans += 1
+        else:
+            self._failures.put(ip, recent, now + window)
 
 
 class PerIPCounter:
@@ -76,10 +139,12 @@ class LoginDelays:
 
     def delay(self, identifier: str, seconds: float) -> None:
         """Hold new logins of ``identifier`` for ``seconds`` from now (0 lifts the delay)."""
+        now = self._clock.seconds()
+        self._until = {key: until for key, until in self._until.items() if until > now}
         if seconds <= 0:
             self._until.pop(identifier, None)
         else:
-            self._until[identifier] = self._clock.seconds() + seconds
+            self._until[identifier] = now + seconds
 
     def remaining(self, identifier: str) -> float:
         until = self._until.get(identifier)

@@ -10,12 +10,10 @@ counted against the client's IP address; ``lockout_threshold`` failures within
 from __future__ import annotations
 
 import hmac
-from collections import OrderedDict, deque
 
 from twisted.internet.interfaces import IReactorTime
 
-#: Addresses tracked at most; beyond it the least recently seen are forgotten.
-MAX_TRACKED = 100_000
+from stalroute.limits import MAX_TRACKED, ExpiringTable
 
 
 def bearer_token(header: bytes | str | None) -> bytes | None:
@@ -46,52 +44,42 @@ class TokenCheck:
 
 
 class Lockout:
-    """Failed attempts per source address, and the addresses locked out."""
+    """Failed attempts per source address, and the addresses locked out (each table bounded
+    and expiring as :class:`~stalroute.limits.ExpiringTable` says)."""
 
     def __init__(self, clock: IReactorTime, threshold: int, duration: float,
                  max_tracked: int = MAX_TRACKED) -> None:
         self._clock = clock
         self.threshold = threshold
         self.duration = duration
-        self._max_tracked = max_tracked
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._locked_until: dict[str, float] = {}
+        #: IP → times of its failures within ``duration``.
+        self._failures: ExpiringTable[tuple[float, ...]] = ExpiringTable(clock, max_tracked)
+        #: IP → when its lockout ends.
+        self._locked_until: ExpiringTable[float] = ExpiringTable(clock, max_tracked)
         #: Lockouts started so far (for stats).
         self.lockouts = 0
 
     def locked_for(self, ip: str) -> float:
         """Seconds ``ip`` stays locked out (0 when it is not)."""
         until = self._locked_until.get(ip)
-        if until is None:
-            return 0.0
-        left = until - self._clock.seconds()
-        if left > 0:
-            return left
-        del self._locked_until[ip]
-        return 0.0
+        return 0.0 if until is None else until - self._clock.seconds()
 
     def failed(self, ip: str) -> bool:
         """Count a failure; True when it locks ``ip`` out."""
         now = self._clock.seconds()
-        recent = self._failures.pop(ip, None) or deque()
-        recent.append(now)
-        while recent and recent[0] <= now - self.duration:
-            recent.popleft()
+        recent = tuple(t for t in (*(self._failures.get(ip) or ()), now)
+                       if t > now - self.duration)
         if len(recent) >= self.threshold:
-            self._locked_until[ip] = now + self.duration
+            self._failures.discard(ip)
+            self._locked_until.put(ip, now + self.duration, now + self.duration)
             self.lockouts += 1
             return True
-        self._failures[ip] = recent  # re-inserted last: most recently seen
-        while len(self._failures) > self._max_tracked:
-            self._failures.popitem(last=False)
-        if len(self._locked_until) > self._max_tracked:
-            self._locked_until = {k: v for k, v in self._locked_until.items() if v > now}
+        self._failures.put(ip, recent, now + self.duration)
         return False
 
     def succeeded(self, ip: str) -> None:
-        self._failures.pop(ip, None)
+        self._failures.discard(ip)
 
     def locked(self) -> int:
         """Addresses locked out right now."""
-        now = self._clock.seconds()
-        return sum(1 for until in self._locked_until.values() if until > now)
+        return len(self._locked_until)

@@ -3,7 +3,8 @@
 Routes are tried in order; the first whose ``match`` glob fits the request path wins. Globs:
 ``**`` spans any number of path segments (``/admin/**`` matches ``/admin``, ``/admin/`` and
 ``/admin/a/b``), ``*`` and ``?`` stay inside one segment, everything else is literal, and a
-trailing slash is ignored on both sides (``/login`` matches ``/login/``).
+trailing slash is ignored on both sides (``/login`` matches ``/login/``). Matching takes time
+linear in the path's length, whatever the glob (:class:`PathGlob`).
 
 The path a glob sees is normalised so that encodings cannot dodge a pinned route: the query
 and fragment are cut, percent-encodings are decoded (except ``%2F``, which stays inside its
@@ -25,11 +26,11 @@ from stalroute.identity import InvalidIdentifier, account_from_token, routing_id
 
 __all__ = [
     "Decision",
+    "PathGlob",
     "Route",
     "RouteTable",
     "Target",
     "account_from_authorization",
-    "compile_glob",
     "decide",
     "extract_identifier",
     "normalize_path",
@@ -108,30 +109,100 @@ def normalize_path(path: str) -> str:
 
 
 # --- globs and the route table -------------------------------------------------------------
+#
+# A glob is matched in O(len(path) × len(glob)) steps, never by backtracking. It is cut at its
+# ``**`` into *pieces* of literals, ``?`` and ``*``. A ``**`` between two pieces takes any
+# text, so each piece is placed where it ends earliest (a later end never helps the pieces
+# after it); ``/**`` likewise, except that the piece before it must end at a segment end.
+# Inside a piece ``*`` and ``?`` never take ``/``, so the piece's slashes fall on the path's:
+# each *part* (between two slashes) lies in one segment, where each ``*``-free chunk goes to
+# its first fit and the last one, when the part must fill the segment, to the segment's end.
+# Each piece is one regex doing exactly that: lazy scans inside atomic groups, so a placement
+# is never revisited, tried only at the piece's starting point and at segment starts, so each
+# segment is read a bounded number of times per chunk.
+
+_ANYWHERE, _SEGMENT_END, _END = range(3)  # where a piece must end
 
 
-def compile_glob(pattern: str) -> re.Pattern[str]:
-    """A path glob as a regex to ``fullmatch`` against :func:`normalize_path` output."""
-    glob = pattern.rstrip("/")
-    out: list[str] = []
-    i = 0
-    while i < len(glob):
-        if glob.startswith("/**", i) and (i + 3 == len(glob) or glob[i + 3] == "/"):
-            out.append("(?:/.*)?")  # zero or more whole segments
-            i += 3
-        elif glob.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif glob[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif glob[i] == "?":
-            out.append("[^/]")
-            i += 1
-        else:
-            out.append(re.escape(glob[i]))
-            i += 1
-    return re.compile("".join(out), re.DOTALL)
+def _chunk_regex(glob: str) -> str:
+    return "".join("[^/]" if char == "?" else re.escape(char) for char in glob)
+
+
+def _part_regex(glob: str, *, head: bool, fill: bool) -> str:
+    """One part inside one segment: starting where the match starts if ``head`` (else at its
+    first fit), ending at the segment's end if ``fill`` (else as early as it can)."""
+    chunks = [_chunk_regex(chunk) for chunk in glob.split("*")]
+    out = []
+    for index, chunk in enumerate(chunks):
+        scan = "" if head and index == 0 else "[^/]*?"
+        if fill and index == len(chunks) - 1:
+            out.append(f"{scan}{chunk}(?![^/])")
+        elif chunk:
+            out.append(f"(?>{scan}{chunk})" if scan else chunk)
+    return "(?>" + "".join(out) + ")"
+
+
+def _piece_regex(glob: str, *, head: bool, tail: int,
+                 segment_start: bool = False) -> re.Pattern[str]:
+    """A piece, its first part starting where the match starts if ``head``; matching only
+    at the start of a segment if ``segment_start``."""
+    parts = glob.split("/")
+    last = len(parts) - 1
+    regex = "/".join(
+        _part_regex(part, head=head or index > 0, fill=index < last or tail != _ANYWHERE)
+        for index, part in enumerate(parts))
+    start = "(?<![^/])" if segment_start else ""
+    return re.compile(start + regex + (r"\Z" if tail == _END else ""), re.DOTALL)
+
+
+class PathGlob:
+    """A ``match`` glob, compiled. Its meaning is that of a regex: ``/**`` followed by ``/`` or
+    the end is ``(?:/.*)?``, any other ``**`` is ``.*``, ``*`` is ``[^/]*``, ``?`` is
+    ``[^/]``, the rest is literal, and trailing slashes of the glob are cut."""
+
+    __slots__ = ("pattern", "_pieces")
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        glob = pattern.rstrip("/")
+        pieces: list[str] = []
+        tails: list[int] = []  # where pieces[i] must end: before a ``/**`` or a bare ``**``
+        current: list[str] = []
+        i = 0
+        while i < len(glob):
+            if glob.startswith("/**", i) and (i + 3 == len(glob) or glob[i + 3] == "/"):
+                tails.append(_SEGMENT_END)
+                i += 3
+            elif glob.startswith("**", i):
+                tails.append(_ANYWHERE)
+                i += 2
+            else:
+                current.append(glob[i])
+                i += 1
+                continue
+            pieces.append("".join(current))
+            current = []
+        pieces.append("".join(current))
+        tails.append(_END)
+        #: Per piece: the regex tried where the previous piece ended, and (after the first
+        #: piece) the same regex for the segments after that one.
+        self._pieces = tuple(
+            (_piece_regex(piece, head=index == 0, tail=tail),
+             _piece_regex(piece, head=False, tail=tail, segment_start=True) if index else None)
+            for index, (piece, tail) in enumerate(zip(pieces, tails)))
+
+    def matches(self, path: str) -> bool:
+        """Does the glob match all of ``path`` (a :func:`normalize_path` result)?"""
+        pos = 0
+        for here, later in self._pieces:
+            found = here.match(path, pos)
+            if found is None and later is not None:
+                slash = path.find("/", pos)
+                found = None if slash < 0 else later.search(path, slash + 1)
+            if found is None:
+                return False
+            pos = found.end()
+        return True
 
 
 @dataclass(frozen=True)
@@ -140,7 +211,7 @@ class Route:
 
     index: int
     config: HTTPRouteConfig
-    regex: re.Pattern[str]
+    glob: PathGlob
 
     @property
     def needs_body(self) -> bool:
@@ -148,7 +219,7 @@ class Route:
         return extract is not None and extract.from_ == "body"
 
     def matches(self, normalized_path: str) -> bool:
-        return self.regex.fullmatch(normalized_path) is not None
+        return self.glob.matches(normalized_path)
 
 
 class RouteTable:
@@ -156,7 +227,7 @@ class RouteTable:
 
     def __init__(self, routes: Iterable[HTTPRouteConfig]) -> None:
         self.routes = tuple(
-            Route(index, route, compile_glob(route.match)) for index, route in enumerate(routes)
+            Route(index, route, PathGlob(route.match)) for index, route in enumerate(routes)
         )
 
     def match(self, normalized_path: str) -> Route | None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
+import time
 from urllib.parse import quote, urlencode
 
 import pytest
@@ -13,9 +15,9 @@ from hypothesis import strategies as st
 
 from stalroute.config import HTTPExtractConfig, HTTPRouteConfig
 from stalroute.http.routes import (
+    PathGlob,
     RouteTable,
     account_from_authorization,
-    compile_glob,
     decide,
     extract_identifier,
     normalize_path,
@@ -32,7 +34,7 @@ def path_of(segments: list[str], trailing: bool = False) -> str:
 
 
 def matches(pattern: str, raw_path: str) -> bool:
-    return compile_glob(pattern).fullmatch(normalize_path(raw_path)) is not None
+    return PathGlob(pattern).matches(normalize_path(raw_path))
 
 
 def route(match: str, **kwargs) -> HTTPRouteConfig:
@@ -137,6 +139,82 @@ def test_first_match_wins() -> None:
     assert table.match(normalize_path("/auth/other")).index == 1
     assert table.match(normalize_path("/jmap")).index == 2
     assert RouteTable([route("/only")]).match(normalize_path("/other")) is None
+
+
+@functools.cache
+def reference_match(glob: str, path: str) -> bool:
+    """The glob rules read literally, by recursion (exponential in general, fine when short):
+    ``/**`` before ``/`` or the end is nothing or ``/`` and anything, another ``**`` is
+    anything, ``*`` is anything without ``/``, ``?`` one character that is not ``/``."""
+    if not glob:
+        return not path
+    if glob.startswith("/**") and (len(glob) == 3 or glob[3] == "/"):
+        return reference_match(glob[3:], path) or (path.startswith("/") and any(
+            reference_match(glob[3:], path[cut:]) for cut in range(1, len(path) + 1)))
+    if glob.startswith("**"):
+        return any(reference_match(glob[2:], path[cut:]) for cut in range(len(path) + 1))
+    if glob[0] == "*":
+        return any(reference_match(glob[1:], path[cut:]) for cut in range(len(path) + 1)
+                   if "/" not in path[:cut])
+    if not path or not (path[0] == glob[0] or (glob[0] == "?" and path[0] != "/")):
+        return False
+    return reference_match(glob[1:], path[1:])
+
+
+GLOB = st.text(alphabet="/ab*?.", max_size=12)
+
+
+@given(GLOB, st.text(alphabet="/ab.\n", max_size=14))
+@example("/a*/**", "/ab")
+@example("/**/**", "x")
+@example("**/*", "a/")
+@example("/a**b/**", "/a/x/b")
+@example("/*/*a?/**b", "/x/ya\n/b")
+def test_glob_matcher_agrees_with_the_reference(glob: str, path: str) -> None:
+    assert PathGlob(glob).matches(path) is reference_match(glob.rstrip("/"), path)
+
+
+@given(GLOB, SEGMENTS)
+def test_glob_matcher_agrees_with_the_reference_on_normalised_paths(
+        glob: str, segments: list[str]) -> None:
+    path = normalize_path(path_of(segments))
+    assert PathGlob(glob).matches(path) is reference_match(glob.rstrip("/"), path)
+
+
+#: Globs and paths that take a backtracking matcher cubic time or more; most also make any
+#: matcher read the whole path.
+ADVERSARIAL = [
+    ("/a/**/b/**/c/**/d", lambda size: "/a" + "/b/c" * (size // 4)),
+    ("/a/**/a/**/a/**/a/b", lambda size: "/a" * (size // 2)),
+    ("/**/x/**/y", lambda size: "/y" * (size // 2)),
+    ("/**/a/a/a/b/**", lambda size: "/a" * (size // 2)),
+    ("/**/x?y/z*/w/**", lambda size: "/x1y/zq" * (size // 7)),
+    ("/**/a/*/b/**", lambda size: "/a" * (size // 2)),
+    ("/**/*/*/*/*/*/*/*/*/b/**", lambda size: "/a" * (size // 2)),
+    ("/**/a*a*a*b*/**", lambda size: "/" + "a" * size),
+    ("**a?a?a?a?b**", lambda size: "a" * size),
+    ("**a**a**a**b", lambda size: "a/" * (size // 2)),
+]
+
+
+def test_adversarial_paths_take_linear_time() -> None:
+    # The backtracking regex took 14.7 s of CPU for the first glob on a 6 KB path (and grew
+    # as the cube of its length). A step counter cannot see inside the regex engine, so
+    # this bounds CPU time, very generously: each match takes about 10 ms at 60 KB.
+    for glob, make_path in ADVERSARIAL:
+        compiled = PathGlob(glob)
+        for size in (6_000, 60_000):
+            path = make_path(size)
+            started = time.process_time()
+            assert not compiled.matches(path)
+            assert time.process_time() - started < 0.5, (glob, size)
+
+
+def test_the_issue_glob_still_matches_long_paths() -> None:
+    path = "/a" + "/b/c" * 1500
+    assert PathGlob("/a/**/b/**/c/**/d").matches(path + "/d")
+    assert PathGlob("/a/**/b/**/c/**/d/**").matches(path + "/d" + path)
+    assert not PathGlob("/a/**/b/**/c/**/d").matches(path + "/dx")
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Circuit breaker, auth-failure bans and per-IP counters, on a fake clock."""
+"""Circuit breaker, auth-failure bans, per-IP counters and login delays, on a fake clock."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 
 from stalroute.circuit import CircuitBreaker
 from stalroute.config import SecurityConfig
-from stalroute.limits import BanList, PerIPCounter
+from stalroute.limits import MAX_TRACKED, BanList, ExpiringTable, LoginDelays, PerIPCounter
 
 
 def breaker(clock: Clock, threshold: int = 3, min_clients: int = 2) -> CircuitBreaker:
@@ -99,3 +99,86 @@ def test_per_ip_counter_limits_and_releases() -> None:
     assert not counter.take("192.0.2.1", 2)
     counter.release("192.0.2.1")
     assert counter.take("192.0.2.1", 2)
+
+
+def addresses(count: int, first: int = 0) -> list[str]:
+    return [f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}" for n in range(first, first + count)]
+
+
+def test_failure_histories_are_bounded_and_leave_after_the_window() -> None:
+    # 120,000 addresses, one refused login each: at most MAX_TRACKED are remembered, and
+    # none once the window has passed (they used to stay for good).
+    clock = Clock()
+    bans = BanList(clock, security())
+    for ip in addresses(120_000):
+        clock.advance(0.0001)
+        bans.login_refused(ip)
+    assert len(bans._failures) == MAX_TRACKED
+    clock.advance(54.00005)  # the 60 s window now starts after the first 60,000 failures
+    assert len(bans._failures) == 60_000
+    clock.advance(6)
+    assert not bans.is_banned("192.0.2.1")
+    assert len(bans._failures) == 0
+
+
+def test_bans_leave_after_their_duration() -> None:
+    clock = Clock()
+    bans = BanList(clock, security(auth_fail_ban_threshold=1))
+    for ip in addresses(1_000):
+        bans.login_refused(ip)
+    assert len(bans._banned) == 1_000 and len(bans._failures) == 0
+    clock.advance(119)
+    assert bans.is_banned("10.0.0.0")
+    clock.advance(1)
+    assert len(bans._banned) == 0
+
+
+def test_a_recent_offender_stays_banned_through_a_flood_of_addresses() -> None:
+    clock = Clock()
+    bans = BanList(clock, security(), max_tracked=1_000)
+    for _ in range(3):
+        bans.login_refused("192.0.2.66")
+    # Ten times the bound in failing addresses, then in banned ones: the oldest are forgotten.
+    for ip in addresses(10_000):
+        bans.login_refused(ip)
+    assert bans.is_banned("192.0.2.66")
+    assert len(bans._failures) == 1_000
+    for ip in addresses(2_000, first=20_000):
+        for _ in range(3):
+            bans.login_refused(ip)
+    assert len(bans._banned) == 1_000
+    assert not bans.is_banned("192.0.2.66")  # the oldest ban made room
+    assert bans.is_banned(addresses(1, first=21_999)[0])
+    # A failure history cut by the bound starts afresh; banning still works.
+    bans.login_refused("10.0.0.1")
+    bans.login_refused("10.0.0.1")
+    assert not bans.is_banned("10.0.0.1")
+    bans.login_refused("10.0.0.1")
+    assert bans.is_banned("10.0.0.1")
+
+
+def test_expiring_table_keeps_the_most_recently_written() -> None:
+    clock = Clock()
+    table: ExpiringTable[str] = ExpiringTable(clock, limit=3)
+    for key in "abcd":
+        table.put(key, key.upper(), expires=10)
+    assert [table.get(key) for key in "abcd"] == [None, "B", "C", "D"]
+    table.put("b", "B2", expires=20)  # rewritten: now the newest
+    table.put("e", "E", expires=20)
+    assert [table.get(key) for key in "bcde"] == ["B2", None, "D", "E"]
+    clock.advance(10)
+    assert len(table) == 2 and table.get("d") is None
+    table.discard("b")
+    clock.advance(10)
+    assert len(table) == 0
+
+
+def test_login_delays_forget_expired_holds() -> None:
+    clock = Clock()
+    delays = LoginDelays(clock)
+    for n in range(100):
+        delays.delay(f"user{n}", 30)
+    clock.advance(31)
+    delays.delay("alice", 60)
+    assert delays._until.keys() == {"alice"}
+    assert delays.remaining("alice") == 60
