@@ -115,7 +115,7 @@ def mapping_config(table: dict[str, Any]) -> Any:
     settings = dict(table[source])
     if source == "file":
         settings["path"] = Path(settings["path"])
-    return MappingConfig(source=source, **{source: kinds[source](**settings)})
+    return MappingConfig(source=source, settings=kinds[source](**settings))
 
 
 # --- per lookup (in-process, under the reactor) ------------------------------------------

@@ -3,21 +3,19 @@
 Import reads the request body (Twisted spools a large body to a temporary file) twice with
 the incremental readers of :mod:`stalroute.admin.bulk`: the first pass validates every row,
 so a body that is unreadable further on (a JSON syntax error) writes nothing; the second
-writes the valid rows in batches of :data:`BATCH`.  Each batch looks its rows up first (rows
-already mapped that way are counted ``unchanged`` and not written), writes the changed ones
-(one atomic rewrite for the file store, :data:`CONCURRENCY` parallel upserts for the network
-stores) and drops their cache entries, so imported rows are routable batch by batch.  The
-reactor is given a turn between batches, so live sessions keep flowing during an import.
+writes the valid rows in batches of :data:`BATCH`.  Each batch looks its rows up first with
+the store's ``lookup_many`` (rows already mapped that way are counted ``unchanged`` and not
+written), writes the changed ones with its ``upsert_many`` (one atomic rewrite of the file,
+one SQL transaction, ``MSET`` for Redis) and drops their cache entries, so imported rows are
+routable batch by batch.  The reactor is given a turn between batches, so live sessions keep
+flowing during an import.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, FirstError, gatherResults, \
-    succeed
 from twisted.internet.task import deferLater
 
 from stalroute.admin.bulk import BadRow, Row, read_records
@@ -29,39 +27,8 @@ log = logger("stalroute.admin")
 
 #: Rows validated, looked up and written per step.
 BATCH = 5000
-#: Store operations in flight at once for the network stores.
-CONCURRENCY = 16
 #: Rejected rows listed in the summary (all are counted).
 MAX_REPORTED = 1000
-
-
-async def _limited(operation: Callable[[Any], Deferred], items: Iterable[Any],
-                   limit: int = CONCURRENCY) -> list[Any]:
-    semaphore = DeferredSemaphore(limit)
-    try:
-        return await gatherResults([semaphore.run(operation, item) for item in items],
-                                   consumeErrors=True)
-    except FirstError as exc:
-        exc.subFailure.raiseException()
-        raise  # pragma: no cover - raiseException always raises
-
-
-def upsert_batch(store, rows: dict[str, str]) -> Deferred:
-    """Write ``rows`` to ``store`` as few times as the store allows."""
-    if not rows:
-        return succeed(None)
-    many = getattr(store, "upsert_many", None)
-    if callable(many):
-        return many(list(rows.items()))
-    return Deferred.fromCoroutine(_limited(lambda item: store.upsert(*item), rows.items()))
-
-
-async def lookup_all(store, keys: list[str]) -> list[str | None]:
-    """The current destination of every key (one round trip when the store can batch)."""
-    many = getattr(store, "lookup_many", None)
-    if callable(many):
-        return list(await many(keys))
-    return await _limited(store.lookup, keys)
 
 
 class Importer:
@@ -137,10 +104,12 @@ class Importer:
         # The current runtime each time: a reload during a long import swaps the store.
         runtime = self._control.runtime
         keys = list(batch)
-        current = await lookup_all(runtime.router.store, keys)
-        changed = {key: batch[key] for key, now in zip(keys, current) if now != batch[key]}
-        await upsert_batch(runtime.router.store, changed)
-        for key in changed:
+        store = runtime.router.store
+        current = await store.lookup_many(keys)
+        changed = [(key, batch[key]) for key, now in zip(keys, current) if now != batch[key]]
+        if changed:
+            await store.upsert_many(changed)
+        for key, _ in changed:
             runtime.router.cache.invalidate(key)
         self.imported += len(changed)
         self.unchanged += len(batch) - len(changed)

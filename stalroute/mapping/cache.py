@@ -94,7 +94,7 @@ class RoutingCache:
     def _settle(self, result: str | None | Failure, key: str, generation: int) -> None:
         if isinstance(result, Failure):
             error = result.value if isinstance(result.value, StoreError) else StoreError(
-                f"store lookup failed: {result.getErrorMessage() or result.type.__name__}")
+                f"store lookup failed: {result.getErrorMessage() or type(result.value).__name__}")
             entry = _Entry(None, error, 0.0, "transient")
         else:
             entry = _Entry(result, None, 0.0, "positive" if result is not None else "negative")

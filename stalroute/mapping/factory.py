@@ -1,17 +1,19 @@
-"""Builds the configured mapping store.
+"""Builds the configured mapping store from its registry entry.
 
-The drivers (psycopg2, txredisapi) are imported only when their store is configured, so a
-file-store deployment never loads them. What the network stores share (URL redaction,
-:func:`~stalroute.mapping.store_error`) lives in :mod:`stalroute.mapping`.
+The registry (:data:`stalroute.config.stores.STORE_KINDS`) names each store's builder as
+``"module:function"``; the module is imported here, when that store is built, so the drivers
+(psycopg2, txredisapi) are loaded only when their store is configured. What the network
+stores share (URL redaction, :func:`~stalroute.mapping.store_error`) lives in
+:mod:`stalroute.mapping`.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Collection
 
-from stalroute.config import MappingConfig
+from stalroute.config.stores import STORE_KINDS, MappingConfig
 from stalroute.mapping import MappingStore
-from stalroute.mapping.file import FileMappingStore
 
 
 class UnsupportedStore(Exception):
@@ -31,16 +33,11 @@ def build_store(mapping: MappingConfig, destinations: Collection[str]) -> Mappin
     contact their server here: one that is down at boot must not stop stalroute from starting
     (its lookups fail until it is back).
     """
-    if mapping.source == "file" and mapping.file is not None:
-        return FileMappingStore(mapping.file.path, destinations, mapping.normalize)
-    if mapping.source == "sql" and mapping.sql is not None:
-        from stalroute.mapping.sql import build_sql_store
-
-        return build_sql_store(mapping.sql, mapping.lookup_timeout)
-    if mapping.source == "redis" and mapping.redis is not None:
-        from stalroute.mapping.redis import RedisMappingStore
-
-        return RedisMappingStore(mapping.redis, mapping.lookup_timeout)
-    raise UnsupportedStore(f"mapping.source: the {mapping.source!r} store is not available "
-                           "in this version yet")
-
+    kind = STORE_KINDS.get(mapping.source)
+    if kind is None or not isinstance(mapping.settings, kind.settings):
+        raise UnsupportedStore(f"mapping.source: the {mapping.source!r} store is not "
+                               "available in this version yet")
+    module, _, function = kind.builder.partition(":")
+    store: MappingStore = getattr(importlib.import_module(module), function)(
+        mapping.settings, mapping, destinations)
+    return store

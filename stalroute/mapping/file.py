@@ -12,14 +12,15 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.threads import deferToThread
 
+from stalroute.config import FileMappingConfig, MappingConfig
 from stalroute.identity import InvalidIdentifier, normalize_identifier
-from stalroute.mapping import StoreError
+from stalroute.mapping import MappingStore, StoreError
 
 #: Bad lines named in one :class:`MappingFileError` (a file of garbage gives a short answer).
 MAX_REPORTED_PROBLEMS = 20
@@ -90,7 +91,7 @@ def write_atomically(path: Path, table: dict[str, str]) -> None:
         os.close(folder)
 
 
-class FileMappingStore:
+class FileMappingStore(MappingStore):
     """A mapping table kept in memory and persisted to a TSV file."""
 
     writable = True
@@ -120,23 +121,23 @@ class FileMappingStore:
         """Every mapping, sorted (for ``GET /mappings/export``)."""
         return succeed(sorted(self._table.items()))
 
-    def lookup_many(self, identifiers: list[str]) -> Deferred[list[str | None]]:
-        """Batch lookup (bulk import compares before writing)."""
+    def lookup_many(self, identifiers: Sequence[str]) -> Deferred[list[str | None]]:
+        """Every answer from the table in memory at once."""
         return succeed([self._table.get(identifier) for identifier in identifiers])
 
     def upsert(self, identifier: str, destination: str) -> Deferred[None]:
         return self._rewrite(lambda table: table.__setitem__(identifier, destination))
 
-    def upsert_many(self, rows: list[tuple[str, str]]) -> Deferred[None]:
-        """Many writes in one atomic rewrite (bulk import)."""
-        return self._rewrite(lambda table: table.update(rows))
+    def upsert_many(self, pairs: Sequence[tuple[str, str]]) -> Deferred[None]:
+        """Every write in one atomic rewrite of the file."""
+        return self._rewrite(lambda table: table.update(pairs))
 
     def delete(self, identifier: str) -> Deferred[bool]:
         existed = identifier in self._table
         d = self._rewrite(lambda table: table.pop(identifier, None))
         return d.addCallback(lambda _: existed)
 
-    def _rewrite(self, change) -> Deferred[None]:
+    def _rewrite(self, change: Callable[[dict[str, str]], object]) -> Deferred[None]:
         """Apply ``change`` to a copy, persist it off the reactor thread, then swap it in."""
 
         def locked() -> Deferred[None]:
@@ -158,3 +159,9 @@ class FileMappingStore:
 
     def close(self) -> Deferred[None]:
         return succeed(None)
+
+
+def build_file_store(settings: FileMappingConfig, mapping: MappingConfig,
+                     destinations: Collection[str]) -> FileMappingStore:
+    """The ``[mapping.file]`` store (its registry builder): the file is read here."""
+    return FileMappingStore(settings.path, destinations, mapping.normalize)

@@ -15,7 +15,8 @@ themselves). Two txredisapi behaviours are guarded against here:
 ``entries()`` (the admin export) walks ``key_prefix*`` with ``SCAN`` (:data:`SCAN_COUNT` keys
 per step, so Redis never blocks on a large keyspace) and reads the values with one ``MGET``
 per step; the whole walk is bounded by :data:`~stalroute.mapping.LIST_TIMEOUT`, each command
-by ``lookup_timeout``.
+by ``lookup_timeout``. The bulk import reads and writes with one ``MGET`` / ``MSET`` per
+:data:`BATCH_KEYS` rows (``lookup_many()``, ``upsert_many()``).
 
 URL: ``redis[s]://[[user]:password@]host[:port][/db]``; query parameters ``db``,
 ``ssl_ca_certs`` (a PEM file of CAs to trust instead of the system store) and
@@ -26,6 +27,7 @@ in redis-py. ``rediss://`` verifies the server's certificate against the host na
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,18 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import txredisapi
 from OpenSSL import SSL
 from twisted.internet import reactor, ssl, task
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 
-from stalroute.config import RedisMappingConfig
-from stalroute.mapping import LIST_TIMEOUT, StoreError, redact_url, scrub, store_error, url_secrets
+from stalroute.config import MappingConfig, RedisMappingConfig
+from stalroute.mapping import (
+    LIST_TIMEOUT,
+    MappingStore,
+    StoreError,
+    redact_url,
+    scrub,
+    store_error,
+    url_secrets,
+)
 from stalroute.mapping.factory import InvalidStoreSetting
 
 DEFAULT_PORT = 6379
@@ -51,6 +61,8 @@ STARTUP_WAIT = 2.0
 CONNECT_POLL = 0.02
 #: ``SCAN … COUNT`` of one ``entries()`` step, and the most keys one ``MGET`` asks for.
 SCAN_COUNT = 1000
+#: Keys of one ``MGET`` or ``MSET`` of ``lookup_many()``/``upsert_many()`` (the bulk import).
+BATCH_KEYS = 1000
 _QUERY_PARAMETERS = ("db", "ssl_ca_certs", "ssl_cert_reqs")
 #: Characters with a meaning in a ``SCAN MATCH`` pattern (escaped in the key prefix).
 _GLOB_SPECIAL = re.compile(r"[*?\[\]\\]")
@@ -123,7 +135,7 @@ def tls_options(target: RedisTarget) -> Any:
     return ssl.optionsForClientTLS(target.host, trustRoot=trust)
 
 
-class RedisMappingStore:
+class RedisMappingStore(MappingStore):
     """The ``[mapping.redis]`` store (see the module docstring)."""
 
     writable = True
@@ -206,9 +218,31 @@ class RedisMappingStore:
             if str(cursor) == "0":
                 return sorted(table.items())
 
+    def lookup_many(self, identifiers: Sequence[str]) -> Deferred[list[str | None]]:
+        """One ``MGET`` per :data:`BATCH_KEYS` identifiers."""
+        return Deferred.fromCoroutine(self._lookup_many(identifiers))
+
+    async def _lookup_many(self, identifiers: Sequence[str]) -> list[str | None]:
+        answers: list[str | None] = []
+        for start in range(0, len(identifiers), BATCH_KEYS):
+            keys = [self._prefix + identifier
+                    for identifier in identifiers[start:start + BATCH_KEYS]]
+            answers += [_text(value) for value in await self._command("lookup", "mget", keys)]
+        return answers
+
     def upsert(self, identifier: str, destination: str) -> Deferred[None]:
         d = self._command("upsert", "set", self._prefix + identifier, destination)
         return d.addCallback(lambda _: None)
+
+    def upsert_many(self, pairs: Sequence[tuple[str, str]]) -> Deferred[None]:
+        """One ``MSET`` per :data:`BATCH_KEYS` pairs."""
+        return Deferred.fromCoroutine(self._upsert_many(pairs))
+
+    async def _upsert_many(self, pairs: Sequence[tuple[str, str]]) -> None:
+        for start in range(0, len(pairs), BATCH_KEYS):
+            await self._command("upsert", "mset", {self._prefix + identifier: destination
+                                                   for identifier, destination
+                                                   in pairs[start:start + BATCH_KEYS]})
 
     def delete(self, identifier: str) -> Deferred[bool]:
         d = self._command("delete", "delete", self._prefix + identifier)
@@ -239,7 +273,7 @@ class RedisMappingStore:
         grace = self._built_at + min(self._timeout, STARTUP_WAIT) - reactor.seconds()
         if grace <= 0 or self._gave_up:
             return fail(self._not_connected(action))
-        d = self._wait_for_connection(grace)
+        d = Deferred.fromCoroutine(self._wait_for_connection(grace))
         return d.addCallback(lambda _: self._send(action, name, *args) if self.connected
                              else fail(self._not_connected(action)))
 
@@ -252,16 +286,11 @@ class RedisMappingStore:
         reason = f"not connected ({self._gave_up})" if self._gave_up else "not connected"
         return StoreError(f"{self.label}: {action} failed: {scrub(reason, self._secrets)}")
 
-    def _wait_for_connection(self, seconds: float) -> Deferred[None]:
-        """Fires once a connection is up, the pool gave up, or ``seconds`` have passed."""
+    async def _wait_for_connection(self, seconds: float) -> None:
+        """Returns once a connection is up, the pool gave up, or ``seconds`` have passed."""
         deadline = reactor.seconds() + seconds
-
-        def poll() -> Deferred[None] | None:
-            if self.connected or self._gave_up or reactor.seconds() >= deadline:
-                return None
-            return task.deferLater(reactor, CONNECT_POLL, poll)
-
-        return maybeDeferred(poll)
+        while not (self.connected or self._gave_up or reactor.seconds() >= deadline):
+            await task.deferLater(reactor, CONNECT_POLL, lambda: None)
 
     def _maybe_rebuild(self) -> None:
         """Replace a pool that stopped reconnecting (it gave up after AUTH or SELECT failed)."""
@@ -269,6 +298,12 @@ class RedisMappingStore:
                 and reactor.seconds() - self._built_at >= REBUILD_INTERVAL):
             old, self._handler = self._handler, self._connect()
             old.disconnect().addErrback(lambda _: None)
+
+
+def build_redis_store(settings: RedisMappingConfig, mapping: MappingConfig,
+                      destinations: Collection[str]) -> RedisMappingStore:
+    """The ``[mapping.redis]`` store (its registry builder); connects in the background."""
+    return RedisMappingStore(settings, mapping.lookup_timeout)
 
 
 def _text(value: Any) -> str | None:

@@ -23,26 +23,33 @@ Listing every mapping (:meth:`SQLMappingStore.entries`, the admin export) needs 
 Without it the store still has ``entries()``, which fails with :class:`NotListable`. The
 list statement runs in one pool thread, bounded by :data:`~stalroute.mapping.LIST_TIMEOUT`
 (PostgreSQL: ``statement_timeout`` for that transaction; SQLite: a progress handler).
+
+The bulk import's batches: :meth:`~SQLMappingStore.upsert_many` runs the upsert statement for
+every row with one ``executemany`` in one transaction; :meth:`~SQLMappingStore.lookup_many`
+runs the lookup statement as written for many identifiers per pool-thread call (the statement
+is the operator's own, so it is not rewritten into an ``IN`` list).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from twisted.enterprise import adbapi
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 
 from stalroute import sqlparams
-from stalroute.config import SQLMappingConfig
+from stalroute.config import MappingConfig, SQLMappingConfig
 from stalroute.mapping import (
     LIST_TIMEOUT,
+    MappingStore,
     NotListable,
     ReadOnlyStore,
     StoreError,
@@ -108,6 +115,8 @@ class _ConnectionDropped(Exception):
 
 #: Rows fetched from the driver at a time by ``entries()``.
 FETCH_ROWS = 1000
+#: Identifiers looked up per pool thread call by ``lookup_many()``.
+LOOKUP_CHUNK = 500
 
 
 def _cell(value: Any) -> str | None:
@@ -145,7 +154,44 @@ def all_pairs(cursor: Any) -> list[tuple[str, str]]:
     return sorted(table.items())
 
 
-class SQLMappingStore:
+#: What runs in a pool thread: given a cursor, executes statements and returns the result.
+Work = Callable[[Any], Any]
+
+
+def one_statement(statement: Statement, values: Sequence[str],
+                  read: Callable[[Any], Any]) -> Work:
+    """Work: ``statement`` with ``values``, then ``read`` the cursor."""
+
+    def work(cursor: Any) -> Any:
+        cursor.execute(statement.text, statement.bind(values))
+        return read(cursor)
+
+    return work
+
+
+def each_lookup(statement: Statement, identifiers: Sequence[str]) -> Work:
+    """Work: the lookup statement once per identifier, the answers in order."""
+
+    def work(cursor: Any) -> list[str | None]:
+        answers = []
+        for identifier in identifiers:
+            cursor.execute(statement.text, statement.bind([identifier]))
+            answers.append(first_value(cursor))
+        return answers
+
+    return work
+
+
+def every_upsert(statement: Statement, pairs: Sequence[tuple[str, str]]) -> Work:
+    """Work: the upsert statement for every pair, in one ``executemany`` (one transaction)."""
+
+    def work(cursor: Any) -> None:
+        cursor.executemany(statement.text, [statement.bind(pair) for pair in pairs])
+
+    return work
+
+
+class SQLMappingStore(MappingStore):
     """The ``[mapping.sql]`` store on an adbapi pool (see the module docstring)."""
 
     def __init__(self, pool: adbapi.ConnectionPool, statements: Statements, label: str,
@@ -168,28 +214,50 @@ class SQLMappingStore:
     # --- MappingStore ---------------------------------------------------------------------
 
     def lookup(self, identifier: str) -> Deferred[str | None]:
-        return self._run("lookup", self._statements.lookup, [identifier], first_value)
+        return self._run("lookup", one_statement(self._statements.lookup, [identifier],
+                                                 first_value))
+
+    def lookup_many(self, identifiers: Sequence[str]) -> Deferred[list[str | None]]:
+        """The lookup statement as configured, :data:`LOOKUP_CHUNK` identifiers per pool
+        thread call (one call at a time, so routing lookups are served between them)."""
+        return Deferred.fromCoroutine(self._lookup_chunks(identifiers))
+
+    async def _lookup_chunks(self, identifiers: Sequence[str]) -> list[str | None]:
+        answers: list[str | None] = []
+        for start in range(0, len(identifiers), LOOKUP_CHUNK):
+            chunk = identifiers[start:start + LOOKUP_CHUNK]
+            answers += await self._run("lookup", each_lookup(self._statements.lookup, chunk))
+        return answers
 
     def entries(self) -> Deferred[list[tuple[str, str]]]:
         """Every mapping, sorted, from ``list_query`` (NotListable without one)."""
         if self._statements.list is None:
             return fail(NotListable(f"{self.label}: cannot list the mappings (set "
                                     "[mapping.sql] list_query for the export)"))
-        d = self._run("list", self._statements.list, [], all_pairs, limit=self.list_timeout)
+        d = self._run("list", one_statement(self._statements.list, [], all_pairs),
+                      limit=self.list_timeout)
         d.addTimeout(self.list_timeout, reactor)  # a server that went silent
         return d.addErrback(store_error, self.label, "list", self._secrets)
 
     def upsert(self, identifier: str, destination: str) -> Deferred[None]:
         if self._statements.upsert is None:
             return fail(self._read_only())
-        return self._run("upsert", self._statements.upsert, [identifier, destination],
-                         lambda _: None)
+        return self._run("upsert", one_statement(self._statements.upsert,
+                                                 [identifier, destination], lambda _: None))
+
+    def upsert_many(self, pairs: Sequence[tuple[str, str]]) -> Deferred[None]:
+        """Every pair through the upsert statement in one transaction (all or none)."""
+        if self._statements.upsert is None:
+            return fail(self._read_only())
+        if not pairs:
+            return succeed(None)
+        return self._run("upsert", every_upsert(self._statements.upsert, pairs))
 
     def delete(self, identifier: str) -> Deferred[bool]:
         if self._statements.delete is None:
             return fail(self._read_only())
-        return self._run("delete", self._statements.delete, [identifier],
-                         lambda cursor: cursor.rowcount > 0)
+        return self._run("delete", one_statement(self._statements.delete, [identifier],
+                                                 lambda cursor: cursor.rowcount > 0))
 
     def reload(self) -> Deferred[int | None]:
         """Nothing to re-read: every lookup asks the database."""
@@ -208,25 +276,23 @@ class SQLMappingStore:
         return ReadOnlyStore(f"{self.label}: read-only (mapping.sql needs both upsert_query "
                              "and delete_query for writes)")
 
-    def _run(self, action: str, statement: Statement, values: Sequence[str],
-             read: Callable[[Any], Any], limit: float | None = None) -> Deferred[Any]:
-        """Run ``statement`` in a pool thread; ``limit``: seconds the database may spend."""
+    def _run(self, action: str, work: Work, limit: float | None = None) -> Deferred[Any]:
+        """Run ``work`` in a pool thread; ``limit``: seconds the database may spend."""
         if self._closed:  # a stopped pool would queue the statement forever
             return fail(StoreError(f"{self.label}: {action} failed: the store is closed"))
-        d = deferToThreadPool(reactor, self._pool.threadpool, self._in_thread, statement,
-                              values, read, limit)
+        d = deferToThreadPool(cast(IReactorFromThreads, reactor), self._pool.threadpool,
+                              self._in_thread, work, limit)
         return d.addErrback(store_error, self.label, action, self._secrets)
 
-    def _in_thread(self, statement: Statement, values: Sequence[str],
-                   read: Callable[[Any], Any], limit: float | None) -> Any:
+    def _in_thread(self, work: Work, limit: float | None) -> Any:
         try:
-            return self._attempt(statement, values, read, limit)
+            return self._attempt(work, limit)
         except _ConnectionDropped:
-            return self._attempt(statement, values, read, limit)  # on a fresh connection
+            return self._attempt(work, limit)  # on a fresh connection
 
-    def _attempt(self, statement: Statement, values: Sequence[str],
-                 read: Callable[[Any], Any], limit: float | None) -> Any:
-        """One try in this pool thread, on its connection (made on first use)."""
+    def _attempt(self, work: Work, limit: float | None) -> Any:
+        """One try in this pool thread, on its connection (made on first use), committed
+        as one transaction."""
         connection = self._pool.connect()
         sqlite = self._pool.dbapiName == "sqlite3"
         try:
@@ -240,8 +306,7 @@ class SQLMappingStore:
                 elif limit is not None:  # PostgreSQL: for this transaction only
                     cursor.execute(f"SET LOCAL statement_timeout = {max(1, round(limit * 1000))}")
                 try:
-                    cursor.execute(statement.text, statement.bind(values))
-                    result = read(cursor)
+                    result = work(cursor)
                 finally:
                     if limit is not None and sqlite:
                         connection.set_progress_handler(None, 0)
@@ -288,15 +353,17 @@ def sqlite_database(path: str) -> str:
     return f"file:/{quote(path.lstrip('/'))}?mode=rw"
 
 
-def build_sql_store(settings: SQLMappingConfig, lookup_timeout: float) -> SQLMappingStore:
-    """A PostgreSQL or SQLite store for ``[mapping.sql]``; connects on first use only."""
+def build_sql_store(settings: SQLMappingConfig, mapping: MappingConfig,
+                    destinations: Collection[str]) -> SQLMappingStore:
+    """A PostgreSQL or SQLite store for ``[mapping.sql]`` (its registry builder); connects on
+    first use only."""
     statements = Statements.configured(settings)
     if settings.backend == "sqlite":
         database = sqlite_database(settings.sqlite_path or "")
         pool = adbapi.ConnectionPool("sqlite3", database, uri=True, check_same_thread=False,
                                      cp_min=1, cp_max=1, cp_noisy=False)
         return SQLMappingStore(pool, statements, settings.url)
-    pool = adbapi.ConnectionPool("psycopg2", postgresql_dsn(settings.url, lookup_timeout),
+    pool = adbapi.ConnectionPool("psycopg2", postgresql_dsn(settings.url, mapping.lookup_timeout),
                                  cp_min=1, cp_max=settings.pool_size, cp_reconnect=True,
                                  cp_noisy=False)
     return SQLMappingStore(pool, statements, redact_url(settings.url),

@@ -660,9 +660,9 @@ def _mapping_config(table: dict[str, Any], lookup_timeout: float = 5.0) -> Any:
 
     if table["source"] == "redis":
         return MappingConfig(source="redis", lookup_timeout=lookup_timeout,
-                             redis=RedisMappingConfig(**table["redis"]))
+                             settings=RedisMappingConfig(**table["redis"]))
     return MappingConfig(source="sql", lookup_timeout=lookup_timeout,
-                         sql=SQLMappingConfig(**table["sql"]))
+                         settings=SQLMappingConfig(**table["sql"]))
 
 
 def scenario_main(argv: list[str]) -> None:

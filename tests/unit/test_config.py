@@ -15,17 +15,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stalroute import config as cfg
+from stalroute import tls_ciphers
 from stalroute.cli import main
 from stalroute.config import (
     ConfigError,
     Problem,
-    ip_in_networks,
     load_config,
     parse_address,
-    parse_cidr,
     parse_config,
     parse_duration,
 )
+from stalroute.net import ip_in_networks, parse_cidr
 from tests.harness.pki import CertificateAuthority
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,7 +134,7 @@ def test_minimal_config_defaults(base_dir: Path) -> None:
     assert config.oauth.jwt_username_claim == "email"
     assert config.routing == cfg.RoutingConfig("main", None, ("%",), "tempfail")
     assert config.mapping.source == "file"
-    assert config.mapping.file.path == base_dir / "mappings.tsv"
+    assert config.mapping.settings.path == base_dir / "mappings.tsv"
     assert (
         config.mapping.normalize,
         config.mapping.positive_ttl,
@@ -903,7 +903,7 @@ def test_relative_paths_resolve_against_the_config_directory(
     assert cert.name == "main"
     assert cert.cert == leaf.cert_path and cert.key == leaf.key_path
     assert cert.subjects == ("mail.example.com", "example.org")
-    assert config.mapping.file.path == tmp_path / "mappings.tsv"
+    assert config.mapping.settings.path == tmp_path / "mappings.tsv"
     assert config.source_path == config_file
 
 
@@ -1041,11 +1041,11 @@ def test_cipher_suites_translate_iana_to_openssl(base_dir: Path) -> None:
 
 
 def test_cipher_table_is_tls12_and_tls13_only() -> None:
-    table = cfg.IANA_TO_OPENSSL_CIPHERS
+    table = tls_ciphers.IANA_TO_OPENSSL_CIPHERS
     assert table["TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"] == "ECDHE-ECDSA-AES256-GCM-SHA384"
     assert table["TLS_AES_128_GCM_SHA256"] == "TLS_AES_128_GCM_SHA256"
     assert "TLS_RSA_WITH_RC4_128_SHA" not in table
-    assert cfg.openssl_cipher_name("NOT-A-CIPHER") is None
+    assert tls_ciphers.openssl_cipher_name("NOT-A-CIPHER") is None
 
 
 def test_unknown_cipher_suite(base_dir: Path) -> None:
@@ -1083,15 +1083,15 @@ def test_removing_every_cipher_suite_is_an_error(base_dir: Path) -> None:
 def test_sql_mapping_and_writability(base_dir: Path) -> None:
     sql = {"url": "postgresql://u:pw@db/routing", "query": "SELECT d FROM m WHERE id = $1"}
     config = parse(base_dir, with_(("mapping.source", "sql"), ("mapping.sql", dict(sql))))
-    assert config.mapping.source == "sql" and config.mapping.sql.backend == "postgresql"
-    assert not config.mapping.sql.writable and not config.mapping.writable
-    assert config.mapping.sql.pool_size == 16
+    assert config.mapping.source == "sql" and config.mapping.settings.backend == "postgresql"
+    assert not config.mapping.settings.writable and not config.mapping.writable
+    assert config.mapping.settings.pool_size == 16
     assert "pw" not in repr(config.mapping)
 
     sql.update(upsert_query="INSERT INTO m VALUES ($1, $2)",
                delete_query="DELETE FROM m WHERE id = $1")
     config = parse(base_dir, with_(("mapping.source", "sql"), ("mapping.sql", sql)))
-    assert config.mapping.sql.writable and config.mapping.writable
+    assert config.mapping.settings.writable and config.mapping.writable
 
     half = dict(sql, delete_query=None)
     del half["delete_query"]
@@ -1114,8 +1114,8 @@ def test_sqlite_source_is_sql_with_a_sqlite_url(base_dir: Path) -> None:
         ),
     )
     assert config.mapping.source == "sql"
-    assert config.mapping.sql.backend == "sqlite"
-    assert config.mapping.sql.sqlite_path == "/var/lib/stalroute/map.db"
+    assert config.mapping.settings.backend == "sqlite"
+    assert config.mapping.settings.sqlite_path == "/var/lib/stalroute/map.db"
 
 
 def test_redis_mapping_defaults(base_dir: Path) -> None:
@@ -1123,10 +1123,10 @@ def test_redis_mapping_defaults(base_dir: Path) -> None:
         base_dir,
         with_(("mapping.source", "redis"), ("mapping.redis", {"url": "rediss://:pw@cache:6380/2"})),
     )
-    assert config.mapping.redis.key_prefix == "route:"
-    assert config.mapping.redis.pool_size == 16
+    assert config.mapping.settings.key_prefix == "route:"
+    assert config.mapping.settings.pool_size == 16
     assert config.mapping.writable
-    assert "pw" not in repr(config.mapping.redis)
+    assert "pw" not in repr(config.mapping.settings)
 
 
 def test_url_values_are_never_echoed(base_dir: Path) -> None:
@@ -1720,7 +1720,7 @@ def test_sqlite_memory_url(base_dir: Path) -> None:
             ("mapping.sql", {"url": "sqlite:///:memory:", "query": "SELECT d FROM m WHERE id = ?"}),
         ),
     )
-    assert config.mapping.sql.sqlite_path == ":memory:"
+    assert config.mapping.settings.sqlite_path == ":memory:"
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
 
 from stalroute.mapping import StoreError
@@ -167,3 +167,23 @@ def test_rewrite_is_sorted_tab_separated_and_keeps_the_file_mode(tmp_path: Path)
     assert path.read_text() == "amy\tnode2\nzed\tnode1\n"
     assert path.stat().st_mode & 0o777 == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["m.tsv"]  # no temp file left behind
+
+
+def test_file_store_batches_read_the_table_and_write_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[dict[str, str]] = []
+
+    def write_now(function, path: Path, table: dict[str, str]) -> Deferred:
+        writes.append(dict(table))
+        return maybeDeferred(function, path, table)
+
+    monkeypatch.setattr("stalroute.mapping.file.deferToThread", write_now)
+    path = write(tmp_path / "m.tsv", "bob node2\n")
+    store = FileMappingStore(path, ["node1", "node2"], "none")
+    assert result_of(store.lookup_many(["bob", "eve"])) == ["node2", None]
+    pairs = [(f"user{n}", "node1") for n in range(1000)] + [("bob", "node1")]
+    assert result_of(store.upsert_many(pairs)) is None
+    assert len(writes) == 1 and len(writes[0]) == 1001  # one atomic rewrite
+    assert result_of(store.lookup_many(["bob", "user999"])) == ["node1", "node1"]
+    assert path.read_text().count("\n") == 1001

@@ -6,9 +6,14 @@ Behaviour against real servers is in ``tests/integration/test_stores.py``.
 
 from __future__ import annotations
 
+import importlib
+import io
 import re
 import sqlite3
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,18 +23,24 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer, error
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from stalroute.admin.importer import BATCH as IMPORT_BATCH
+from stalroute.admin.importer import Importer
 from stalroute.config import (
     ConfigError,
     MappingConfig,
     RedisMappingConfig,
     SQLMappingConfig,
+    StoreSettings,
     parse_config,
 )
+from stalroute.config.stores import SOURCE_ALIASES, STORE_KINDS, StoreKind
 from stalroute.mapping import (
+    BATCH_CONCURRENCY,
+    MappingStore,
     NotListable,
     ReadOnlyStore,
     StoreError,
@@ -39,7 +50,7 @@ from stalroute.mapping import (
     url_secrets,
 )
 from stalroute.mapping import redis as redis_store
-from stalroute.mapping.factory import InvalidStoreSetting, build_store
+from stalroute.mapping.factory import InvalidStoreSetting, UnsupportedStore, build_store
 from stalroute.mapping.file import FileMappingStore
 from stalroute.mapping.redis import RedisMappingStore, RedisTarget, parse_redis_url, tls_options
 from stalroute.mapping.sql import (
@@ -49,6 +60,7 @@ from stalroute.mapping.sql import (
     all_pairs,
     build_sql_store,
     first_value,
+    one_statement,
     postgresql_dsn,
     sqlite_database,
 )
@@ -188,8 +200,8 @@ def test_unusable_sqlite_statements_are_configuration_errors(
 def test_sqlite_statements_take_sqlite_placeholders(tmp_path: Path, query: str) -> None:
     document = sql_document(query=query, upsert_query="INSERT INTO m VALUES (?, ?)",
                             delete_query="DELETE FROM m WHERE login = ?1")
-    sql = parse_config(document, tmp_path, {}, check_files=False).mapping.sql
-    assert sql is not None and sql.query == query
+    sql = parse_config(document, tmp_path, {}, check_files=False).mapping.settings
+    assert isinstance(sql, SQLMappingConfig) and sql.query == query
     statements = Statements.configured(sql)
     assert statements.lookup.text == "SELECT d FROM m WHERE login = ?1"
     assert statements.upsert == Statement("INSERT INTO m VALUES (?1, ?2)", "sqlite", 2)
@@ -394,11 +406,12 @@ def sql_document(**sql: Any) -> dict[str, Any]:
 
 
 def test_list_query_is_optional(tmp_path: Path) -> None:
-    config = parse_config(sql_document(), tmp_path, {}, check_files=False)
-    assert config.mapping.sql is not None and config.mapping.sql.list_query is None
+    sql = parse_config(sql_document(), tmp_path, {}, check_files=False).mapping.settings
+    assert isinstance(sql, SQLMappingConfig) and sql.list_query is None
     listing = "SELECT login, destination FROM routes -- every row, '$1' is text"
     config = parse_config(sql_document(list_query=listing), tmp_path, {}, check_files=False)
-    assert config.mapping.sql is not None and config.mapping.sql.list_query == listing
+    sql = config.mapping.settings
+    assert isinstance(sql, SQLMappingConfig) and sql.list_query == listing
 
 
 @pytest.mark.parametrize(
@@ -481,8 +494,8 @@ def sqlite_file(tmp_path: Path) -> Path:
 
 
 def sqlite_store(path: Path, **sql: Any) -> SQLMappingStore:
-    return build_sql_store(SQLMappingConfig(url=f"sqlite://{path}", query=SQLITE_LOOKUP, **sql),
-                           5.0)
+    settings = SQLMappingConfig(url=f"sqlite://{path}", query=SQLITE_LOOKUP, **sql)
+    return build_sql_store(settings, MappingConfig(source="sql", settings=settings), [])
 
 
 def test_sql_store_without_list_query_is_not_listable(sqlite_file: Path) -> None:
@@ -508,8 +521,9 @@ def test_sqlite_listing_is_interrupted_after_its_time_limit(sqlite_file: Path) -
         statements = store._statements
         assert statements.list is not None
         with pytest.raises(sqlite3.OperationalError, match="interrupted"):
-            store._attempt(statements.list, [], all_pairs, 0.2)
-        assert store._attempt(statements.lookup, ["bob"], first_value, None) == "node2"
+            store._attempt(one_statement(statements.list, [], all_pairs), 0.2)
+        assert store._attempt(one_statement(statements.lookup, ["bob"], first_value),
+                              None) == "node2"
     finally:
         store.close()
 
@@ -529,6 +543,7 @@ class FakeRedis:
         self.endless = endless
         self.scans: list[tuple[str, str, int]] = []
         self.mgets: list[list[Any]] = []
+        self.msets: list[dict[str, str]] = []
         self._factory = SimpleNamespace(size=1, stopped=False)
 
     def _reply(self, value: Any) -> Deferred[Any]:
@@ -553,6 +568,11 @@ class FakeRedis:
         self.mgets.append(keys)
         values = [self.data.get(key) for key in keys]
         return self._reply([None if isinstance(v, dict) else v for v in values])
+
+    def mset(self, mapping: dict[str, str]) -> Deferred[Any]:
+        self.msets.append(dict(mapping))
+        self.data.update(mapping)
+        return self._reply("OK")
 
     def disconnect(self) -> Deferred[None]:
         return succeed(None)
@@ -631,11 +651,287 @@ def test_redis_listing_failures_are_store_errors(monkeypatch: pytest.MonkeyPatch
 def test_every_configured_store_can_be_asked_to_list(tmp_path: Path,
                                                      sqlite_file: Path) -> None:
     """No hasattr/isinstance checks: entries() exists everywhere, NotListable when it cannot."""
-    mapping = MappingConfig(source="sql", sql=SQLMappingConfig(url=f"sqlite://{sqlite_file}",
-                                                               query=SQLITE_LOOKUP))
+    settings = SQLMappingConfig(url=f"sqlite://{sqlite_file}", query=SQLITE_LOOKUP)
+    mapping = MappingConfig(source="sql", settings=settings)
     store = build_store(mapping, ["node1", "node2"])
     try:
         assert callable(store.entries) and store.listable is False
         assert isinstance(result_of(store.entries()), NotListable)
     finally:
         store.close()
+
+
+# --- the store registry ------------------------------------------------------------------------
+
+
+def test_every_registered_store_kind_names_a_builder_and_its_settings() -> None:
+    assert set(STORE_KINDS) == {"file", "sql", "redis"}
+    for name, kind in STORE_KINDS.items():
+        module, _, function = kind.builder.partition(":")
+        assert module == f"stalroute.mapping.{name}"
+        assert callable(getattr(importlib.import_module(module), function))
+        assert issubclass(kind.settings, StoreSettings)
+    assert set(SOURCE_ALIASES.values()) <= set(STORE_KINDS)
+
+
+def test_the_source_key_takes_the_registered_kinds(tmp_path: Path) -> None:
+    document = sql_document()
+    document["mapping"]["source"] = "memcached"
+    with pytest.raises(ConfigError) as raised:
+        parse_config(document, tmp_path, {}, check_files=False)
+    [problem] = raised.value.problems
+    assert str(problem) == ('mapping.source: "memcached" is not one of "file", "sql", "redis", '
+                            '"sqlite"')
+
+
+def test_a_missing_store_table_names_its_required_keys(tmp_path: Path) -> None:
+    document = sql_document()
+    del document["mapping"]["sql"]
+    with pytest.raises(ConfigError) as raised:
+        parse_config(document, tmp_path, {}, check_files=False)
+    assert [str(p) for p in raised.value.problems] == [
+        ('mapping.sql: required when mapping.source = "sql" (a [mapping.sql] table with url '
+         "and query)")]
+
+
+def test_tables_of_other_stores_are_checked_but_not_kept(tmp_path: Path) -> None:
+    document = sql_document()
+    document["mapping"]["redis"] = {"url": "http://cache"}
+    with pytest.raises(ConfigError) as raised:
+        parse_config(document, tmp_path, {}, check_files=False)
+    assert [p.key for p in raised.value.problems] == ["mapping.redis.url"]
+    document["mapping"]["redis"] = {"url": "redis://cache"}
+    mapping = parse_config(document, tmp_path, {}, check_files=False).mapping
+    assert mapping.source == "sql" and isinstance(mapping.settings, SQLMappingConfig)
+
+
+@dataclass(frozen=True)
+class MemorySettings(StoreSettings):
+    """The settings of a store kind registered by a test."""
+
+    table: tuple[tuple[str, str], ...] = ()
+
+
+class DictStore(MappingStore):
+    """A store that implements only the required operations (the batch ones by default)."""
+
+    writable = True
+    listable = True
+
+    def __init__(self, table: dict[str, str] | None = None) -> None:
+        self.table = dict(table or {})
+        self.upserts: list[tuple[str, str]] = []
+
+    def lookup(self, identifier: str) -> Deferred[str | None]:
+        return succeed(self.table.get(identifier))
+
+    def entries(self) -> Deferred[list[tuple[str, str]]]:
+        return succeed(sorted(self.table.items()))
+
+    def upsert(self, identifier: str, destination: str) -> Deferred[None]:
+        self.upserts.append((identifier, destination))
+        self.table[identifier] = destination
+        return succeed(None)
+
+    def delete(self, identifier: str) -> Deferred[bool]:
+        return succeed(self.table.pop(identifier, None) is not None)
+
+    def reload(self) -> Deferred[int | None]:
+        return succeed(None)
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+
+def build_memory_store(settings: MemorySettings, mapping: MappingConfig,
+                       destinations: Collection[str]) -> DictStore:
+    return DictStore(dict(settings.table))
+
+
+def test_build_store_builds_whatever_kind_the_registry_names(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(STORE_KINDS, "memory",
+                        StoreKind(MemorySettings, f"{__name__}:build_memory_store"))
+    mapping = MappingConfig(source="memory", settings=MemorySettings((("bob", "node2"),)))
+    store = build_store(mapping, ["node2"])
+    assert isinstance(store, DictStore) and store.table == {"bob": "node2"}
+    with pytest.raises(UnsupportedStore, match="'nosuch' store is not available"):
+        build_store(MappingConfig(source="nosuch", settings=MemorySettings()), [])
+    with pytest.raises(UnsupportedStore):  # settings of another kind
+        build_store(MappingConfig(source="sql", settings=MemorySettings()), [])
+
+
+def test_reading_the_configuration_loads_no_store_driver(tmp_path: Path) -> None:
+    """The registry names builders lazily: neither the validator nor the factory module
+    imports psycopg2 or txredisapi, and a SQLite store loads no PostgreSQL driver."""
+    (tmp_path / "routes.db").touch()
+    config = tmp_path / "stalroute.toml"
+    config.write_text(
+        '[routing]\ndefault_destination = "node1"\n'
+        '[mapping]\nsource = "sqlite"\n'
+        f'[mapping.sql]\nurl = "sqlite://{tmp_path}/routes.db"\n'
+        'query = "SELECT d FROM m WHERE l = $1"\n'
+        '[mapping.redis]\nurl = "redis://cache"\n'
+        '[destination.node1]\nhost = "127.0.0.1"\ntls_server_name = "n"\n'
+        '[destination.node1.protocol.imap]\nport = 993\ntls = "implicit"\n')
+    script = (
+        "import sys\n"
+        "from stalroute.config import load_config\n"
+        "from stalroute.mapping.factory import build_store\n"
+        f"config = load_config({str(config)!r})\n"
+        "assert 'txredisapi' not in sys.modules and 'psycopg2' not in sys.modules\n"
+        "build_store(config.mapping, ['node1']).close()\n"
+        "assert 'txredisapi' not in sys.modules and 'psycopg2' not in sys.modules\n"
+        "assert 'stalroute.mapping.sql' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[2])
+
+
+# --- batch operations ----------------------------------------------------------------------------
+
+
+def test_the_default_batch_operations_loop_over_the_single_ones() -> None:
+    store = DictStore({"bob": "node1"})
+    assert result_of(store.lookup_many(["bob", "eve", "bob"])) == ["node1", None, "node1"]
+    assert result_of(store.upsert_many([("eve", "node2"), ("bob", "node2")])) is None
+    assert store.upserts == [("eve", "node2"), ("bob", "node2")]
+    assert result_of(store.lookup_many([])) == []
+    assert result_of(store.upsert_many([])) is None
+
+
+def test_the_default_batch_operations_bound_their_concurrency(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pending: list[Deferred[str | None]] = []
+
+    def slow_lookup(identifier: str) -> Deferred[str | None]:
+        d: Deferred[str | None] = Deferred()
+        pending.append(d)
+        return d
+
+    store = DictStore()
+    monkeypatch.setattr(store, "lookup", slow_lookup)
+    answers = store.lookup_many([f"user{n}" for n in range(BATCH_CONCURRENCY + 5)])
+    assert len(pending) == BATCH_CONCURRENCY
+    while pending:
+        pending.pop(0).callback("node1")
+    assert result_of(answers) == ["node1"] * (BATCH_CONCURRENCY + 5)
+
+
+def test_the_default_batch_operations_fail_with_the_store_error() -> None:
+    store = DictStore()
+    store.upsert = lambda identifier, destination: defer.fail(  # type: ignore[method-assign]
+        StoreError(f"memory: upsert of {identifier} failed"))
+    failure = result_of(store.upsert_many([("bob", "node1"), ("eve", "node2")]))
+    assert isinstance(failure, StoreError) and str(failure) == "memory: upsert of bob failed"
+
+
+@pytest.fixture
+def threadless_sql(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SQL store's pool-thread calls run at once, in the test's thread."""
+    monkeypatch.setattr("stalroute.mapping.sql.deferToThreadPool",
+                        lambda reactor, pool, f, *args: maybeDeferred(f, *args))
+
+
+UPSERT = ("INSERT INTO routes VALUES ($1, $2) "
+          "ON CONFLICT (login) DO UPDATE SET destination = excluded.destination")
+
+
+def test_sql_batches_look_up_in_chunks_and_write_in_one_transaction(
+    sqlite_file: Path, threadless_sql: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("stalroute.mapping.sql.LOOKUP_CHUNK", 2)
+    store = sqlite_store(sqlite_file, upsert_query=UPSERT,
+                         delete_query="DELETE FROM routes WHERE login = $1")
+    runs: list[Any] = []
+    attempt = store._attempt
+    monkeypatch.setattr(store, "_attempt", lambda work, limit: runs.append(work)
+                        or attempt(work, limit))
+    try:
+        assert result_of(store.lookup_many(["a", "bob", "c", "d", "bob"])) == [
+            None, "node2", None, None, "node2"]
+        assert len(runs) == 3  # chunks of 2
+        runs.clear()
+        pairs = [(f"user{n}", "node1") for n in range(50)] + [("bob", "node1")]
+        assert result_of(store.upsert_many(pairs)) is None
+        assert len(runs) == 1  # one executemany, one commit
+        assert result_of(store.lookup_many(["bob", "user49"])) == ["node1", "node1"]
+    finally:
+        store.close()
+
+
+def test_a_sql_batch_that_fails_writes_nothing(sqlite_file: Path, threadless_sql: None) -> None:
+    store = sqlite_store(sqlite_file, upsert_query="INSERT INTO routes VALUES ($1, $2)",
+                         delete_query="DELETE FROM routes WHERE login = $1")
+    try:  # the plain INSERT fails on the row "bob" already has
+        failure = result_of(store.upsert_many([("a", "node1"), ("bob", "node1")]))
+        assert isinstance(failure, StoreError) and "upsert failed" in str(failure)
+        assert result_of(store.lookup_many(["a", "bob"])) == [None, "node2"]
+    finally:
+        store.close()
+
+
+def test_a_read_only_sql_store_refuses_batches_too(sqlite_file: Path) -> None:
+    store = sqlite_store(sqlite_file)
+    try:
+        assert isinstance(result_of(store.upsert_many([("a", "node1")])), ReadOnlyStore)
+    finally:
+        store.close()
+
+
+def test_redis_batches_use_mget_and_mset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_store, "BATCH_KEYS", 2)
+    fake = FakeRedis({"route:bob": "node1", "route:h": {"field": "x"}})
+    store = fake_redis_store(monkeypatch, fake)
+    assert result_of(store.lookup_many(["bob", "eve", "h"])) == ["node1", None, None]
+    assert fake.mgets == [["route:bob", "route:eve"], ["route:h"]]
+    assert result_of(store.upsert_many([("eve", "node2"), ("bob", "node2"), ("zoe", "n")])) \
+        is None
+    assert fake.msets == [{"route:eve": "node2", "route:bob": "node2"}, {"route:zoe": "n"}]
+    assert result_of(store.upsert_many([])) is None and len(fake.msets) == 2
+
+
+# --- the bulk import -------------------------------------------------------------------------
+
+
+class RecordingStore(DictStore):
+    """Counts the batch calls the importer makes (and fails any single upsert)."""
+
+    def __init__(self) -> None:
+        super().__init__({"user7": "node1"})
+        self.lookup_batches: list[int] = []
+        self.upsert_batches: list[int] = []
+
+    def lookup_many(self, identifiers: Sequence[str]) -> Deferred[list[str | None]]:
+        self.lookup_batches.append(len(identifiers))
+        return succeed([self.table.get(i) for i in identifiers])
+
+    def upsert_many(self, pairs: Sequence[tuple[str, str]]) -> Deferred[None]:
+        self.upsert_batches.append(len(pairs))
+        self.table.update(pairs)
+        return succeed(None)
+
+    def upsert(self, identifier: str, destination: str) -> Deferred[None]:
+        raise AssertionError("the importer writes in batches only")
+
+
+def test_a_large_import_reads_and_writes_in_batches() -> None:
+    store = RecordingStore()
+    invalidated: list[str] = []
+    router = SimpleNamespace(store=store, cache=SimpleNamespace(invalidate=invalidated.append))
+    runtime = SimpleNamespace(router=router, config=SimpleNamespace(
+        destinations={"node1": None, "node2": None}))
+    control = SimpleNamespace(runtime=runtime, normalize=str.lower)
+    rows = 100_000
+    body = io.BytesIO(b"".join(b"User%d\tnode1\n" % n for n in range(rows)))
+    clock = Clock()
+    outcome = Deferred.fromCoroutine(Importer(control, clock).run(body, "tsv", dry_run=False))
+    while not outcome.called:
+        clock.advance(0)
+    summary = result_of(outcome)
+    batches = -(-rows // IMPORT_BATCH)
+    assert summary["imported"] == rows - 1 and summary["unchanged"] == 1
+    assert store.lookup_batches == [IMPORT_BATCH] * batches
+    assert len(store.upsert_batches) == batches and sum(store.upsert_batches) == rows - 1
+    assert len(invalidated) == rows - 1 and len(store.table) == rows
