@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from stalroute import ctl
+from stalroute.admin.openapi import SPEC
 from stalroute.cli import _build_parser
+from stalroute.ctl import client, commands
 
 TOKEN = "c" * 40
 
@@ -23,38 +24,63 @@ def parse(*argv: str) -> argparse.Namespace:
     return _build_parser().parse_args(["ctl", *argv])
 
 
+def target(action: commands.Action) -> object:
+    """A one-request subcommand as the request it sends, any other as its function."""
+    if isinstance(action, commands.Request):
+        return (action.method, action.path, action.params)
+    return action
+
+
 def test_options_before_or_after_the_subcommand() -> None:
     before = parse("--url", "https://h:1", "--json", "--insecure", "stats")
     after = parse("stats", "--url", "https://h:1", "--json", "--insecure")
     for args in (before, after):
-        assert (args.url, args.json, args.insecure, args.ctl_action) == (
-            "https://h:1", True, True, ctl.cmd_stats)
+        assert (args.url, args.json, args.insecure, target(args.ctl_action)) == (
+            "https://h:1", True, True, ("GET", "/stats", ()))
     assert parse("stats").json is False
 
 
 @pytest.mark.parametrize(("argv", "action"), [
-    (["destinations"], ctl.cmd_destinations),
-    (["destinations", "list"], ctl.cmd_destinations),
-    (["destinations", "reset", "node2"], ctl.cmd_destinations_reset),
-    (["mappings", "get", "alice"], ctl.cmd_mappings_get),
-    (["mappings", "put", "alice", "node2"], ctl.cmd_mappings_put),
-    (["mappings", "delete", "alice"], ctl.cmd_mappings_delete),
-    (["mappings", "reload"], ctl.cmd_mappings_reload),
-    (["mappings", "export", "--format", "json"], ctl.cmd_mappings_export),
+    (["destinations"], ("GET", "/destinations", ())),
+    (["destinations", "list"], ("GET", "/destinations", ())),
+    (["destinations", "reset", "node2"], ("POST", "/destinations/reset", ("destination",))),
+    (["mappings", "get", "alice"], commands.cmd_mappings_get),
+    (["mappings", "put", "alice", "node2"],
+     ("PUT", "/mappings", ("identifier", "destination"))),
+    (["mappings", "delete", "alice"], ("DELETE", "/mappings", ("identifier",))),
+    (["mappings", "reload"], ("POST", "/mappings/reload", ())),
+    (["mappings", "export", "--format", "json"], commands.cmd_mappings_export),
     (["mappings", "import", "f.tsv", "--batch-size", "5", "--dry-run"],
-     ctl.cmd_mappings_import),
-    (["cache", "invalidate"], ctl.cmd_cache_invalidate),
-    (["cache", "invalidate", "alice"], ctl.cmd_cache_invalidate),
-    (["connections"], ctl.cmd_connections),
-    (["connections", "list", "--destination", "node1"], ctl.cmd_connections),
-    (["kick", "--identifier", "alice"], ctl.cmd_kick),
-    (["delay", "alice", "30"], ctl.cmd_delay),
-    (["reload"], ctl.cmd_reload),
-    (["health", "--live"], ctl.cmd_health),
-    (["metrics"], ctl.cmd_metrics),
+     commands.cmd_mappings_import),
+    (["cache", "invalidate"], ("POST", "/cache/invalidate", ("identifier",))),
+    (["cache", "invalidate", "alice"], ("POST", "/cache/invalidate", ("identifier",))),
+    (["connections"], ("GET", "/connections", ("identifier", "destination"))),
+    (["connections", "list", "--destination", "node1"],
+     ("GET", "/connections", ("identifier", "destination"))),
+    (["kick", "--identifier", "alice"], commands.cmd_kick),
+    (["delay", "alice", "30"], ("POST", "/connections/delay", ("identifier", "seconds"))),
+    (["reload"], commands.cmd_reload),
+    (["health", "--live"], commands.cmd_health),
+    (["metrics"], commands.cmd_metrics),
 ])
-def test_every_subcommand_parses(argv: list[str], action) -> None:
-    assert parse(*argv).ctl_action is action
+def test_every_subcommand_parses(argv: list[str], action: object) -> None:
+    args = parse(*argv)
+    assert target(args.ctl_action) == action
+    # every query parameter a request sends is an argument the subcommand parsed
+    if isinstance(args.ctl_action, commands.Request):
+        assert all(hasattr(args, name) for name in args.ctl_action.params)
+
+
+def test_one_request_subcommands_call_documented_operations() -> None:
+    """The table cannot drift from the API: each request is an operation of the OpenAPI
+    document, and its parameters are that operation's query parameters."""
+    requests = [entry.action for entry in commands.SUBCOMMANDS
+                if isinstance(entry.action, commands.Request)]
+    assert requests
+    for request in requests:
+        operation = SPEC["paths"][request.path][request.method.lower()]
+        documented = {p["name"] for p in operation.get("parameters", []) if p["in"] == "query"}
+        assert set(request.params) <= documented, (request.method, request.path)
 
 
 def test_connections_list_filters() -> None:
@@ -99,15 +125,15 @@ def test_url_sources_in_order(tmp_path: Path) -> None:
     config.write_text('[admin]\nbind = "0.0.0.0:9443"\n')
     v6 = tmp_path / "v6.toml"
     v6.write_text('[admin]\nbind = "[::]:9443"\n')
-    assert ctl.resolve_url(namespace(url="https://x:1/"), {}) == "https://x:1"
-    assert ctl.resolve_url(namespace(), {ctl.ENV_URL: "https://y:2"}) == "https://y:2"
-    assert ctl.resolve_url(namespace(config=str(config)), {}) == "https://127.0.0.1:9443"
-    assert ctl.resolve_url(namespace(config=str(v6)), {}) == "https://[::1]:9443"
-    assert ctl.resolve_url(namespace(), {"STALROUTE_CONFIG": str(config)}) == \
+    assert client.resolve_url(namespace(url="https://x:1/"), {}) == "https://x:1"
+    assert client.resolve_url(namespace(), {client.ENV_URL: "https://y:2"}) == "https://y:2"
+    assert client.resolve_url(namespace(config=str(config)), {}) == "https://127.0.0.1:9443"
+    assert client.resolve_url(namespace(config=str(v6)), {}) == "https://[::1]:9443"
+    assert client.resolve_url(namespace(), {"STALROUTE_CONFIG": str(config)}) == \
         "https://127.0.0.1:9443"
-    assert ctl.resolve_url(namespace(), {}) == ctl.DEFAULT_URL
-    with pytest.raises(ctl.CtlError):
-        ctl.resolve_url(namespace(config=str(tmp_path / "missing.toml")), {})
+    assert client.resolve_url(namespace(), {}) == client.DEFAULT_URL
+    with pytest.raises(client.CtlError):
+        client.resolve_url(namespace(config=str(tmp_path / "missing.toml")), {})
 
 
 def test_token_sources_in_order(tmp_path: Path) -> None:
@@ -118,14 +144,14 @@ def test_token_sources_in_order(tmp_path: Path) -> None:
     inline = tmp_path / "inline.toml"
     inline.write_text('[admin]\nbind = "127.0.0.1:9443"\nbearer_token = "inline"\n')
     env = {"STALROUTE_ADMIN_TOKEN": "from-env"}
-    assert ctl.resolve_token(namespace(token_file=str(token_file)), env) == "from-file"
-    assert ctl.resolve_token(namespace(config=str(config)), env) == "from-env"
-    assert ctl.resolve_token(namespace(), {"PROXY_ADMIN_TOKEN": "alias"}) == "alias"
-    assert ctl.resolve_token(namespace(config=str(config)), {}) == "from-file"
-    assert ctl.resolve_token(namespace(config=str(inline)), {}) == "inline"
-    with pytest.raises(ctl.CtlError) as raised:
-        ctl.resolve_token(namespace(), {})
-    assert raised.value.code == ctl.EXIT_USAGE
+    assert client.resolve_token(namespace(token_file=str(token_file)), env) == "from-file"
+    assert client.resolve_token(namespace(config=str(config)), env) == "from-env"
+    assert client.resolve_token(namespace(), {"PROXY_ADMIN_TOKEN": "alias"}) == "alias"
+    assert client.resolve_token(namespace(config=str(config)), {}) == "from-file"
+    assert client.resolve_token(namespace(config=str(inline)), {}) == "inline"
+    with pytest.raises(client.CtlError) as raised:
+        client.resolve_token(namespace(), {})
+    assert raised.value.code == client.EXIT_USAGE
 
 
 # --- import batching ------------------------------------------------------------------------------
@@ -134,7 +160,7 @@ def test_token_sources_in_order(tmp_path: Path) -> None:
 def test_tsv_batches_keep_file_line_numbers() -> None:
     data = b"# comment\nalice\tnode2\n\nbob\tnode1\n" + b"x" * 5000 + b"\ncarol\tnode2"
     rejected: list[dict] = []
-    batches = list(ctl._tsv_batches(io.BytesIO(data), 2, rejected))
+    batches = list(client.tsv_batches(io.BytesIO(data), 2, rejected))
     assert batches == [(b"alice\tnode2\nbob\tnode1\n", [2, 4], 2),
                        (b"carol\tnode2\n", [6], 1)]
     assert rejected == [{"line": 5, "reason": "line longer than 4096 bytes"}]
@@ -143,7 +169,7 @@ def test_tsv_batches_keep_file_line_numbers() -> None:
 def test_json_batches_map_body_lines_to_file_lines() -> None:
     data = b'[\n{"identifier": "alice", "destination": "node2"},\n7,\n["bob", "node1"]\n]'
     rejected: list[dict] = []
-    (body, numbers, rows), = ctl._json_batches(io.BytesIO(data), 10, rejected)
+    (body, numbers, rows), = client.json_batches(io.BytesIO(data), 10, rejected)
     assert rows == 2
     assert json.loads(body) == [{"identifier": "alice", "destination": "node2"},
                                 {"identifier": "bob", "destination": "node1"}]
@@ -155,20 +181,21 @@ def test_json_batches_map_body_lines_to_file_lines() -> None:
 def test_count_rows_refuses_a_broken_json_file_before_sending(tmp_path: Path) -> None:
     path = tmp_path / "broken.json"
     path.write_text('[{"identifier": "a", "destination": "b"},\n{oops}]')
-    with pytest.raises(ctl.CtlError, match="line 2"):
-        ctl._count_rows(path, "json")
+    with pytest.raises(client.CtlError, match="line 2"):
+        client.count_rows(path, "json")
 
 
 # --- output -----------------------------------------------------------------------------
 
 
 def test_table() -> None:
-    text = ctl._table([{"a": "x", "b": None}, {"a": "longer", "b": 3}], [("a", "A"), ("b", "B")])
+    text = commands.format_table([{"a": "x", "b": None}, {"a": "longer", "b": 3}],
+                                 [("a", "A"), ("b", "B")])
     assert text.splitlines() == ["A       B", "x       -", "longer  3"]
 
 
 def test_duration() -> None:
-    assert [ctl._duration(s) for s in (5, 65, 3 * 3600 + 120, 2 * 86400 + 3600)] == [
+    assert [commands.format_duration(s) for s in (5, 65, 3 * 3600 + 120, 2 * 86400 + 3600)] == [
         "5s", "1m05s", "3h02m", "2d01h00m"]
 
 
@@ -183,7 +210,7 @@ class FakeTTY(io.StringIO):
 
 def test_progress_bar_on_a_tty() -> None:
     stream = FakeTTY(True)
-    progress = ctl.Progress(200, "importing x.tsv", stream)
+    progress = client.Progress(200, "importing x.tsv", stream)
     progress.update(100)
     progress.update(200, final=True)
     out = stream.getvalue()
@@ -193,9 +220,9 @@ def test_progress_bar_on_a_tty() -> None:
 
 def test_progress_lines_without_a_tty(monkeypatch) -> None:
     stream = FakeTTY(False)
-    progress = ctl.Progress(200, "importing x.tsv", stream)
+    progress = client.Progress(200, "importing x.tsv", stream)
     progress.update(100)  # within the interval: nothing
-    progress._last -= ctl.PROGRESS_INTERVAL
+    progress._last -= client.PROGRESS_INTERVAL
     progress.update(150)
     progress.update(200, final=True)
     lines = stream.getvalue().splitlines()
