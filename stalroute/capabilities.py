@@ -8,25 +8,29 @@ is learnt by a probe: a backend leg opened exactly as for a login (PROXY header,
 STARTTLS, forwarding), whose dialogue records the capabilities it read, closed without
 logging in.  Destinations are probed at start, after each reload and every
 :data:`PROBE_INTERVAL`; one that does not answer keeps its last answer, and one that never
-answered counts as offering :data:`FALLBACK` (what every known-good backend offers).
+answered counts as offering its protocol's fallback (what every known-good backend offers).
 ``stalroute check`` uses the same probe to warn where an explicit list promises more.
+
+What differs between protocols (which lists are learnt, the fallback, the words stalroute
+computes itself, the machine's own settings) is each protocol's
+:class:`~stalroute.protocols.base.CapabilityRules`, found through its registry entry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any, Generic
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from stalroute.backend import BackendConnector, BackendUnavailable, ClientInfo
-from stalroute.config import Config, DestinationConfig, ProtocolCapabilities
+from stalroute.config import Config, DestinationConfig, ListenerConfig, ProtocolCapabilities
 from stalroute.logs import logger
 from stalroute.protocols import PROTOCOLS
-from stalroute.protocols.imap import MANAGED_CAPABILITIES
-from stalroute.protocols.submission import MANAGED_KEYWORDS
+from stalroute.protocols.base import C, CapabilityRules, Offer, PreAuthSettings
 from stalroute.tls import TLSDetails
 
 log = logger("stalroute.capabilities")
@@ -34,54 +38,26 @@ log = logger("stalroute.capabilities")
 #: Seconds between two probes of every destination.
 PROBE_INTERVAL = 300.0
 
-#: A destination's answer for one protocol: upper-cased words by ``[capabilities.<proto>]``
-#: key, as :attr:`~stalroute.protocols.base.BackendDialogue.offered` gives them.
-Offer = Mapping[str, frozenset[str]]
-
-#: The list each protocol advertises besides ``sasl``.
-LIST_KEYS = {"imap": "advertise", "submission": "ehlo", "managesieve": "sieve"}
+#: The protocols that announce capabilities of their own, and how.
+RULES: dict[str, CapabilityRules[Any]] = {
+    name: spec.capabilities for name, spec in PROTOCOLS.items() if spec.capabilities is not None}
 
 #: A client mechanism is honoured when the backend offers the one its login is replayed as
 #: (SPEC §3 step 7: SASL LOGIN becomes PLAIN).
 REPLAYED_AS = {"LOGIN": "PLAIN"}
-
-#: What a destination that never answered a probe is taken to offer, by protocol: the
-#: defaults that Dovecot 2.3, Stalwart, Postfix and Cyrus all honour (so not IMAP4rev2,
-#: UTF8=ACCEPT, SMTPUTF8, the OAuth mechanisms, Pigeonhole's optional extensions).
-FALLBACK: dict[str, Offer] = {
-    "imap": {"advertise": frozenset({"IMAP4REV1", "ENABLE", "SASL-IR", "LITERAL+", "ID"}),
-             "sasl": frozenset({"PLAIN"})},
-    "pop3": {"sasl": frozenset({"PLAIN"}), "capa": frozenset()},
-    "submission": {"ehlo": frozenset({"ENHANCEDSTATUSCODES", "8BITMIME", "PIPELINING",
-                                      "CHUNKING", "SIZE"}),
-                   "sasl": frozenset({"PLAIN"})},
-    "managesieve": {"sieve": frozenset(word.upper() for word in (
-        "fileinto reject envelope encoded-character vacation subaddress "
-        "comparator-i;ascii-numeric relational regex imap4flags copy include variables body "
-        "enotify environment mailbox date index ihave duplicate mime foreverypart "
-        "extracttext").split()),
-                    "sasl": frozenset({"PLAIN"}), "notify": frozenset({"MAILTO"})},
-}
 
 
 # --- what to advertise (pure) -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Advertised:
+class Advertised(Generic[C]):
     """What the listeners of one protocol announce before login."""
 
     #: ``[capabilities.<proto>]`` with the lists the operator left unset narrowed down.
-    capabilities: ProtocolCapabilities
-    #: ManageSieve: the NOTIFY methods every destination offers (lower-case).
-    notify: tuple[str, ...] = ()
-    #: POP3: the CAPA words every destination lists (``UTF8`` is advertised only then).
-    capa: frozenset[str] = frozenset()
-
-
-def learnt_keys(protocol: str) -> tuple[str, ...]:
-    """The ``[capabilities.<proto>]`` lists that a destination can fail to honour."""
-    return ("sasl", LIST_KEYS[protocol]) if protocol in LIST_KEYS else ("sasl",)
+    section: ProtocolCapabilities
+    #: The protocol's own settings, from that section and what every destination offers.
+    settings: C
 
 
 def honours(offer: Offer, key: str, word: str) -> bool:
@@ -92,44 +68,39 @@ def honours(offer: Offer, key: str, word: str) -> bool:
     return wanted in offer.get(key, frozenset())
 
 
-def managed(protocol: str, word: str) -> bool:
-    """Words stalroute answers itself whatever the list says (STARTTLS, AUTH …)."""
-    upper = word.upper()
-    if protocol == "imap":
-        return upper.startswith(MANAGED_CAPABILITIES)
-    return protocol == "submission" and upper in MANAGED_KEYWORDS
-
-
 def serving(config: Config, protocol: str) -> list[DestinationConfig]:
     """The destinations a login on ``protocol`` may land on (any account maps anywhere)."""
     return [d for _name, d in sorted(config.destinations.items()) if protocol in d.protocols]
 
 
 def effective(config: Config, protocol: str,
-              offers: Mapping[tuple[str, str], Offer]) -> Advertised:
+              offers: Mapping[tuple[str, str], Offer]) -> Advertised[Any]:
     """What ``protocol``'s listeners advertise given the destinations' answers so far."""
+    rules = RULES[protocol]
     section = config.capabilities.for_protocol(protocol)
-    answers = [offers.get((d.name, protocol), FALLBACK[protocol])
-               for d in serving(config, protocol)] or [FALLBACK[protocol]]
-    narrowed = {key: tuple(word for word in getattr(section, key)
-                           if all(honours(answer, key, word) for answer in answers))
-                for key in learnt_keys(protocol) if key not in section.explicit}
-    def common(key: str) -> frozenset[str]:
-        return frozenset.intersection(*(answer.get(key, frozenset()) for answer in answers))
-
-    return Advertised(replace(section, **narrowed),
-                      tuple(sorted(m.lower() for m in common("notify"))), common("capa"))
+    answers = [offers.get((d.name, protocol), rules.fallback)
+               for d in serving(config, protocol)] or [rules.fallback]
+    # Any: the lists are tuple[str, ...] fields, which replace() cannot be told by name.
+    narrowed: dict[str, Any] = {
+        key: tuple(word for word in getattr(section, key)
+                   if all(honours(answer, key, word) for answer in answers))
+        for key in rules.learnt if key not in section.explicit}
+    section = replace(section, **narrowed)
+    common = {key: frozenset.intersection(*(answer.get(key, frozenset()) for answer in answers))
+              for key in set().union(*answers)}
+    return Advertised(section, rules.settings(section, common))
 
 
 def broken_promises(config: Config, destination: str, protocol: str, offer: Offer) -> list[str]:
     """Warnings for the explicit lists of ``protocol`` naming words ``offer`` lacks."""
+    rules = RULES[protocol]
     section = config.capabilities.for_protocol(protocol)
     warnings = []
-    for key in learnt_keys(protocol):
+    for key in rules.learnt:
         if key not in section.explicit:
             continue
         missing = [word for word in getattr(section, key)
-                   if not managed(protocol, word) and not honours(offer, key, word)]
+                   if not rules.managed(word) and not honours(offer, key, word)]
         if missing:
             warnings.append(f"capabilities.{protocol}.{key}: destination {destination} does not "
                             f"offer {' '.join(missing)}; clients relying on it will fail there")
@@ -142,7 +113,7 @@ def broken_promises(config: Config, destination: str, protocol: str, offer: Offe
 def probe_targets(config: Config) -> list[tuple[DestinationConfig, str]]:
     """Every (destination, protocol) pair behind a listener that advertises capabilities."""
     protocols = sorted({listener.protocol for listener in config.listeners.values()}
-                       & FALLBACK.keys())
+                       & RULES.keys())
     return [(destination, protocol) for protocol in protocols
             for destination in serving(config, protocol)]
 
@@ -201,16 +172,32 @@ class DestinationCapabilities:
         self._probes: list[Deferred[None]] = []
         #: Bumped by :meth:`stop`: answers of an earlier round arriving late are dropped.
         self._generation = 0
-        self._advertised: dict[str, Advertised] = {}
+        self._advertised: dict[str, Advertised[Any]] = {}
         self._advertised_for: Config | None = None
 
-    def advertised(self, config: Config, protocol: str) -> Advertised:
+    def advertised(self, config: Config, protocol: str) -> Advertised[Any]:
         """What ``protocol``'s listeners announce now (computed once per change)."""
         if config is not self._advertised_for:
             self._advertised_for, self._advertised = config, {}
         if protocol not in self._advertised:
             self._advertised[protocol] = effective(config, protocol, self.offers)
         return self._advertised[protocol]
+
+    def preauth_settings(self, config: Config, listener: ListenerConfig) -> PreAuthSettings[Any]:
+        """What ``listener``'s pre-auth machine announces: the configured capabilities,
+        narrowed to what the destinations honour where the operator left a list unset."""
+        if listener.protocol not in RULES:  # SMTP/LMTP pass-through: nothing to announce
+            return PreAuthSettings(
+                hostname=config.server.hostname, tls_mode=listener.tls, sasl=(),
+                allow_plain_auth_without_tls=False, banner="", capabilities=None,
+                max_auth_attempts=listener.max_auth_attempts)
+        advertised = self.advertised(config, listener.protocol)
+        section = advertised.section
+        return PreAuthSettings(
+            hostname=config.server.hostname, tls_mode=listener.tls, sasl=tuple(section.sasl),
+            allow_plain_auth_without_tls=section.allow_plain_auth_without_tls,
+            banner=section.banner, capabilities=advertised.settings,
+            max_auth_attempts=listener.max_auth_attempts)
 
     def start(self, reactor, config: Config) -> None:
         """Probe the destinations of ``config`` now (without waiting for the answers) and every
@@ -239,7 +226,7 @@ class DestinationCapabilities:
             probing.cancel()
 
     def _round(self, connector: BackendConnector, targets: Iterable[tuple[DestinationConfig, str]],
-               client: ClientInfo, generation: int) -> Deferred[object]:
+               client: ClientInfo, generation: int) -> Deferred[list[tuple[bool, None]]]:
         self._probes = [
             Deferred.fromCoroutine(probe(connector, destination, protocol, client))
             .addBoth(self._record, destination.name, protocol, generation)
@@ -274,7 +261,7 @@ class DestinationCapabilities:
 def explicit_targets(config: Config) -> list[tuple[DestinationConfig, str]]:
     """The probe targets whose protocol has an explicit list (what ``check`` verifies)."""
     return [(destination, protocol) for destination, protocol in probe_targets(config)
-            if set(learnt_keys(protocol)) & config.capabilities.for_protocol(protocol).explicit]
+            if set(RULES[protocol].learnt) & config.capabilities.for_protocol(protocol).explicit]
 
 
 async def check_promises(reactor, config: Config, timeout: float) -> list[str]:
@@ -289,10 +276,10 @@ async def check_promises(reactor, config: Config, timeout: float) -> list[str]:
         [Deferred.fromCoroutine(probe(connector, destination, protocol, client))
          for destination, protocol in targets], consumeErrors=True)
     warnings = []
-    for (destination, protocol), (answered, result) in zip(targets, results):
-        if answered:
-            warnings += broken_promises(config, destination.name, protocol, result)
-        else:
+    for (destination, protocol), (_answered, result) in zip(targets, results):
+        if isinstance(result, Failure):  # consumed: the probe's error, not its answer
             warnings.append(f"destination.{destination.name}.protocol.{protocol}: capabilities "
                             f"not verified ({result.getErrorMessage()})")
+        else:
+            warnings += broken_promises(config, destination.name, protocol, result)
     return warnings

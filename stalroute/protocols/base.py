@@ -15,9 +15,11 @@ and keeps the pipeline (resolve → backend leg → replay → splice) in one pl
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
-from typing import Union
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar, Union
 
+from stalroute.config import ProtocolCapabilities
 from stalroute.sasl import Credentials
 
 #: Longest pre-auth line (and literal) any protocol accepts; longer input is a protocol error.
@@ -58,9 +60,12 @@ class Close:
 
 PreAuthEvent = Union[Reply, StartTLS, Authenticate, Close]
 
+#: A protocol's own capability settings (``IMAPCapabilities``, ``SieveCapabilities`` …).
+C = TypeVar("C")
+
 
 @dataclass(frozen=True)
-class PreAuthSettings:
+class PreAuthSettings(Generic[C]):
     """What a pre-auth machine needs to know about its listener."""
 
     hostname: str
@@ -68,13 +73,12 @@ class PreAuthSettings:
     sasl: tuple[str, ...]
     allow_plain_auth_without_tls: bool
     banner: str
+    #: What only this protocol announces (IMAP ``advertise``, submission ``ehlo`` …).
+    capabilities: C
     max_auth_attempts: int = 3
-    #: Protocol-specific capability settings (IMAP ``advertise``, submission ``ehlo``,
-    #: ManageSieve ``sieve``/``implementation``), keyed as in ``[capabilities.<proto>]``.
-    extra: dict[str, object] = field(default_factory=dict)
 
 
-class PreAuthMachine(abc.ABC):
+class PreAuthMachine(abc.ABC, Generic[C]):
     """Server side of one protocol's dialogue up to a successful login. Sans-IO.
 
     While an :class:`Authenticate` is outstanding the machine parses nothing: bytes given to
@@ -87,7 +91,7 @@ class PreAuthMachine(abc.ABC):
     client_helo: str | None = None
 
     @abc.abstractmethod
-    def __init__(self, settings: PreAuthSettings) -> None: ...
+    def __init__(self, settings: PreAuthSettings[C]) -> None: ...
 
     @property
     @abc.abstractmethod
@@ -219,8 +223,9 @@ class BackendDialogue(abc.ABC):
         """The STARTTLS handshake toward the backend completed."""
 
     @abc.abstractmethod
-    def login(self, credentials: Credentials, context: object) -> list[BackendEvent]:
-        """Replay the client's login (``context`` as given in :class:`Authenticate`)."""
+    def login(self, credentials: Credentials | None, context: object) -> list[BackendEvent]:
+        """Replay the client's login (``context`` as given in :class:`Authenticate`);
+        ``credentials`` is None for pass-through legs, which have no login."""
 
     @property
     @abc.abstractmethod
@@ -228,20 +233,51 @@ class BackendDialogue(abc.ABC):
         """Backend bytes received after the login outcome, to relay to the client."""
 
     @property
-    def offered(self) -> dict[str, frozenset[str]] | None:
+    def offered(self) -> Offer | None:
         """What the backend offers before login over the leg as established (after TLS),
-        once :class:`BackendReady` was emitted: upper-cased words by ``[capabilities.<proto>]``
-        key (``sasl``, IMAP ``advertise``, submission ``ehlo``, ManageSieve ``sieve``, and
-        ManageSieve ``notify`` for its NOTIFY methods).  None when nothing was learnt."""
+        once :class:`BackendReady` was emitted; None when nothing was learnt."""
         return None
 
 
+# --- the registry entry of a protocol ----------------------------------------------------
+
+#: What a backend offers before login: upper-cased words by ``[capabilities.<proto>]`` key
+#: (``sasl``, IMAP ``advertise``, submission ``ehlo``, ManageSieve ``sieve``), plus what a
+#: protocol learns besides its lists (ManageSieve ``notify`` methods, POP3 ``capa`` words).
+Offer = Mapping[str, frozenset[str]]
+
+
+def _nothing_managed(word: str) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
-class ProtocolSpec:
-    """What the shared pipeline needs to run one interactive protocol."""
+class CapabilityRules(Generic[C]):
+    """How one protocol's pre-auth capabilities follow ``[capabilities.<proto>]`` and what
+    the destinations offer (:mod:`stalroute.capabilities` applies them)."""
+
+    #: The machine's settings from the section (its unset lists already narrowed) and the
+    #: words every destination offers, by key.
+    settings: Callable[[ProtocolCapabilities, Offer], C]
+    #: The section's lists a destination can fail to honour: narrowed to what every
+    #: destination offers unless set explicitly, checked by ``stalroute check`` when set.
+    learnt: tuple[str, ...]
+    #: What a destination that never answered a probe is taken to offer.
+    fallback: Offer
+    #: Words stalroute answers itself whatever a list says (never a broken promise).
+    managed: Callable[[str], bool] = _nothing_managed
+
+
+@dataclass(frozen=True)
+class ProtocolSpec(Generic[C]):
+    """What the shared pipeline needs to run one protocol: its entry in
+    :data:`stalroute.protocols.PROTOCOLS`."""
 
     name: str
-    preauth: type[PreAuthMachine]
+    preauth: type[PreAuthMachine[C]]
     dialogue: type[BackendDialogue]
+    #: None for protocols that announce nothing of their own (SMTP, LMTP pass-through).
+    capabilities: CapabilityRules[C] | None = None
     #: No login: every session goes to ``routing.smtp_passthrough_destination`` (SMTP, LMTP).
     passthrough: bool = False
+

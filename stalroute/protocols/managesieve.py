@@ -5,7 +5,7 @@ capability block and ``OK`` as greeting, CAPABILITY, NOOP (with its tag echoed),
 STARTTLS (capabilities re-sent once TLS is up), and AUTHENTICATE with quoted or literal
 strings for the initial response and the continuation responses.  Whenever ``enotify`` is
 among the advertised extensions, ``NOTIFY`` lists the notification methods (RFC 5804 §1.7):
-the settings' ``notify`` (``extra["notify"]``), else :data:`DEFAULT_NOTIFY_METHODS`.
+those every destination offers, else :data:`DEFAULT_NOTIFY_METHODS`.
 :class:`ManageSieveBackendDialogue` plays the client toward the backend: capability block,
 STARTTLS and the re-sent block, ``XCLIENT`` (Dovecot), then ``AUTHENTICATE "<mech>" "<ir>"``.
 """
@@ -13,19 +13,28 @@ STARTTLS and the re-sent block, ``XCLIENT`` (Dovecot), then ``AUTHENTICATE "<mec
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
 
-from stalroute.config import DEFAULT_SIEVE_EXTENSIONS
+from stalroute.config import (
+    DEFAULT_SIEVE_EXTENSIONS,
+    DEFAULT_SIEVE_IMPLEMENTATION,
+    ProtocolCapabilities,
+)
 from stalroute.protocols.base import (
     MAX_PREAUTH_LINE,
     BackendEvent,
     BackendSend,
+    BackendSettings,
+    CapabilityRules,
+    Offer,
     PreAuthEvent,
+    PreAuthSettings,
     ProtocolSpec,
     Reply,
 )
-from stalroute.protocols.linebased import GREETING, LOGIN, LineDialogue, LinePreAuth
+from stalroute.protocols.linebased import CloseReason, LinePreAuth, LiteralDialogue, Stage
 from stalroute.protocols.lines import (
     ArgumentError,
     Arguments,
@@ -38,7 +47,6 @@ from stalroute.protocols.lines import (
 from stalroute.protocols.xclient import xclient_command
 from stalroute.sasl import Credentials, SASLError, encode_base64
 
-DEFAULT_IMPLEMENTATION = "stalroute"
 #: NOTIFY methods sent with ``enotify`` when the settings name none (Pigeonhole's only one).
 DEFAULT_NOTIFY_METHODS = ("mailto",)
 #: The generic refusal (``hide_auth_errors``), as Dovecot words it.
@@ -70,18 +78,46 @@ def _text(text: bytes) -> bytes:
     return quote(text.decode("ascii"))
 
 
+# --- what ManageSieve announces ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SieveCapabilities:
+    """``[capabilities.managesieve]``'s own settings, as :class:`ManageSievePreAuth` reads
+    them."""
+
+    #: The ``SIEVE`` extensions; an empty list is a choice (nothing the destinations honour).
+    sieve: tuple[str, ...] = DEFAULT_SIEVE_EXTENSIONS
+    implementation: str = DEFAULT_SIEVE_IMPLEMENTATION
+    #: The ``NOTIFY`` methods, sent whenever ``enotify`` is among ``sieve``.
+    notify: tuple[str, ...] = DEFAULT_NOTIFY_METHODS
+
+    @classmethod
+    def from_config(cls, section: ProtocolCapabilities, offered: Offer) -> SieveCapabilities:
+        methods = tuple(sorted(method.lower() for method in offered.get("notify", ())))
+        return cls(sieve=section.sieve, implementation=section.implementation,
+                   notify=methods or DEFAULT_NOTIFY_METHODS)
+
+
+#: What a destination that never answered a probe is taken to offer: Pigeonhole 0.5's
+#: default extensions (the default list without ``vacation-seconds`` and ``editheader``)
+#: and its NOTIFY method.
+FALLBACK: Offer = {
+    "sieve": frozenset(extension.upper() for extension in DEFAULT_SIEVE_EXTENSIONS
+                       if extension not in ("vacation-seconds", "editheader")),
+    "sasl": frozenset({"PLAIN"}), "notify": frozenset({"MAILTO"})}
+
+
 # --- the client side: pre-auth server -----------------------------------------------------
 
 
-class ManageSievePreAuth(LinePreAuth):
+class ManageSievePreAuth(LinePreAuth[SieveCapabilities]):
     """The ManageSieve server dialogue up to a successful login."""
 
-    def __init__(self, settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: PreAuthSettings[SieveCapabilities]) -> None:
         # ManageSieve has no literal continuation: "{n}" and "{n+}" are both read at once.
-        self._input = LiteralAssembler(MAX_PREAUTH_LINE, synchronising=False)
-        self._buffer = self._input.buffer
-        self._handlers = {
+        super().__init__(settings, LiteralAssembler(MAX_PREAUTH_LINE, synchronising=False))
+        self._handlers: dict[bytes, Callable[[Arguments], list[PreAuthEvent]]] = {
             b"CAPABILITY": self._capability,
             b"NOOP": self._noop,
             b"LOGOUT": self._logout,
@@ -95,31 +131,21 @@ class ManageSievePreAuth(LinePreAuth):
 
     def capability_block(self) -> bytes:
         """The capability lines as they stand now (RFC 5804 §1.7)."""
-        implementation = cast(str, self.settings.extra.get("implementation")
-                              or DEFAULT_IMPLEMENTATION)
-        # An empty list is a choice (nothing the destinations honour), not "unset".
-        sieve = cast(Sequence[str], self.settings.extra.get("sieve", DEFAULT_SIEVE_EXTENSIONS))
+        own = self.settings.capabilities
+        implementation = safe_text(own.implementation, DEFAULT_SIEVE_IMPLEMENTATION)
         lines = [
-            b'"IMPLEMENTATION" ' + _text(safe_text(implementation, DEFAULT_IMPLEMENTATION)),
+            b'"IMPLEMENTATION" ' + _text(implementation),
             b'"SASL" ' + _words(self._usable_mechanisms()),
-            b'"SIEVE" ' + _words(sieve),
+            b'"SIEVE" ' + _words(own.sieve),
         ]
-        if any(extension.lower() == "enotify" for extension in sieve):
-            methods = cast(Sequence[str], self.settings.extra.get("notify")
-                           or DEFAULT_NOTIFY_METHODS)
-            lines.append(b'"NOTIFY" ' + _words(methods))
+        if any(extension.lower() == "enotify" for extension in own.sieve):
+            lines.append(b'"NOTIFY" ' + _words(own.notify))
         if self._starttls_offered:
             lines.append(b'"STARTTLS"')
         lines.append(b'"VERSION" "1.0"')
         return b"".join(line + b"\r\n" for line in lines)
 
     # -- reading
-
-    def _read(self) -> object | None:
-        return self._input.poll()  # never SYNC_LITERAL: not synchronising
-
-    def _reset_input(self) -> None:
-        self._input.reset()
 
     def _sasl_response(self, unit: object) -> bytes:
         assert isinstance(unit, Unit)
@@ -135,8 +161,8 @@ class ManageSievePreAuth(LinePreAuth):
 
     # -- wording
 
-    def _goodbye(self, reason: str) -> bytes | None:
-        return b"BYE " + quote(reason + ".") + b"\r\n"
+    def _goodbye(self, reason: CloseReason) -> bytes | None:
+        return b"BYE " + quote(reason.value + ".") + b"\r\n"
 
     def _challenge(self, text: bytes) -> bytes:
         return _string(text) + b"\r\n"
@@ -216,9 +242,13 @@ class ManageSievePreAuth(LinePreAuth):
 
 # --- the backend side ---------------------------------------------------------------------
 
-_STARTTLS = "STARTTLS"
-_TLS_CAPABILITIES = "capabilities after TLS"  # reading the block the server re-sends
-_XCLIENT = "XCLIENT"
+
+class _Step(Enum):
+    """What the dialogue waits for besides the greeting and the login."""
+
+    STARTTLS = "STARTTLS"
+    TLS_CAPABILITIES = "capabilities after TLS"  # reading the block the server re-sends
+    XCLIENT = "XCLIENT"
 
 
 def _classify(unit: Unit) -> tuple[bytes, bytes | None]:
@@ -246,44 +276,20 @@ def _capability_value(unit: Unit) -> bytes:
         return b""
 
 
-class ManageSieveBackendDialogue(LineDialogue):
+class ManageSieveBackendDialogue(LiteralDialogue[_Step]):
     """The ManageSieve client dialogue toward a backend, up to the replayed login's outcome."""
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings: BackendSettings) -> None:
         super().__init__(settings)
-        self._input = LiteralAssembler(MAX_PREAUTH_LINE, synchronising=False)
-        self._capabilities: frozenset[bytes] | None = None
         self._block = CapabilityLines()
         # The values of the block being read, and of the last complete one, by name.
         self._block_values: dict[bytes, bytes] = {}
         self._values: dict[bytes, bytes] = {}
 
-    # -- plumbing
-
-    def _feed(self, data: bytes) -> None:
-        self._input.buffer.feed(data)
-
-    def _next(self) -> Unit | None:
-        unit = self._input.poll()
-        assert unit is None or isinstance(unit, Unit)
-        return unit
-
-    def _take_rest(self) -> bytes:
-        rest = bytes(self._input.partial.raw) + self._input.buffer.take_all()
-        self._input.reset()
-        return rest
-
-    def _send(self, command: bytes, state: str) -> list[BackendEvent]:
-        self._state = state
-        return [BackendSend(command + b"\r\n")]
-
     # -- establishment
 
-    def _offers(self, capability: bytes) -> bool:
-        return self._capabilities is not None and capability in self._capabilities
-
     @property
-    def offered(self) -> dict[str, frozenset[str]] | None:
+    def offered(self) -> Offer | None:
         if self._capabilities is None:
             return None
         return {key: frozenset(self._values.get(name, b"").decode("ascii", "replace")
@@ -295,33 +301,33 @@ class ManageSieveBackendDialogue(LineDialogue):
         if self._starttls_needed:
             if not self._offers(b"STARTTLS"):
                 return self._fail("backend does not offer STARTTLS")
-            return self._send(b"STARTTLS", _STARTTLS)
+            return self._send(b"STARTTLS", _Step.STARTTLS)
         if self.settings.forwarding is not None and self._offers(b"XCLIENT"):
             command = xclient_command(self.settings.forwarding, None, smtp=False)
             if command is not None:
-                return self._send(command, _XCLIENT)
+                return self._send(command, _Step.XCLIENT)
         return self._ready()
 
     def _after_tls(self) -> list[BackendEvent]:
         # RFC 5804 §2.2: the server re-sends its capabilities, unasked, over TLS.
-        self._capabilities = None
-        self._state = _TLS_CAPABILITIES
+        self._state = _Step.TLS_CAPABILITIES
         return []
 
     def _handle(self, response: object) -> list[BackendEvent]:
         assert isinstance(response, Unit)
         status, name = _classify(response)
-        if self._state == LOGIN:
+        step = self._state
+        if step is Stage.LOGIN:
             return self._handle_login(response, status)
-        if self._state in (GREETING, _TLS_CAPABILITIES):
+        if step in (Stage.GREETING, _Step.TLS_CAPABILITIES):
             return self._capability_line(response, status, name)
-        if self._state not in (_STARTTLS, _XCLIENT):  # nothing is expected while ready
+        if step not in (_Step.STARTTLS, _Step.XCLIENT):  # nothing is expected while ready
             return self._fail("unexpected response from backend")
         if status != b"OK":
             if status in (b"NO", b"BYE"):
-                return self._fail(f"backend refused {self._state}")
+                return self._fail(f"backend refused {step.value}")
             return self._fail("unexpected response from backend")
-        if self._state == _STARTTLS:
+        if step is _Step.STARTTLS:
             return self._handshake()
         return self._ready()
 
@@ -351,7 +357,7 @@ class ManageSieveBackendDialogue(LineDialogue):
             argument = b"{%d+}\r\n" % len(response) + response
         else:
             argument = b'"' + response + b'"'
-        return self._send(b"AUTHENTICATE " + mechanism + b" " + argument, LOGIN)
+        return self._send(b"AUTHENTICATE " + mechanism + b" " + argument, Stage.LOGIN)
 
     def _handle_login(self, unit: Unit, status: bytes) -> list[BackendEvent]:
         if status == b"":
@@ -368,4 +374,6 @@ class ManageSieveBackendDialogue(LineDialogue):
 
 
 #: ManageSieve as the shared pipeline (``stalroute.session``, ``stalroute.backend``) runs it.
-SPEC = ProtocolSpec("managesieve", ManageSievePreAuth, ManageSieveBackendDialogue)
+SPEC = ProtocolSpec("managesieve", ManageSievePreAuth, ManageSieveBackendDialogue,
+                    CapabilityRules(SieveCapabilities.from_config, learnt=("sasl", "sieve"),
+                                    fallback=FALLBACK))

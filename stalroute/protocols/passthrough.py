@@ -9,6 +9,8 @@ until the splice, the backend side is ready as soon as the backend speaks.
 
 from __future__ import annotations
 
+from enum import Enum
+
 from stalroute.protocols.base import (
     MAX_PREAUTH_LINE, BackendDialogue, BackendError, BackendEvent, BackendReady, BackendSend,
     BackendSettings, Close, LoginSucceeded, PreAuthEvent, PreAuthMachine, PreAuthSettings,
@@ -22,10 +24,10 @@ from stalroute.sasl import Credentials
 _UNAVAILABLE = b"421 4.3.0 Service temporarily unavailable, try again later\r\n"
 
 
-class PassthroughClient(PreAuthMachine):
+class PassthroughClient(PreAuthMachine[None]):
     """The client side before the splice: no greeting of our own, early bytes kept."""
 
-    def __init__(self, settings: PreAuthSettings) -> None:
+    def __init__(self, settings: PreAuthSettings[None]) -> None:
         self._tls_active = settings.tls_mode == "implicit"
         self._early = bytearray()
 
@@ -59,6 +61,15 @@ class PassthroughClient(PreAuthMachine):
         return [Reply(_UNAVAILABLE), Close()]
 
 
+class _Stage(Enum):
+    """Where the backend side stands before the relay starts."""
+
+    GREETING = "greeting"  # waiting for the backend's greeting
+    HELLO = "hello"  # EHLO/LHLO sent, to learn whether XCLIENT is offered
+    XCLIENT = "xclient"  # XCLIENT sent; its 220 is the client's greeting
+    READY = "ready"  # relaying
+
+
 class PassthroughBackend(BackendDialogue):
     """The backend side: ready when it first speaks; its greeting is relayed as is.
 
@@ -74,16 +85,16 @@ class PassthroughBackend(BackendDialogue):
     def __init__(self, settings: BackendSettings) -> None:
         self._settings = settings
         self._replies = ReplyReader()
-        self._stage = "greeting"  # → hello → xclient → ready
+        self._stage = _Stage.GREETING
         self._greeting = b""
         self._relay = bytearray()
 
     def receive(self, data: bytes) -> list[BackendEvent]:
-        if self._stage == "ready":
+        if self._stage is _Stage.READY:
             self._relay += data
             return []
         if self._settings.forwarding is None:
-            self._stage = "ready"
+            self._stage = _Stage.READY
             self._relay += data
             return [BackendReady()]
         self._replies.feed(data)
@@ -94,24 +105,26 @@ class PassthroughBackend(BackendDialogue):
 
     def _advance(self) -> list[BackendEvent]:
         events: list[BackendEvent] = []
-        while self._stage != "ready" and (reply := self._replies.next_reply()) is not None:
-            if self._stage == "greeting":
+        while (self._stage is not _Stage.READY
+               and (reply := self._replies.next_reply()) is not None):
+            if self._stage is _Stage.GREETING:
                 self._greeting = reply.raw
                 if reply.code != 220:  # a refusal: the client should see it as it is
                     return self._ready(reply.raw)
-                self._stage = "hello"
+                self._stage = _Stage.HELLO
                 events.append(BackendSend(self.hello + b" "
                                           + self._settings.ehlo_name.encode() + b"\r\n"))
-            elif self._stage == "hello":
+            elif self._stage is _Stage.HELLO:
                 keywords = ehlo_keywords(reply) if reply.code == 250 else {}
                 command = None
-                if "XCLIENT" in keywords:
-                    command = xclient_command(self._settings.forwarding,
+                forwarding = self._settings.forwarding
+                if forwarding is not None and "XCLIENT" in keywords:
+                    command = xclient_command(forwarding,
                                               advertised_attributes(keywords["XCLIENT"]),
                                               smtp=True)
                 if command is None:
                     return events + self._ready(self._greeting)
-                self._stage = "xclient"
+                self._stage = _Stage.XCLIENT
                 events.append(BackendSend(command + b"\r\n"))
             elif reply.code == 220:  # the greeting of the session as the client's
                 return events + self._ready(reply.raw)
@@ -120,7 +133,7 @@ class PassthroughBackend(BackendDialogue):
         return events
 
     def _ready(self, greeting: bytes) -> list[BackendEvent]:
-        self._stage = "ready"
+        self._stage = _Stage.READY
         self._relay += greeting + self._replies.take_all()
         return [BackendReady()]
 

@@ -10,23 +10,24 @@ backend: greeting (Dovecot's ``[XCLIENT]`` hint), CAPA, STLS, CAPA again over TL
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
+from stalroute.config import ProtocolCapabilities
 from stalroute.protocols.base import (
     MAX_PREAUTH_LINE,
     BackendEvent,
     BackendSend,
+    BackendSettings,
+    CapabilityRules,
+    Offer,
     PreAuthEvent,
+    PreAuthSettings,
     ProtocolSpec,
     Reply,
 )
-from stalroute.protocols.linebased import (
-    GREETING,
-    LOGIN,
-    TOO_MANY_FAILURES,
-    LineDialogue,
-    LinePreAuth,
-)
+from stalroute.protocols.linebased import CloseReason, LineDialogue, LinePreAuth, Stage
 from stalroute.protocols.lines import CapabilityLines, LineBuffer, safe_text
 from stalroute.protocols.xclient import xclient_command
 from stalroute.sasl import Credentials, SASLError, encode_base64, plain_credentials
@@ -46,17 +47,37 @@ class POP3Login:
     utf8: bool = False  # the client enabled UTF8 (RFC 6856); replayed at the backend
 
 
+# --- what POP3 announces -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class POP3Capabilities:
+    """What only POP3 announces, as :class:`POP3PreAuth` reads it."""
+
+    #: Offer ``UTF8`` (RFC 6856): only when every destination lists it, as it is replayed
+    #: there after the login.
+    utf8: bool = True
+
+    @classmethod
+    def from_config(cls, section: ProtocolCapabilities, offered: Offer) -> POP3Capabilities:
+        return cls(utf8="UTF8" in offered.get("capa", frozenset()))
+
+
+#: What a destination that never answered a probe is taken to offer (no CAPA words known).
+FALLBACK: Offer = {"sasl": frozenset({"PLAIN"}), "capa": frozenset()}
+
+
 # --- the client side: pre-auth server -----------------------------------------------------
 
 
-class POP3PreAuth(LinePreAuth):
+class POP3PreAuth(LinePreAuth[POP3Capabilities]):
     """The POP3 server dialogue up to a successful login."""
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings: PreAuthSettings[POP3Capabilities]) -> None:
         super().__init__(settings)
         self._user: bytes | None = None
         self._utf8 = False
-        self._handlers = {
+        self._handlers: dict[bytes, Callable[[bytes | None], list[PreAuthEvent]]] = {
             b"CAPA": self._capa,
             b"NOOP": self._noop,
             b"UTF8": self._utf8_command,
@@ -73,10 +94,10 @@ class POP3PreAuth(LinePreAuth):
 
     # -- wording
 
-    def _goodbye(self, reason: str) -> bytes | None:
-        if reason == TOO_MANY_FAILURES:
+    def _goodbye(self, reason: CloseReason) -> bytes | None:
+        if reason is CloseReason.TOO_MANY_FAILURES:
             return None  # the failed attempt was just answered; POP3 has no unsolicited BYE
-        return b"-ERR " + reason.encode("ascii") + b"\r\n"
+        return b"-ERR " + reason.value.encode("ascii") + b"\r\n"
 
     def _challenge(self, text: bytes) -> bytes:
         return b"+ " + text + b"\r\n"
@@ -122,7 +143,7 @@ class POP3PreAuth(LinePreAuth):
             caps.append(b"SASL " + " ".join(mechanisms).encode("ascii"))
         if self._starttls_offered:
             caps.append(b"STLS")
-        if self._utf8_offered:
+        if self.settings.capabilities.utf8:
             caps.append(b"UTF8")
         return caps
 
@@ -137,13 +158,8 @@ class POP3PreAuth(LinePreAuth):
             return self._invalid()
         return [Reply(b"+OK\r\n")]
 
-    @property
-    def _utf8_offered(self) -> bool:
-        """Advertised only when every destination offers it: it is replayed after login."""
-        return bool(self.settings.extra.get("utf8", True))
-
     def _utf8_command(self, argument: bytes | None) -> list[PreAuthEvent]:
-        if not self._utf8_offered:
+        if not self.settings.capabilities.utf8:
             return self._bad(b"-ERR Unknown command or not allowed before authentication\r\n")
         if argument is not None:
             return self._invalid()
@@ -184,7 +200,7 @@ class POP3PreAuth(LinePreAuth):
             return self._refuse_credentials(SASLError("Credentials are not valid UTF-8"))
         except SASLError as error:
             return self._refuse_credentials(error)
-        return self._authenticated(credentials, self._login_context())
+        return self._authenticated(credentials)
 
     def _auth(self, argument: bytes | None) -> list[PreAuthEvent]:
         if argument is None:
@@ -203,11 +219,15 @@ class POP3PreAuth(LinePreAuth):
 
 # --- the backend side ---------------------------------------------------------------------
 
-_CAPA = "CAPA"  # waiting for CAPA's status line
-_CAPA_LIST = "CAPA list"  # reading its lines until "."
-_STLS = "STLS"
-_XCLIENT = "XCLIENT"
-_UTF8 = "UTF8"
+
+class _Step(Enum):
+    """The command of stalroute's own that the dialogue has out."""
+
+    CAPA = "CAPA"  # waiting for CAPA's status line
+    CAPA_LIST = "CAPA list"  # reading its lines until "."
+    STLS = "STLS"
+    XCLIENT = "XCLIENT"
+    UTF8 = "UTF8"
 
 
 def _is_ok(line: bytes) -> bool:
@@ -218,13 +238,12 @@ def _is_err(line: bytes) -> bool:
     return line == b"-ERR" or line.startswith(b"-ERR ")
 
 
-class POP3BackendDialogue(LineDialogue):
+class POP3BackendDialogue(LineDialogue[_Step]):
     """The POP3 client dialogue toward a backend, up to the replayed login's outcome."""
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings: BackendSettings) -> None:
         super().__init__(settings)
         self._reader = LineBuffer(MAX_PREAUTH_LINE)
-        self._capabilities: frozenset[bytes] | None = None
         self._capa_list = CapabilityLines()
         self._xclient_hint = False  # "+OK [XCLIENT] ..." in the greeting
         self._auth_command = b""
@@ -240,17 +259,10 @@ class POP3BackendDialogue(LineDialogue):
     def _take_rest(self) -> bytes:
         return self._reader.take_all()
 
-    def _send(self, command: bytes, state: str) -> list[BackendEvent]:
-        self._state = state
-        return [BackendSend(command + b"\r\n")]
-
     # -- establishment
 
-    def _offers(self, capability: bytes) -> bool:
-        return self._capabilities is not None and capability in self._capabilities
-
     @property
-    def offered(self) -> dict[str, frozenset[str]] | None:
+    def offered(self) -> Offer | None:
         if self._capabilities is None:
             return None
         mechanisms = [word.decode("ascii", "replace").upper()
@@ -264,34 +276,34 @@ class POP3BackendDialogue(LineDialogue):
         """greeting → CAPA → STLS → CAPA over TLS → XCLIENT → ready."""
         if self._starttls_needed:
             if self._capabilities is None:
-                return self._send(b"CAPA", _CAPA)
+                return self._send(b"CAPA", _Step.CAPA)
             if not self._offers(b"STLS"):
                 return self._fail("backend does not offer STLS")
-            return self._send(b"STLS", _STLS)
+            return self._send(b"STLS", _Step.STLS)
         if self._capabilities is None and (self._tls_done or self.settings.learn_capabilities):
-            return self._send(b"CAPA", _CAPA)
+            return self._send(b"CAPA", _Step.CAPA)
         forwarding = self.settings.forwarding
         if forwarding is not None:
             if not self._xclient_hint and self._capabilities is None:
-                return self._send(b"CAPA", _CAPA)
+                return self._send(b"CAPA", _Step.CAPA)
             if self._xclient_hint or self._offers(b"XCLIENT"):
                 command = xclient_command(forwarding, None, smtp=False)
                 if command is not None:
-                    return self._send(command, _XCLIENT)
+                    return self._send(command, _Step.XCLIENT)
         return self._ready()
 
     def _after_tls(self) -> list[BackendEvent]:
-        self._capabilities = None  # anything learnt before TLS is not to be trusted
         return self._next_step()
 
     def _handle(self, response: object) -> list[BackendEvent]:
         assert isinstance(response, bytes)
         line = response
-        if self._state == LOGIN:
+        step = self._state
+        if step is Stage.LOGIN:
             return self._handle_login(line)
-        if self._state == _CAPA_LIST:
+        if step is _Step.CAPA_LIST:
             return self._capability_line(line)
-        if self._state == GREETING:
+        if step is Stage.GREETING:
             if _is_ok(line):
                 codes = _GREETING_CODES.match(line)
                 hints = codes.group(1).upper().split() if codes is not None else []
@@ -300,9 +312,9 @@ class POP3BackendDialogue(LineDialogue):
             if _is_err(line):
                 return self._fail("backend refused the connection")
             return self._fail("unexpected backend greeting")
-        if self._state == _CAPA:
+        if step is _Step.CAPA:
             if _is_ok(line):
-                self._state = _CAPA_LIST
+                self._state = _Step.CAPA_LIST
                 self._capa_list = CapabilityLines()
                 return []
             if _is_err(line):  # CAPA is optional (RFC 2449): no capabilities known
@@ -310,17 +322,17 @@ class POP3BackendDialogue(LineDialogue):
                 self._capa_list = CapabilityLines()
                 return self._next_step()
             return self._fail("unexpected response from backend")
-        if self._state == _UTF8:
+        if step is _Step.UTF8:
             if _is_ok(line) or _is_err(line):  # a refusal leaves the session as it was
-                return self._send(self._auth_command, LOGIN)
+                return self._send(self._auth_command, Stage.LOGIN)
             return self._fail("unexpected response from backend")
-        if self._state not in (_STLS, _XCLIENT):  # nothing is expected while ready
+        if step not in (_Step.STLS, _Step.XCLIENT):  # nothing is expected while ready
             return self._fail("unexpected response from backend")
         if not _is_ok(line):
             if _is_err(line):
-                return self._fail(f"backend refused {self._state}")
+                return self._fail(f"backend refused {step.value}")
             return self._fail("unexpected response from backend")
-        if self._state == _STLS:
+        if step is _Step.STLS:
             return self._handshake()
         return self._ready()
 
@@ -348,8 +360,8 @@ class POP3BackendDialogue(LineDialogue):
         wants_utf8 = isinstance(context, POP3Login) and context.utf8
         # Known capabilities without UTF8: skip it (the session then stays as it was).
         if wants_utf8 and (self._capabilities is None or self._offers(b"UTF8")):
-            return self._send(b"UTF8", _UTF8)
-        return self._send(command, LOGIN)
+            return self._send(b"UTF8", _Step.UTF8)
+        return self._send(command, Stage.LOGIN)
 
     def _handle_login(self, line: bytes) -> list[BackendEvent]:
         if _is_ok(line):
@@ -361,5 +373,7 @@ class POP3BackendDialogue(LineDialogue):
             return [BackendSend((owed if owed is not None else b"*") + b"\r\n")]
         return self._fail("unexpected response from backend")
 
+
 #: POP3 as the shared pipeline (``stalroute.session``, ``stalroute.backend``) runs it.
-SPEC = ProtocolSpec("pop3", POP3PreAuth, POP3BackendDialogue)
+SPEC = ProtocolSpec("pop3", POP3PreAuth, POP3BackendDialogue, CapabilityRules(
+    POP3Capabilities.from_config, learnt=("sasl",), fallback=FALLBACK))

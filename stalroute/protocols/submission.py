@@ -14,24 +14,23 @@ in the same state (greeted, authenticated, no transaction).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
 
-from stalroute.config import DEFAULT_SUBMISSION_EHLO
+from stalroute.config import DEFAULT_SUBMISSION_EHLO, ProtocolCapabilities
 from stalroute.protocols.base import (
     BackendEvent,
     BackendSend,
+    BackendSettings,
+    CapabilityRules,
+    Offer,
     PreAuthEvent,
+    PreAuthSettings,
     ProtocolSpec,
     Reply,
 )
-from stalroute.protocols.linebased import (
-    GREETING,
-    LOGIN,
-    TIMEOUT,
-    LineDialogue,
-    LinePreAuth,
-)
+from stalroute.protocols.linebased import CloseReason, LineDialogue, LinePreAuth, Stage
 from stalroute.protocols.lines import safe_text
 from stalroute.protocols.smtpreply import ReplyReader, SMTPReply, ehlo_keywords, format_reply
 from stalroute.protocols.xclient import xclient_command
@@ -47,22 +46,49 @@ MAX_AUTH_COMMAND = 12288
 _HELO_NAME = re.compile(rb"[!-~]{1,255}")
 _BDAT = re.compile(rb"([0-9]{1,18})(?: +LAST)? *\Z", re.IGNORECASE)
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-#: Keywords stalroute computes itself; never taken from ``[capabilities.submission] ehlo``.
-MANAGED_KEYWORDS = frozenset({"STARTTLS", "AUTH"})
 _TRANSACTION = frozenset({b"MAIL", b"RCPT", b"DATA", b"BDAT"})
+
+
+# --- what submission announces -------------------------------------------------------------
+
+
+def managed(keyword: str) -> bool:
+    """EHLO keywords stalroute computes itself, never taken from ``ehlo``."""
+    return keyword.upper() in ("STARTTLS", "AUTH")
+
+
+@dataclass(frozen=True)
+class SubmissionCapabilities:
+    """``[capabilities.submission]``'s own setting, as :class:`SubmissionPreAuth` reads it."""
+
+    #: The EHLO keywords announced besides those stalroute computes (:func:`managed`); an
+    #: empty list is a choice (nothing the destinations honour).
+    ehlo: tuple[str, ...] = DEFAULT_SUBMISSION_EHLO
+
+    @classmethod
+    def from_config(cls, section: ProtocolCapabilities,
+                    offered: Offer) -> SubmissionCapabilities:
+        return cls(ehlo=section.ehlo)
+
+
+#: What a destination that never answered a probe is taken to offer (Dovecot 2.3, Stalwart
+#: and Postfix all do; not SMTPUTF8).
+FALLBACK: Offer = {"ehlo": frozenset({"ENHANCEDSTATUSCODES", "8BITMIME", "PIPELINING",
+                                      "CHUNKING", "SIZE"}),
+                   "sasl": frozenset({"PLAIN"})}
 
 
 # --- the client side: pre-auth server -----------------------------------------------------
 
 
-class SubmissionPreAuth(LinePreAuth):
+class SubmissionPreAuth(LinePreAuth[SubmissionCapabilities]):
     """The submission server dialogue up to a successful login."""
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings: PreAuthSettings[SubmissionCapabilities]) -> None:
         super().__init__(settings)
         self._hostname = safe_text(settings.hostname, "localhost").replace(b" ", b"")
         self._skip = 0  # bytes of a refused BDAT chunk still to discard
-        self._handlers = {
+        self._handlers: dict[bytes, Callable[[bytes | None], list[PreAuthEvent]]] = {
             b"EHLO": self._ehlo,
             b"HELO": self._helo,
             b"NOOP": self._noop,
@@ -78,11 +104,8 @@ class SubmissionPreAuth(LinePreAuth):
 
     def ehlo_keywords(self) -> list[bytes]:
         """The EHLO extensions as they stand now."""
-        # An empty list is a choice (nothing the destinations honour), not "unset".
-        configured = cast(Sequence[str], self.settings.extra.get("ehlo",
-                                                                  DEFAULT_SUBMISSION_EHLO))
-        keywords = [word.encode("ascii") for word in configured
-                    if _KEYWORD.fullmatch(word) and word.upper() not in MANAGED_KEYWORDS]
+        keywords = [word.encode("ascii") for word in self.settings.capabilities.ehlo
+                    if _KEYWORD.fullmatch(word) and not managed(word)]
         if self._starttls_offered:
             keywords.append(b"STARTTLS")
         mechanisms = self._usable_mechanisms()
@@ -101,9 +124,9 @@ class SubmissionPreAuth(LinePreAuth):
 
     # -- wording
 
-    def _goodbye(self, reason: str) -> bytes | None:
-        code = b"421 4.4.2 " if reason == TIMEOUT else b"421 4.7.0 "
-        return code + self._hostname + b" " + reason.encode("ascii") + b"\r\n"
+    def _goodbye(self, reason: CloseReason) -> bytes | None:
+        code = b"421 4.4.2 " if reason is CloseReason.TIMEOUT else b"421 4.7.0 "
+        return code + self._hostname + b" " + reason.value.encode("ascii") + b"\r\n"
 
     def _challenge(self, text: bytes) -> bytes:
         return b"334 " + text + b"\r\n"
@@ -197,15 +220,19 @@ class SubmissionPreAuth(LinePreAuth):
 
 # --- the backend side ---------------------------------------------------------------------
 
-_EHLO = "EHLO"
-_STARTTLS = "STARTTLS"
-_XCLIENT = "XCLIENT"
+
+class _Step(Enum):
+    """The command of stalroute's own that the dialogue has out."""
+
+    EHLO = "EHLO"
+    STARTTLS = "STARTTLS"
+    XCLIENT = "XCLIENT"
 
 
-class SubmissionBackendDialogue(LineDialogue):
+class SubmissionBackendDialogue(LineDialogue[_Step]):
     """The submission client dialogue toward a backend, up to the replayed login's outcome."""
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings: BackendSettings) -> None:
         super().__init__(settings)
         self._reader = ReplyReader()
         self._keywords: dict[str, tuple[bytes, ...]] | None = None
@@ -214,7 +241,7 @@ class SubmissionBackendDialogue(LineDialogue):
         self._ehlo_name = name if _HELO_NAME.fullmatch(name) else b"localhost"
 
     @property
-    def offered(self) -> dict[str, frozenset[str]] | None:
+    def offered(self) -> Offer | None:
         if self._keywords is None:
             return None
         mechanisms = self._keywords.get("AUTH", ())
@@ -232,13 +259,9 @@ class SubmissionBackendDialogue(LineDialogue):
     def _take_rest(self) -> bytes:
         return self._reader.take_all()
 
-    def _send(self, command: bytes, state: str) -> list[BackendEvent]:
-        self._state = state
-        return [BackendSend(command + b"\r\n")]
-
     def _ehlo(self) -> list[BackendEvent]:
         self._keywords = None
-        return self._send(b"EHLO " + self._ehlo_name, _EHLO)
+        return self._send(b"EHLO " + self._ehlo_name, _Step.EHLO)
 
     # -- establishment
 
@@ -249,7 +272,7 @@ class SubmissionBackendDialogue(LineDialogue):
         if self._starttls_needed:
             if "STARTTLS" not in keywords:
                 return self._fail("backend does not offer STARTTLS")
-            return self._send(b"STARTTLS", _STARTTLS)
+            return self._send(b"STARTTLS", _Step.STARTTLS)
         forwarding = self.settings.forwarding
         if forwarding is not None and not self._forwarded and "XCLIENT" in keywords:
             advertised = [name.decode("ascii", "replace") for name in keywords["XCLIENT"]]
@@ -257,7 +280,7 @@ class SubmissionBackendDialogue(LineDialogue):
                                       helo=self._ehlo_name.decode("ascii"), proto="ESMTP")
             if command is not None:
                 self._forwarded = True
-                return self._send(command, _XCLIENT)
+                return self._send(command, _Step.XCLIENT)
         if "AUTH" not in keywords:
             return self._fail("backend does not offer AUTH")
         return self._ready()
@@ -268,22 +291,22 @@ class SubmissionBackendDialogue(LineDialogue):
     def _handle(self, response: object) -> list[BackendEvent]:
         assert isinstance(response, SMTPReply)
         reply = response
-        if self._state == LOGIN:
+        if self._state is Stage.LOGIN:
             return self._handle_login(reply)
-        if self._state == GREETING:
+        if self._state is Stage.GREETING:
             if reply.code != 220:
                 return self._fail("backend refused the connection")
             return self._ehlo()
-        if self._state == _EHLO:
+        if self._state is _Step.EHLO:
             if reply.code != 250:
                 return self._fail("backend refused EHLO")
             self._keywords = ehlo_keywords(reply)
             return self._next_step()
-        if self._state == _STARTTLS:
+        if self._state is _Step.STARTTLS:
             if reply.code != 220:
                 return self._fail("backend refused STARTTLS")
             return self._handshake()
-        if self._state == _XCLIENT:
+        if self._state is _Step.XCLIENT:
             # Postfix answers with a fresh 220 greeting (older versions 250): EHLO again.
             if reply.code not in (220, 250):
                 return self._fail("backend refused XCLIENT")
@@ -299,7 +322,7 @@ class SubmissionBackendDialogue(LineDialogue):
         if len(command) + 2 > MAX_AUTH_COMMAND:
             command = b"AUTH " + mechanism
             self._owed_response = response
-        return self._send(command, LOGIN)
+        return self._send(command, Stage.LOGIN)
 
     def _handle_login(self, reply: SMTPReply) -> list[BackendEvent]:
         if reply.code == 334:
@@ -315,4 +338,6 @@ class SubmissionBackendDialogue(LineDialogue):
 
 
 #: Submission as the shared pipeline (``stalroute.session``, ``stalroute.backend``) runs it.
-SPEC = ProtocolSpec("submission", SubmissionPreAuth, SubmissionBackendDialogue)
+SPEC = ProtocolSpec("submission", SubmissionPreAuth, SubmissionBackendDialogue,
+                    CapabilityRules(SubmissionCapabilities.from_config, learnt=("sasl", "ehlo"),
+                                    fallback=FALLBACK, managed=managed))

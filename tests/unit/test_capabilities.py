@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,8 +19,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from stalroute import capabilities
 from stalroute.backend import BackendUnavailable
 from stalroute.capabilities import (
-    FALLBACK,
     PROBE_INTERVAL,
+    RULES,
     DestinationCapabilities,
     broken_promises,
     effective,
@@ -32,16 +31,18 @@ from stalroute.config import (
     DEFAULT_IMAP_ADVERTISE,
     DEFAULT_SIEVE_EXTENSIONS,
     DEFAULT_SUBMISSION_EHLO,
-    SASL_MECHANISMS,
     Config,
     parse_config,
 )
+from stalroute.config.schema import CAPABILITY_KEYS, LISTENER_PROTOCOLS, PASSTHROUGH_PROTOCOLS
+from stalroute.protocols import PROTOCOLS
 from stalroute.protocols.base import BackendReady, BackendSend, BackendSettings, BackendStartTLS
 from stalroute.protocols.imap import IMAPBackendDialogue
 from stalroute.protocols.managesieve import ManageSieveBackendDialogue
 from stalroute.protocols.pop3 import POP3BackendDialogue
 from stalroute.protocols.submission import SubmissionBackendDialogue
-from stalroute.session import preauth_settings
+from stalroute.sasl import MECHANISMS
+from stalroute.service import OTHER_LISTENERS
 
 # --- what Dovecot 2.3.19 (Pigeonhole 0.5.19) sends, after TLS --------------------------------
 
@@ -187,40 +188,40 @@ def test_config_records_which_keys_the_file_sets() -> None:
 
 def test_until_a_destination_answers_the_fallback_is_advertised() -> None:
     config = make_config()
-    imap = effective(config, "imap", {}).capabilities
+    imap = effective(config, "imap", {}).section
     assert imap.advertise == ("IMAP4rev1", "ENABLE", "SASL-IR", "LITERAL+", "ID")
     assert imap.sasl == ("PLAIN", "LOGIN")
-    submission = effective(config, "submission", {}).capabilities
+    submission = effective(config, "submission", {}).section
     assert submission.ehlo == ("ENHANCEDSTATUSCODES", "8BITMIME", "PIPELINING", "CHUNKING", "SIZE")
     sieve = effective(config, "managesieve", {})
-    assert "vacation-seconds" not in sieve.capabilities.sieve
-    assert "enotify" in sieve.capabilities.sieve and sieve.notify == ("mailto",)
-    for protocol in FALLBACK:  # the fallback never adds to the configured lists
-        assert set(effective(config, protocol, {}).capabilities.sasl) <= set(SASL_MECHANISMS)
+    assert "vacation-seconds" not in sieve.section.sieve
+    assert "enotify" in sieve.section.sieve and sieve.settings.notify == ("mailto",)
+    for protocol in RULES:  # the fallback never adds to the configured lists
+        assert set(effective(config, protocol, {}).section.sasl) <= set(MECHANISMS)
 
 
 def test_dovecot_answers_narrow_the_defaults() -> None:
     config = make_config()
     offers = {("node1", protocol): offer for protocol, offer in DOVECOT_OFFERS.items()}
-    imap = effective(config, "imap", offers).capabilities
+    imap = effective(config, "imap", offers).section
     assert imap.advertise == ("IMAP4rev1", "ENABLE", "SASL-IR", "LITERAL+", "ID")
     assert imap.sasl == ("PLAIN", "LOGIN")
-    assert "SMTPUTF8" not in effective(config, "submission", offers).capabilities.ehlo
+    assert "SMTPUTF8" not in effective(config, "submission", offers).section.ehlo
     sieve = effective(config, "managesieve", offers)
-    assert sieve.capabilities.sieve == tuple(
+    assert sieve.section.sieve == tuple(
         e for e in DEFAULT_SIEVE_EXTENSIONS if e not in ("vacation-seconds", "editheader"))
-    assert sieve.notify == ("mailto",)
-    assert "UTF8" not in effective(config, "pop3", offers).capa  # Dovecot 2.3 lists no UTF8
+    assert sieve.settings.notify == ("mailto",)
+    assert not effective(config, "pop3", offers).settings.utf8  # Dovecot 2.3 lists no UTF8
 
 
 def test_pop3_utf8_is_advertised_only_when_every_destination_lists_it() -> None:
     config = make_config(destinations={"node1": ("pop3",), "node2": ("pop3",)})
     with_utf8 = {"sasl": frozenset({"PLAIN"}), "capa": frozenset({"USER", "UTF8"})}
     offers = {("node1", "pop3"): with_utf8, ("node2", "pop3"): with_utf8}
-    assert "UTF8" in effective(config, "pop3", offers).capa
+    assert effective(config, "pop3", offers).settings.utf8
     offers[("node2", "pop3")] = DOVECOT_OFFERS["pop3"]
-    assert "UTF8" not in effective(config, "pop3", offers).capa
-    assert "UTF8" not in effective(config, "pop3", {}).capa  # nobody answered yet
+    assert not effective(config, "pop3", offers).settings.utf8
+    assert not effective(config, "pop3", {}).settings.utf8  # nobody answered yet
 
 
 def test_a_richer_backend_gets_everything_configured_and_nothing_more() -> None:
@@ -228,9 +229,9 @@ def test_a_richer_backend_gets_everything_configured_and_nothing_more() -> None:
     rich = {"advertise": frozenset({"IMAP4REV2", "IMAP4REV1", "ENABLE", "SASL-IR", "LITERAL+",
                                     "ID", "UTF8=ACCEPT", "IDLE", "QUOTA"}),
             "sasl": frozenset({"PLAIN", "OAUTHBEARER", "XOAUTH2", "SCRAM-SHA-256"})}
-    imap = effective(config, "imap", {("node1", "imap"): rich}).capabilities
+    imap = effective(config, "imap", {("node1", "imap"): rich}).section
     assert imap.advertise == DEFAULT_IMAP_ADVERTISE  # no IDLE or QUOTA: only configured words
-    assert imap.sasl == SASL_MECHANISMS  # LOGIN is honoured: it is replayed as PLAIN
+    assert imap.sasl == MECHANISMS  # LOGIN is honoured: it is replayed as PLAIN
 
 
 def test_every_destination_serving_the_protocol_must_honour_a_word() -> None:
@@ -241,18 +242,18 @@ def test_every_destination_serving_the_protocol_must_honour_a_word() -> None:
     plain_only = {"advertise": rich["advertise"], "sasl": frozenset({"PLAIN"})}
     offers = {("node1", "imap"): rich, ("node2", "imap"): plain_only,
               ("web", "submission"): {"ehlo": frozenset(), "sasl": frozenset()}}
-    imap = effective(config, "imap", offers).capabilities
+    imap = effective(config, "imap", offers).section
     assert imap.advertise == DEFAULT_IMAP_ADVERTISE
     assert imap.sasl == ("PLAIN", "LOGIN")
     # node2 never answered: it counts as the fallback, so IMAP4rev2 is not promised.
     del offers[("node2", "imap")]
-    assert "IMAP4rev2" not in effective(config, "imap", offers).capabilities.advertise
+    assert "IMAP4rev2" not in effective(config, "imap", offers).section.advertise
 
 
 def test_a_backend_without_plain_honours_neither_plain_nor_login() -> None:
     config = make_config()
     offers = {("node1", "pop3"): {"sasl": frozenset({"LOGIN", "XOAUTH2"})}}
-    assert effective(config, "pop3", offers).capabilities.sasl == ("XOAUTH2",)
+    assert effective(config, "pop3", offers).section.sasl == ("XOAUTH2",)
 
 
 def test_explicit_lists_are_advertised_as_written() -> None:
@@ -260,9 +261,9 @@ def test_explicit_lists_are_advertised_as_written() -> None:
                                    "sasl": ["PLAIN", "XOAUTH2"]},
                           "submission": {"ehlo": ["SMTPUTF8"]}})
     offers = {("node1", protocol): offer for protocol, offer in DOVECOT_OFFERS.items()}
-    imap = effective(config, "imap", offers).capabilities
+    imap = effective(config, "imap", offers).section
     assert imap.advertise == ("IMAP4rev2", "IMAP4rev1") and imap.sasl == ("PLAIN", "XOAUTH2")
-    submission = effective(config, "submission", offers).capabilities
+    submission = effective(config, "submission", offers).section
     assert submission.ehlo == ("SMTPUTF8",)
     assert submission.sasl == ("PLAIN", "LOGIN")  # not explicit: narrowed
 
@@ -281,6 +282,18 @@ def test_broken_promises_name_the_key_the_destination_and_the_words() -> None:
     assert broken_promises(config, "node1", "pop3", DOVECOT_OFFERS["pop3"]) == []
 
 
+def test_the_registry_and_the_config_schema_name_the_same_protocols() -> None:
+    """A protocol is registered once (``stalroute.protocols``); the schema's vocabulary and
+    capability sections must follow it."""
+    assert set(PROTOCOLS) | set(OTHER_LISTENERS) == set(LISTENER_PROTOCOLS)
+    assert {name for name, spec in PROTOCOLS.items() if spec.passthrough} == set(
+        PASSTHROUGH_PROTOCOLS)
+    assert set(RULES) == set(CAPABILITY_KEYS)
+    for protocol, rules in RULES.items():
+        assert set(rules.learnt) <= {"sasl", *CAPABILITY_KEYS[protocol]}
+        assert set(rules.fallback) >= set(rules.learnt)
+
+
 def test_only_protocols_with_a_listener_and_an_explicit_list_are_checked() -> None:
     config = make_config({"imap": {"banner": "hi"}, "pop3": {"sasl": ["PLAIN"]}},
                          destinations={"node1": ("imap", "pop3"), "node2": ("imap",)})
@@ -293,11 +306,10 @@ def test_preauth_settings_carry_the_narrowed_lists() -> None:
     config = make_config()
     learned = DestinationCapabilities()
     learned.offers = {("node1", protocol): offer for protocol, offer in DOVECOT_OFFERS.items()}
-    runtime = SimpleNamespace(config=config, capabilities=learned)
-    imap = preauth_settings(runtime, config.listeners["imap"])
-    assert "IMAP4rev2" not in imap.extra["advertise"] and imap.sasl == ("PLAIN", "LOGIN")
-    sieve = preauth_settings(runtime, config.listeners["managesieve"])
-    assert sieve.extra["notify"] == ("mailto",)
+    imap = learned.preauth_settings(config, config.listeners["imap"])
+    assert "IMAP4rev2" not in imap.capabilities.advertise and imap.sasl == ("PLAIN", "LOGIN")
+    sieve = learned.preauth_settings(config, config.listeners["managesieve"])
+    assert sieve.capabilities.notify == ("mailto",)
 
 
 # --- probing: start, periodically, reloads -----------------------------------------------------
@@ -360,10 +372,10 @@ def test_probes_run_at_start_and_every_interval_without_blocking(probes: FakePro
     learned = DestinationCapabilities()
     learned.start(clock, config)
     assert probes.asked() == [("node1", "imap"), ("node2", "imap")]
-    assert learned.advertised(config, "imap").capabilities.advertise[0] == "IMAP4rev1"
+    assert learned.advertised(config, "imap").section.advertise[0] == "IMAP4rev1"
     probes.answer("node1", "imap", RICH_IMAP)
     probes.answer("node2", "imap", RICH_IMAP)
-    assert learned.advertised(config, "imap").capabilities.advertise == ("IMAP4rev2", "IMAP4rev1")
+    assert learned.advertised(config, "imap").section.advertise == ("IMAP4rev2", "IMAP4rev1")
     clock.advance(PROBE_INTERVAL - 1)
     assert probes.asked() == []
     clock.advance(1)
@@ -383,7 +395,7 @@ def test_an_unreachable_destination_keeps_its_last_answer(probes: FakeProbes,
         probes.answer("node1", "imap", BackendUnavailable("down"))
         probes.answer("node2", "imap", BackendUnavailable("down"))
     assert learned.offers[("node1", "imap")] == RICH_IMAP
-    assert "IMAP4rev2" in learned.advertised(config, "imap").capabilities.advertise
+    assert "IMAP4rev2" in learned.advertised(config, "imap").section.advertise
     warnings = [text for text in logged if "capability probe" in text]
     assert len(warnings) == 2 and "keeping its last answer" in warnings[0]  # once per outage
     learned.stop()
@@ -402,11 +414,11 @@ def test_a_reload_reprobes_and_keeps_answers_meanwhile(probes: FakeProbes,
     assert probes.asked() == [("node1", "imap")]
     # node2's abandoned probe failed; nobody counts that as node2 being down.
     assert not [text for text in logged if "capability probe" in text]
-    assert learned.advertised(reloaded, "imap").capabilities.advertise == ("IMAP4rev2",
+    assert learned.advertised(reloaded, "imap").section.advertise == ("IMAP4rev2",
                                                                           "IMAP4rev1")
     narrower = {"advertise": frozenset({"IMAP4REV1"}), "sasl": frozenset({"PLAIN"})}
     probes.answer("node1", "imap", narrower)
-    assert learned.advertised(reloaded, "imap").capabilities.advertise == ("IMAP4rev1",)
+    assert learned.advertised(reloaded, "imap").section.advertise == ("IMAP4rev1",)
     learned.stop()
     clock.advance(PROBE_INTERVAL)
     assert probes.asked() == []

@@ -24,11 +24,12 @@ from stalroute.protocols.base import (
     StartTLS,
 )
 from stalroute.protocols.imap import (
-    MAX_BAD_COMMANDS,
     SPEC,
     IMAPBackendDialogue,
+    IMAPCapabilities,
     IMAPPreAuth,
 )
+from stalroute.protocols.linebased import MAX_BAD_COMMANDS
 from stalroute.protocols.lines import LineBuffer, LineTooLong
 from stalroute.sasl import MECHANISMS, Credentials, decode_oauthbearer, plain_credentials
 from tests.unit.preauth_checks import assert_well_formed, authenticates, split, text
@@ -44,11 +45,11 @@ def b64(data: bytes) -> bytes:
 def make_settings(tls_mode: str = "starttls", sasl: tuple[str, ...] = MECHANISMS,
                   allow: bool = False, max_auth_attempts: int = 3,
                   advertise: tuple[str, ...] | None = None,
-                  banner: str = "stalroute ready") -> PreAuthSettings:
-    extra = {} if advertise is None else {"advertise": advertise}
+                  banner: str = "stalroute ready") -> PreAuthSettings[IMAPCapabilities]:
+    own = IMAPCapabilities() if advertise is None else IMAPCapabilities(advertise=advertise)
     return PreAuthSettings(hostname="mx.example.com", tls_mode=tls_mode, sasl=sasl,
                            allow_plain_auth_without_tls=allow, banner=banner,
-                           max_auth_attempts=max_auth_attempts, extra=extra)
+                           capabilities=own, max_auth_attempts=max_auth_attempts)
 
 
 def machine(**kwargs) -> IMAPPreAuth:

@@ -44,6 +44,7 @@ from stalroute.protocols.managesieve import (
     SPEC,
     ManageSieveBackendDialogue,
     ManageSievePreAuth,
+    SieveCapabilities,
 )
 from stalroute.sasl import MECHANISMS, Credentials, decode_oauthbearer, plain_credentials
 from tests.unit.preauth_checks import assert_well_formed, authenticates, split
@@ -58,11 +59,12 @@ def b64(data: bytes) -> bytes:
 def make_settings(tls_mode: str = "starttls", sasl: tuple[str, ...] = MECHANISMS,
                   allow: bool = False, max_auth_attempts: int = 3, banner: str = "ready",
                   sieve: tuple[str, ...] = ("fileinto", "vacation"),
-                  implementation: str = "stalroute test") -> PreAuthSettings:
+                  implementation: str = "stalroute test") -> PreAuthSettings[SieveCapabilities]:
     return PreAuthSettings(hostname="mx.example.com", tls_mode=tls_mode, sasl=sasl,
                            allow_plain_auth_without_tls=allow, banner=banner,
-                           max_auth_attempts=max_auth_attempts,
-                           extra={"sieve": sieve, "implementation": implementation})
+                           capabilities=SieveCapabilities(sieve=sieve,
+                                                          implementation=implementation),
+                           max_auth_attempts=max_auth_attempts)
 
 
 def machine(**kwargs) -> ManageSievePreAuth:
@@ -153,7 +155,7 @@ def test_greeting_over_tls_and_defaults():
                                   + b'OK "say \\"hi\\"??"\r\n')]
     bare = ManageSievePreAuth(PreAuthSettings(
         hostname="h", tls_mode="plain", sasl=("PLAIN",), allow_plain_auth_without_tls=False,
-        banner=""))
+        banner="", capabilities=SieveCapabilities()))
     greeting = bare.greeting()[0].data
     assert greeting.startswith(b'"IMPLEMENTATION" "stalroute"\r\n"SASL" ""\r\n"SIEVE" "'
                                + " ".join(DEFAULT_SIEVE_EXTENSIONS).encode() + b'"\r\n')
@@ -162,9 +164,10 @@ def test_greeting_over_tls_and_defaults():
 
 def test_enotify_is_advertised_with_its_notify_methods():
     """RFC 5804 §1.7: with "enotify" in SIEVE, NOTIFY MUST list the notification methods."""
-    def capability_lines(**extra: object) -> list[bytes]:
+    def capability_lines(**own: tuple[str, ...]) -> list[bytes]:
         settings = PreAuthSettings(hostname="h", tls_mode="implicit", sasl=("PLAIN",),
-                                   allow_plain_auth_without_tls=False, banner="", extra=extra)
+                                   allow_plain_auth_without_tls=False, banner="",
+                                   capabilities=SieveCapabilities(**own))
         return ManageSievePreAuth(settings).capability_block().splitlines()
 
     assert b'"NOTIFY" "mailto"' in capability_lines()  # the default list has enotify

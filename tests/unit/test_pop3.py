@@ -7,10 +7,13 @@ Also covers the shared life cycle of :mod:`stalroute.protocols.linebased` and th
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
+from stalroute.config import ProtocolCapabilities
+from stalroute.protocols import PROTOCOLS
 from stalroute.protocols.base import (
     MAX_PREAUTH_LINE,
     Authenticate,
@@ -32,6 +35,7 @@ from stalroute.protocols.lines import MAX_CAPABILITY_BYTES, MAX_CAPABILITY_LINES
 from stalroute.protocols.pop3 import (
     SPEC,
     POP3BackendDialogue,
+    POP3Capabilities,
     POP3Login,
     POP3PreAuth,
 )
@@ -49,9 +53,11 @@ def b64(data: bytes) -> bytes:
 
 def make_settings(tls_mode: str = "starttls", sasl: tuple[str, ...] = MECHANISMS,
                   allow: bool = False, max_auth_attempts: int = 3,
-                  banner: str = "stalroute ready") -> PreAuthSettings:
+                  banner: str = "stalroute ready",
+                  utf8: bool = True) -> PreAuthSettings[POP3Capabilities]:
     return PreAuthSettings(hostname="mx.example.com", tls_mode=tls_mode, sasl=sasl,
                            allow_plain_auth_without_tls=allow, banner=banner,
+                           capabilities=POP3Capabilities(utf8=utf8),
                            max_auth_attempts=max_auth_attempts)
 
 
@@ -112,9 +118,7 @@ def test_noop_utf8_and_argument_checks():
 
 
 def test_utf8_is_neither_advertised_nor_accepted_when_a_destination_lacks_it():
-    m = POP3PreAuth(PreAuthSettings(hostname="mx.example.com", tls_mode="implicit",
-                                    sasl=MECHANISMS, allow_plain_auth_without_tls=False,
-                                    banner="ready", extra={"utf8": False}))
+    m = POP3PreAuth(make_settings(tls_mode="implicit", banner="ready", utf8=False))
     m.greeting()
     assert b"UTF8" not in text(m.receive(b"CAPA\r\n"))
     assert text(m.receive(b"UTF8\r\n")).startswith(b"-ERR Unknown command")
@@ -657,9 +661,12 @@ def test_backend_random_bytes_never_raise(data, tls_mode):
             assert isinstance(event, (BackendSend, LoginSucceeded, LoginFailed, BackendError))
 
 
-# --- the shared life cycle (linebased.LinePreAuth), for all three protocols -----------------
+# --- the shared life cycle (linebased.LinePreAuth), for all four protocols ------------------
 
 LIFECYCLE_SCRIPTS = {
+    "imap": [b"a CAPABILITY\r\n", b"b STARTTLS\r\n", b"c LOGIN alice pw\r\n",
+             b"d AUTHENTICATE PLAIN\r\n", b64(b"\0a\0b") + b"\r\n", b"*\r\n",
+             b"e NOOP\r\n", b"f LOGOUT\r\n", b"g LOGIN {3}\r\n"],
     "pop3": [b"CAPA\r\n", b"STLS\r\n", b"USER alice\r\nPASS pw\r\n", b"AUTH PLAIN\r\n",
              b64(b"\0a\0b") + b"\r\n", b"*\r\n", b"NOOP\r\n", b"QUIT\r\n", b"\xff\r\n"],
     "managesieve": [b"CAPABILITY\r\n", b"STARTTLS\r\n",
@@ -678,10 +685,11 @@ LIFECYCLE_SCRIPTS = {
                 max_size=25),
        st.booleans())
 def test_lifecycle_random_interleavings(protocol, tls_mode, steps, time_out):
-    from stalroute.protocols import managesieve, submission
-    classes = {"pop3": POP3PreAuth, "managesieve": managesieve.ManageSievePreAuth,
-               "submission": submission.SubmissionPreAuth}
-    m = classes[protocol](make_settings(tls_mode=tls_mode, max_auth_attempts=3))
+    spec = PROTOCOLS[protocol]
+    assert spec.capabilities is not None
+    own = spec.capabilities.settings(ProtocolCapabilities(), {})
+    m = spec.preauth(replace(make_settings(tls_mode=tls_mode, max_auth_attempts=3),
+                             capabilities=own))
     m.greeting()
     pending = closed = False
     starttls = False
@@ -709,3 +717,27 @@ def test_lifecycle_random_interleavings(protocol, tls_mode, steps, time_out):
         assert isinstance(m.auth_succeeded(), bytes)
     elif time_out and not closed:
         assert m.timed_out()[-1] == Close()
+
+
+#: Starting an exchange without an initial response, then the client's ``*``, per protocol.
+ABORTED_EXCHANGES = {
+    "imap": (b"a AUTHENTICATE PLAIN\r\n", b"*\r\n", b"a BAD Authentication aborted\r\n"),
+    "pop3": (b"AUTH PLAIN\r\n", b"*\r\n", b"-ERR Authentication aborted\r\n"),
+    "managesieve": (b'AUTHENTICATE "PLAIN"\r\n', b'"*"\r\n',
+                    b'NO "Authentication aborted."\r\n'),
+    "submission": (b"EHLO c\r\nAUTH PLAIN\r\n", b"*\r\n", b"501 5.7.0 Authentication aborted\r\n"),
+}
+
+
+@pytest.mark.parametrize("protocol", sorted(ABORTED_EXCHANGES))
+def test_an_aborted_exchange_counts_neither_as_a_failure_nor_as_an_error(protocol):
+    spec = PROTOCOLS[protocol]
+    assert spec.capabilities is not None
+    own = spec.capabilities.settings(ProtocolCapabilities(), {})
+    m = spec.preauth(replace(make_settings(tls_mode="implicit", max_auth_attempts=1),
+                             capabilities=own))
+    m.greeting()
+    start, abort, answer = ABORTED_EXCHANGES[protocol]
+    for _ in range(MAX_BAD_COMMANDS + 1):
+        m.receive(start)
+        assert m.receive(abort) == [Reply(answer)]

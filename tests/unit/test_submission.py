@@ -42,6 +42,7 @@ from stalroute.protocols.submission import (
     HIDDEN_FAILURE,
     SPEC,
     SubmissionBackendDialogue,
+    SubmissionCapabilities,
     SubmissionPreAuth,
 )
 from stalroute.protocols.xclient import ATTRIBUTES, IMPLIED_ATTRIBUTES, xclient_command, xtext
@@ -58,11 +59,11 @@ def b64(data: bytes) -> bytes:
 
 def make_settings(tls_mode: str = "starttls", sasl: tuple[str, ...] = MECHANISMS,
                   allow: bool = False, max_auth_attempts: int = 3, banner: str = "ready",
-                  ehlo: tuple[str, ...] | None = None) -> PreAuthSettings:
-    extra = {} if ehlo is None else {"ehlo": ehlo}
+                  ehlo: tuple[str, ...] | None = None) -> PreAuthSettings[SubmissionCapabilities]:
+    own = SubmissionCapabilities() if ehlo is None else SubmissionCapabilities(ehlo=ehlo)
     return PreAuthSettings(hostname="mx.example.com", tls_mode=tls_mode, sasl=sasl,
                            allow_plain_auth_without_tls=allow, banner=banner,
-                           max_auth_attempts=max_auth_attempts, extra=extra)
+                           capabilities=own, max_auth_attempts=max_auth_attempts)
 
 
 def machine(greet: bool = True, **kwargs) -> SubmissionPreAuth:
