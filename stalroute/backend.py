@@ -22,8 +22,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IDelayedCall, IHandshakeListener, IOpenSSLClientConnectionCreator, IReactorTime,
 )
-from twisted.internet.main import CONNECTION_DONE
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -31,14 +30,15 @@ from zope.interface import implementer
 
 from stalroute import proxyproto
 from stalroute.circuit import CircuitBreaker
+from stalroute.closing import close_with_grace
 from stalroute.config import PASSTHROUGH_PROTOCOLS, Config, DestinationConfig
-from stalroute.inbound import CLOSE_GRACE
 from stalroute.protocols.base import (
     BackendDialogue, BackendError, BackendEvent, BackendReady, BackendSend, BackendSettings,
     BackendStartTLS, ForwardingInfo, LoginFailed, LoginSucceeded,
 )
 from stalroute.sasl import Credentials
 from stalroute.tls import TLSDetails, backend_tls
+from stalroute.transport import StreamTransport
 
 RETRY_DELAY = 0.2
 
@@ -57,6 +57,14 @@ class BackendUnavailable(Exception):
     def __init__(self, reason: str, *, connect_stage: bool = False) -> None:
         super().__init__(reason)
         self.connect_stage = connect_stage
+
+
+class CircuitOpen(BackendUnavailable):
+    """The destination is marked down: no leg is tried until its cooldown has passed."""
+
+
+class BackendTimeout(BackendUnavailable):
+    """The leg was not ready within ``backend_timeout``."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,9 @@ def forwarding_info(client: ClientInfo) -> ForwardingInfo:
 class BackendLeg(Protocol):
     """One connection to a backend: the dialogue first, then a relay for a client session."""
 
+    #: Twisted declares an optional ``ITransport``; connected, it is a TCP transport.
+    transport: StreamTransport  # type: ignore[assignment]
+
     def __init__(self, clock: IReactorTime, dialogue: BackendDialogue, tls_mode: str,
                  preamble: bytes, tls: IOpenSSLClientConnectionCreator | None) -> None:
         self._clock = clock
@@ -119,7 +130,8 @@ class BackendLeg(Protocol):
     def ready(self) -> Deferred[BackendLeg]:
         return self._established
 
-    def login(self, credentials: Credentials | None, context: object) -> Deferred[BackendEvent]:
+    def login(self, credentials: Credentials | None,
+              context: object) -> Deferred[LoginSucceeded | LoginFailed]:
         """Replay the login; fires with :class:`LoginSucceeded` or :class:`LoginFailed`."""
         self._waiting = Deferred(canceller=self._abort)
         waiting = self._waiting
@@ -179,7 +191,7 @@ class BackendLeg(Protocol):
         else:
             waiting.callback(result)
 
-    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         if self._abort_timer is not None and self._abort_timer.active():
             self._abort_timer.cancel()
@@ -206,14 +218,13 @@ class BackendLeg(Protocol):
 
     def close(self) -> None:
         """Close without telling the session (it asked); abort a backend that does not
-        finish closing within :data:`CLOSE_GRACE`."""
+        finish closing within :data:`~stalroute.closing.CLOSE_GRACE`."""
         self._on_lost = None
         if self.transport is None or self._lost or self._abort_timer is not None:
             return
         if self._relay_to is not None:  # the client side is registered as our producer
             self.transport.unregisterProducer()  # and TLS waits for it before closing
-        self.transport.loseConnection()
-        self._abort_timer = self._clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
+        self._abort_timer = close_with_grace(self.transport, self._clock)
 
 
 @dataclass
@@ -274,8 +285,8 @@ class BackendConnector:
             preamble = proxy_header(destination.proxy_protocol_version, client)
         breaker = self.breakers[destination.name]
         if not breaker.allow():
-            raise BackendUnavailable(f"destination {destination.name} is marked down "
-                                     "(circuit open)", connect_stage=True)
+            raise CircuitOpen(f"destination {destination.name} is marked down (circuit open)",
+                              connect_stage=True)
         progress = _Progress()
         d = Deferred.fromCoroutine(self._establish(destination, leg_config, dialogue, preamble,
                                                    progress))
@@ -285,10 +296,13 @@ class BackendConnector:
         except defer.TimeoutError as exc:
             breaker.failed(client.peer[0], connect_stage=not progress.connected)
             stage = "after connecting" if progress.connected else "connecting"
-            raise BackendUnavailable(f"destination {destination.name}: timed out {stage}",
-                                     connect_stage=not progress.connected) from exc
+            raise BackendTimeout(f"destination {destination.name}: timed out {stage}",
+                                 connect_stage=not progress.connected) from exc
         except BackendUnavailable as exc:
             breaker.failed(client.peer[0], connect_stage=exc.connect_stage)
+            raise
+        except Exception:  # cancelled (the client left), or a bug: nothing learnt
+            breaker.abandoned()
             raise
         breaker.succeeded()
         return leg

@@ -68,6 +68,11 @@ class CircuitBreaker:
         if self._threshold and self._streak >= self._threshold:
             self._open()
 
+    def abandoned(self) -> None:
+        """A leg was given up before it could tell anything (its client left): no count,
+        and the next client may probe."""
+        self._probing = False
+
     def _open(self) -> None:
         if self._opened_at is None:
             self.trips += 1

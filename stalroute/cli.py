@@ -1,7 +1,7 @@
-"""The ``stalroute`` command line: ``stalroute check CONFIG`` and ``stalroute ctl`` (ctl.py).
+"""The ``stalroute`` command line: ``stalroute check CONFIG`` and ``stalroute ctl`` (ctl/).
 
 ``check`` loads the file through :func:`stalroute.config.load_config` and prepares the
-runtime with :func:`stalroute.service.build_runtime` (mapping table, TLS material), the same
+runtime with :func:`stalroute.runtime.build_runtime` (mapping table, TLS material), the same
 calls the twistd plugin makes at startup, so "check passes" and "startup accepts it" cannot
 drift apart. A network mapping store (SQL, Redis) is then asked one bounded lookup, and
 destinations behind an explicit capability list are asked what they offer: an unreachable
@@ -22,13 +22,20 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from stalroute.config import ConfigError, config_path_from_env, load_config
+from twisted.internet import defer, error
 
-if TYPE_CHECKING:
-    from stalroute.config import Config
-    from stalroute.session import Runtime
+from stalroute.capabilities import check_promises, explicit_targets
+from stalroute.config import (
+    Config,
+    ConfigError,
+    RedisMappingConfig,
+    config_path_from_env,
+    load_config,
+)
+from stalroute.ctl import add_ctl_parser
+from stalroute.mapping.factory import InvalidStoreSetting
+from stalroute.runtime import Runtime, StartupError, build_runtime
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -65,9 +72,6 @@ def _build_parser() -> argparse.ArgumentParser:
         "it names (certificates, keys, CA files, token file, mapping file)",
     )
     check.set_defaults(handler=_check)
-
-    from stalroute.ctl import add_ctl_parser
-
     add_ctl_parser(commands)
     return parser
 
@@ -80,13 +84,13 @@ def _check(args: argparse.Namespace) -> int:
     try:
         config = load_config(path, os.environ, check_files=not args.skip_files)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem)
+        for config_problem in exc.problems:
+            print(config_problem)
         return EXIT_INVALID
     listeners, destinations = len(config.listeners), len(config.destinations)
     if args.skip_files:
-        if problem := store_url_problem(config):
-            print(problem)
+        if url_problem := store_url_problem(config):
+            print(url_problem)
             return EXIT_INVALID
         for warning in config.warnings:
             print(f"warning: {warning}", file=sys.stderr)
@@ -97,17 +101,15 @@ def _check(args: argparse.Namespace) -> int:
     if problem or runtime is None:
         print(problem)
         return EXIT_INVALID
-    for warning in [*config.warnings, *network_warnings(config, runtime)]:
-        print(f"warning: {warning}", file=sys.stderr)
+    for note in [*map(str, config.warnings), *network_warnings(config, runtime)]:
+        print(f"warning: {note}", file=sys.stderr)
     print(f"OK: {path} ({listeners} listeners, {destinations} destinations)")
     return EXIT_OK
 
 
 def prepare_runtime(config: Config) -> tuple[str | None, Runtime | None]:
     """Build the runtime as startup does: ``(problem, None)`` or ``(None, runtime)``."""
-    from twisted.internet import reactor
-
-    from stalroute.service import StartupError, build_runtime
+    from twisted.internet import reactor  # installs the default reactor: only when used
 
     try:
         return None, build_runtime(reactor, config)
@@ -118,13 +120,14 @@ def prepare_runtime(config: Config) -> tuple[str | None, Runtime | None]:
 def store_url_problem(config: Config) -> str | None:
     """What startup refuses in a Redis store's URL (its parameters), without building the
     store, which would read the ``ssl_ca_certs`` file (``--skip-files``)."""
-    if config.mapping.source != "redis" or config.mapping.redis is None:
+    settings = config.mapping.settings
+    if not isinstance(settings, RedisMappingConfig):
         return None
-    from stalroute.mapping.factory import InvalidStoreSetting
+    # Here, not at the top: importing the Redis store installs the default reactor.
     from stalroute.mapping.redis import parse_redis_url
 
     try:
-        parse_redis_url(config.mapping.redis.url)
+        parse_redis_url(settings.url)
     except InvalidStoreSetting as exc:
         return str(exc)
     return None
@@ -140,9 +143,7 @@ def network_warnings(config: Config, runtime: Runtime,
     Runs the reactor once (only when there is something to ask), so it can be used once per
     process.
     """
-    from twisted.internet import defer, error, reactor
-
-    from stalroute.capabilities import check_promises, explicit_targets
+    from twisted.internet import reactor  # installs the default reactor: only when used
 
     ask_store = config.mapping.source != "file"
     if not ask_store and not explicit_targets(config):
@@ -176,7 +177,8 @@ def network_warnings(config: Config, runtime: Runtime,
         return []
     reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(ask()))
     try:
-        reactor.run(installSignalHandlers=False)
+        # IReactorCore.run does not declare the keyword every real reactor takes.
+        reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
     except error.ReactorNotRestartable:
         return ["network not asked (the reactor already ran in this process)"]
     return warnings

@@ -1,19 +1,47 @@
 """Operations on a running proxy, for the admin API and signals (SPEC §7, §8, §9).
 
 The admin HTTP layer stays a thin translation of requests into these calls; everything here
-works on the service's *current* runtime, so a config reload is picked up at once.
+works on the proxy's *current* runtime, so a config reload is picked up at once. The proxy is
+whatever offers :class:`RunningProxy` (the proxy service; a stand-in in tests), so this module
+does not depend on how the proxy is assembled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Protocol
+
+from twisted.internet.interfaces import IReactorTime
+
 from stalroute.health import Readiness, readiness
 from stalroute.identity import normalize_identifier, redact
+from stalroute.inbound import ListenerFactory
 from stalroute.logs import logger
 from stalroute.mapping import ReadOnlyStore
-from stalroute.service import StalrouteService
-from stalroute.session import Runtime
+from stalroute.runtime import Runtime
 
 log = logger("stalroute.admin")
+
+
+class RunningProxy(Protocol):
+    """What :class:`Control` needs of the running proxy."""
+
+    @property
+    def runtime(self) -> Runtime:
+        """The current runtime (replaced by each reload)."""
+
+    @property
+    def factories(self) -> Mapping[str, ListenerFactory]:
+        """The connection factory of each listener, by the name it was started with."""
+
+    @property
+    def reactor(self) -> IReactorTime:
+        """The clock of ages and timeouts."""
+
+    def reload_config(self) -> list[str]:
+        """Read the configuration file again and swap it in; the changed settings that need
+        a restart. Raises ConfigError or StartupError (the running configuration is kept)."""
+
 
 class UnknownDestination(ValueError):
     """A mapping write names a destination the configuration does not declare."""
@@ -22,17 +50,17 @@ class UnknownDestination(ValueError):
 class Control:
     """What an operator can ask of, and do to, a running stalroute."""
 
-    def __init__(self, service: StalrouteService) -> None:
-        self._service = service
+    def __init__(self, proxy: RunningProxy) -> None:
+        self._proxy = proxy
 
     @property
     def runtime(self) -> Runtime:
-        return self._service.runtime
+        return self._proxy.runtime
 
     # health --------------------------------------------------------------------------
 
     async def readiness(self) -> Readiness:
-        return await readiness(self.runtime, self._service.reactor)
+        return await readiness(self.runtime, self._proxy.reactor)
 
     # statistics ----------------------------------------------------------------------
 
@@ -47,7 +75,7 @@ class Control:
         counters = runtime.router.cache.counters
         hits = counters["hit:positive"] + counters["hit:negative"]
         misses = counters["miss"]
-        factories = self._service.factories
+        factories = self._proxy.factories
         return {
             "cache_hits": hits,
             "cache_misses": misses,
@@ -136,7 +164,7 @@ class Control:
     # sessions ------------------------------------------------------------------------
 
     def connections(self) -> list[dict]:
-        now = self._service.reactor.seconds()
+        now = self._proxy.reactor.seconds()
         return [{"id": s.id, "protocol": s.listener.protocol, "listener": s.listener.name,
                  "client": f"{s.client[0]}:{s.client[1]}", "identifier": s.account,
                  "destination": s.destination, "bytes_in": s.bytes_in,
@@ -168,5 +196,5 @@ class Control:
     # configuration -------------------------------------------------------------------
 
     def reload_config(self) -> list[str]:
-        """See :meth:`StalrouteService.reload_config`; raises ConfigError / StartupError."""
-        return self._service.reload_config()
+        """See :meth:`RunningProxy.reload_config`."""
+        return self._proxy.reload_config()

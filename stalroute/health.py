@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
 
-from stalroute.session import Runtime
+from stalroute.runtime import Runtime
 
 #: Looked up by readiness checks; identifiers never contain a space, so no row matches and
 #: the answer only says whether the store responds.
@@ -22,7 +22,7 @@ class Readiness:
 
 
 async def readiness(runtime: Runtime, clock: IReactorTime) -> Readiness:
-    reasons = []
+    reasons: list[str] = []
     if runtime.registry.draining:
         reasons.append("draining")
     default = runtime.config.routing.default_destination

@@ -1,25 +1,57 @@
-"""What every listener does before its protocol starts (SPEC §3 steps 1–2, §9, §2.12).
+"""The life of every client connection, mail session or HTTP (SPEC §3 steps 1–2, §9, §2.12).
 
-Take a connection slot (``max_connections``), read a trusted peer's PROXY header (``off``,
-``optional``, ``required``, ``deferred``, within ``proxy_header_timeout``), then apply bans and
-``max_connections_per_ip`` to the *real* client address. Every path that ends the connection
-releases what it took. The mail session pipeline and the HTTP listener both build on this.
+Admission: take a connection slot (``max_connections``), read a trusted peer's PROXY header
+(``off``, ``optional``, ``required``, ``deferred``, within ``proxy_header_timeout``), then apply
+bans and ``max_connections_per_ip`` to the *real* client address. Then the protocol runs
+(:meth:`InboundConnection.start`) under a session id, telling backends about the client through
+:meth:`~InboundConnection.client_info`. The end: :meth:`~InboundConnection.close` flushes and
+closes (aborting after :data:`~stalroute.closing.CLOSE_GRACE`), and ``connectionLost`` gives
+back what admission took, exactly once, then counts and logs the session (or the probe).
 """
 
 from __future__ import annotations
 
 import enum
+import secrets
+from typing import TypedDict
 
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
 
-from stalroute.config import ListenerConfig, ip_in_networks
+from stalroute.backend import ClientInfo
+from stalroute.closing import close_with_grace
+from stalroute.config import ListenerConfig
+from stalroute.identity import redact
 from stalroute.limits import PerIPCounter
+from stalroute.logs import logger
+from stalroute.net import ip_in_networks
 from stalroute.proxyproto import NotAProxyHeader, ProxyHeaderError, ProxyHeaderParser
+from stalroute.runtime import Runtime
+from stalroute.tls import TLSDetails
+from stalroute.transport import StreamTransport
+
+#: The end lines of every client connection, mail session or HTTP.
+log = logger("stalroute.session")
+
+#: How a connection that never sent a protocol byte may end and still be a harmless probe
+#: (a load balancer's health check): logged at debug level and counted, nothing else.
+PROBE_OUTCOMES = frozenset({"client_closed", "client_error", "proxy_header_timeout",
+                            "preauth_timeout", "closed"})
 
 
-#: How long a closing connection may take to flush before it is aborted.
-CLOSE_GRACE = 5.0
+class LoopDetected(Exception):
+    """The hop TTL announced by an upstream proxy is exhausted."""
+
+
+class LogContext(TypedDict):
+    """The fields of a connection every log line about it carries."""
+
+    session: str
+    listener: str
+    protocol: str
+    account: str  # redacted
 
 
 class ConnectionState(enum.Enum):
@@ -35,12 +67,12 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"  # connectionLost ran
 
 
-class ListenerFactory(Factory):
+class ListenerFactory(Factory["InboundConnection"]):
     """Connections of one listener: its slots, per-IP counts and probe count."""
 
     noisy = False
 
-    def __init__(self, reactor, runtime, listener_name: str) -> None:
+    def __init__(self, reactor: IReactorTime, runtime: Runtime, listener_name: str) -> None:
         self.reactor = reactor
         #: Replaced by a config reload; live connections keep the runtime they started with.
         self.runtime = runtime
@@ -65,32 +97,55 @@ class ListenerFactory(Factory):
 
 
 class InboundConnection(Protocol):
-    """Admission of one client connection; subclasses start their protocol in :meth:`start`.
+    """One client connection from accept to its end, whatever its protocol.
 
-    Attributes a subclass sets in ``__init__``: ``factory``, ``runtime``, ``listener``.
+    Subclasses begin their protocol in :meth:`start`, stop what runs on their behalf in
+    :meth:`_stop_work`, and may settle what is still open when the connection is lost in
+    :meth:`_connection_ended`. ``_timer`` is theirs to use once started (it is cancelled at
+    the end); set ``_client_spoke`` when the client sends a protocol byte (so it is no probe).
     """
 
     #: HTTP clients speak first: ``deferred`` then reads the header like ``optional``, and a
     #: trusted peer that sends nothing before the header timeout is refused.
     client_speaks_first = False
+    #: HTTP counts and logs each request (metrics, an ``info`` line), so the end of its
+    #: connection is only logged, at ``debug`` level.
+    accounted_per_request = False
+    #: Twisted declares an optional ``ITransport``; connected, it is a TCP transport.
+    transport: StreamTransport  # type: ignore[assignment]
 
-    factory: ListenerFactory
-    id: str
-    account: str | None = None
-    destination: str | None = None
-    bytes_in = 0
-    bytes_out = 0
-    state = ConnectionState.NEW
-    outcome = "client_closed"
-    _timer: IDelayedCall | None = None
-    _abort_timer: IDelayedCall | None = None
-    _has_slot = False
-    _counted_ip: str | None = None
-    _proxy_header: ProxyHeaderParser | None = None
+    def __init__(self, factory: ListenerFactory) -> None:
+        self.factory = factory
+        #: The runtime the connection started with: a reload does not change it.
+        self.runtime: Runtime = factory.runtime
+        self.listener: ListenerConfig = factory.listener
+        self.id = f"{self.runtime.config.cluster.node_id}-{secrets.token_hex(6)}"
+        #: The client's and our address: the socket's, or those a PROXY header names.
+        self.client = self.local = ("", 0)
+        self.started = 0.0
+        self.tls: TLSDetails | None = None
+        self.account: str | None = None
+        self.destination: str | None = None
+        self.bytes_in = self.bytes_out = 0
+        self.state = ConnectionState.NEW
+        self.outcome = "client_closed"
+        self._client_spoke = False
+        self._timer: IDelayedCall | None = None
+        self._abort_timer: IDelayedCall | None = None
+        self._has_slot = False
+        self._counted_ip: str | None = None
+        self._proxy_header: ProxyHeaderParser | None = None
 
     @property
-    def _clock(self):
+    def _clock(self) -> IReactorTime:
         return self.factory.reactor
+
+    @property
+    def _log_context(self) -> LogContext:
+        """The fields every log line of this connection carries (JSON logs show them)."""
+        return {"session": self.id, "listener": self.listener.name,
+                "protocol": self.listener.protocol,
+                "account": redact(self.account) if self.account else "-"}
 
     def connectionMade(self) -> None:
         peer, local = self.transport.getPeer(), self.transport.getHost()
@@ -128,9 +183,83 @@ class InboundConnection(Protocol):
         by kicks."""
         return False
 
+    @property
+    def may_route(self) -> bool:
+        """May still route a login or request through its runtime's router (a reload keeps
+        the replaced runtime's store open until no connection may)."""
+        return self.state not in (ConnectionState.SPLICED, ConnectionState.CLOSING,
+                                  ConnectionState.CLOSED)
+
+    def client_info(self, upstream_ttl: int | None = None,
+                    helo: str | None = None) -> ClientInfo:
+        """The client as a backend learns it (PROXY header, XCLIENT, IMAP ID). The hop TTL is
+        ours, or an upstream proxy's if lower, minus this hop; raises :class:`LoopDetected`
+        once it is exhausted. ``helo``: the name an SMTP client greeted with."""
+        ttl = self.runtime.config.server.proxy_ttl
+        if upstream_ttl is not None:
+            ttl = min(ttl, upstream_ttl)
+        ttl -= 1
+        if ttl < 0:
+            raise LoopDetected("proxy hop TTL exhausted (loop?)")
+        return ClientInfo(peer=self.client, local=self.local, tls=self.tls,
+                          session_id=self.id, ttl=ttl, helo=helo)
+
     def close(self, outcome: str) -> None:
-        """End the connection (kick, shutdown): flush what was written, then close."""
-        raise NotImplementedError
+        """End the connection (kick, backend gone, idle, shutdown): stop the work done on its
+        behalf, flush what was written, then close, aborting a peer that does not finish
+        within :data:`~stalroute.closing.CLOSE_GRACE` (no TLS close_notify, never reads)."""
+        if self.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
+            return
+        started = self.state not in (ConnectionState.NEW, ConnectionState.PROXY_HEADER)
+        self.outcome = outcome
+        self.state = ConnectionState.CLOSING
+        self._stop_work()
+        if started:  # start() registered a producer; TLS only closes once none is registered
+            self.transport.unregisterProducer()
+        self._abort_timer = close_with_grace(self.transport, self._clock)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """The one end of every connection: give back what admission took and stop the work
+        done on its behalf, then count and log the session (once, and only if it was
+        admitted)."""
+        relaying = self.state is ConnectionState.SPLICED
+        released = self._release()
+        self._stop_work()
+        if not released:
+            return
+        if relaying and self.outcome == "client_closed" and not reason.check(ConnectionDone):
+            self.outcome = "client_error"
+        self._connection_ended(reason)
+        probe = not (self._client_spoke or self.bytes_in) and self.outcome in PROBE_OUTCOMES
+        outcome = "probe" if probe else self.outcome
+        if probe:
+            self.factory.probes += 1
+        if not self.accounted_per_request:
+            self.runtime.metrics.sessions[(self.listener.protocol, self.destination or "-",
+                                           outcome)] += 1
+        fields = self._end_fields()
+        (log.debug if probe or self.accounted_per_request else log.info)(
+            "session {session} {protocol} client={client} account={account} "
+            "destination={destination} outcome={outcome} in={bytes_in} out={bytes_out} "
+            "duration={duration:.3f}s" + "".join(f" {name}={{{name}}}" for name in fields),
+            **self._log_context, **fields, client=f"{self.client[0]}:{self.client[1]}",
+            destination=self.destination or "-", outcome=outcome, bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out, duration=self._clock.seconds() - self.started)
+
+    def _stop_work(self) -> None:
+        """Cancel what runs on the connection's behalf (a login or request in flight, its
+        timer, backend connections); called by :meth:`close` and on connection loss."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _connection_ended(self, reason: Failure) -> None:
+        """The connection is lost and released: settle what the protocol still has open,
+        before the session is counted."""
+
+    def _end_fields(self) -> dict[str, object]:
+        """What the protocol adds to the session's end line."""
+        return {}
 
     def _admit(self) -> bool:
         """Bans and the per-IP limit, then :meth:`start`; False when refused."""
@@ -179,8 +308,10 @@ class InboundConnection(Protocol):
         """Feed an expected PROXY header: the bytes that follow it, for the protocol, or None
         while it is incomplete (or when the connection was refused or admitted with them)."""
         waiting = self.state is ConnectionState.PROXY_HEADER
+        parser = self._proxy_header
+        assert parser is not None, "no PROXY header is expected"
         try:
-            header = self._proxy_header.feed(data)
+            header = parser.feed(data)
         except NotAProxyHeader as exc:
             if self.listener.proxy_protocol == "required":
                 self._refuse("proxy_header_missing")
@@ -192,8 +323,8 @@ class InboundConnection(Protocol):
         else:
             if header is None:
                 return None
-            rest = self._proxy_header.rest
-            if header.source is not None:
+            rest = parser.rest
+            if header.source is not None and header.destination is not None:
                 self.client, self.local = header.source, header.destination
         self._proxy_header = None
         if not waiting and header is not None and header.source is not None:
@@ -207,13 +338,7 @@ class InboundConnection(Protocol):
                 return None
         return rest
 
-    def close_transport(self) -> None:
-        """Flush and close the client connection, aborting it if it is still open after
-        :data:`CLOSE_GRACE` (a peer that never answers a TLS close_notify, or never reads)."""
-        self.transport.loseConnection()
-        self._abort_timer = self._clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
-
-    def release(self) -> bool:
+    def _release(self) -> bool:
         """On connection loss: cancel this connection's timers and give back what admission
         took (slot, per-IP count, registry entry) exactly once; False if it took nothing."""
         self.state = ConnectionState.CLOSED

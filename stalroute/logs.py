@@ -9,9 +9,10 @@ import signal
 import sys
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import (
     FileLogObserver, FilteringLogObserver, ILogObserver, LogEvent, LogLevel,
     LogLevelFilterPredicate, Logger, formatEvent, globalLogPublisher,
@@ -105,9 +106,9 @@ def twistd_log_file(twistd_options: Mapping[str, Any]) -> IO[Any] | None:
     log_file = LogFile.fromFullPath(name or "twistd.log")
     if not signal.getsignal(signal.SIGUSR1):
         def rotate(signum: int, frame: object) -> None:
-            from twisted.internet import reactor
+            from twisted.internet import reactor  # the one twistd installed by now
 
-            reactor.callFromThread(log_file.rotate)
+            cast(IReactorFromThreads, reactor).callFromThread(log_file.rotate)
 
         signal.signal(signal.SIGUSR1, rotate)
     return log_file

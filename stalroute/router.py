@@ -45,15 +45,14 @@ class Router:
         """
         if identifier is None:
             return succeed(self.default)
-        d = self.cache.resolve(identifier, self._timed_lookup)
-        d.addCallbacks(self._named, self._store_failed, callbackArgs=(identifier,),
-                       errbackArgs=(identifier,))
-        return d
+        return self.cache.resolve(identifier, self._timed_lookup).addCallbacks(
+            self._named, self._store_failed, callbackArgs=(identifier,),
+            errbackArgs=(identifier,))
 
     def _timed_lookup(self, identifier: str) -> Deferred[str | None]:
         started = time.monotonic()
 
-        def observe(result):
+        def observe(result: object) -> object:
             self._metrics.store_latency.observe(time.monotonic() - started)
             return result
 

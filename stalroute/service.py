@@ -1,95 +1,43 @@
-"""Builds the running proxy from a :class:`~stalroute.config.Config`."""
+"""The proxy service: the listeners of a configuration, its reloads and its graceful drain.
+
+It binds every ``[listener.*]`` address, serves each with the current :class:`Runtime`
+(:mod:`stalroute.runtime`), swaps in a new runtime on SIGHUP or an admin reload, and on stop
+drains the sessions. The admin API is a service of its own
+(:class:`stalroute.admin.server.AdminService`); the twistd plugin runs both.
+"""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 
-from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import tcp
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 
-from stalroute.backend import BackendConnector
-from stalroute.capabilities import DestinationCapabilities
 from stalroute.config import Config, ConfigError, ListenerConfig, load_config
-from stalroute.limits import BanList, LoginDelays
+from stalroute.http.connection import HTTPListenerFactory
+from stalroute.closing import CLOSE_GRACE
+from stalroute.inbound import ListenerFactory
 from stalroute.logs import logger, set_level
-from stalroute.mapping.cache import RoutingCache
-from stalroute.mapping.factory import UnsupportedStore, build_store
-from stalroute.mapping.file import MappingFileError
 from stalroute.protocols import PROTOCOLS
-from stalroute.router import Router
-from stalroute.stats import Metrics
-from stalroute.inbound import CLOSE_GRACE
-from stalroute.session import Runtime, SessionFactory, SessionRegistry
-from stalroute.tls import ServerTLS
+from stalroute.runtime import Runtime, StartupError, bind_refused, build_runtime, refuse_to_start
+from stalroute.session import SessionFactory
 
 log = logger("stalroute.service")
 
-#: How long a replaced runtime's store stays open for logins that were already resolving.
+#: How often a replaced runtime checks whether its store may close: it stays open while a
+#: connection that started under it may still route a login (pre-auth, held, routing).
 RETIRE_DELAY = 30.0
 
 #: How often a drain checks whether the last session has ended.
 DRAIN_POLL = 0.1
 
-from stalroute.http.proxy import HTTPListenerFactory  # noqa: E402
-
 #: Listener protocols served outside the login pipeline: name → factory(reactor, runtime, name).
-OTHER_LISTENERS: dict[str, object] = {"http": HTTPListenerFactory}
-
-
-class StartupError(Exception):
-    """The configuration is valid but cannot run: the message names the key or file."""
-
-
-class UnsupportedSetting(StartupError):
-    """A valid setting this version cannot run yet (named by its key)."""
-
-
-def build_runtime(reactor, config: Config, previous: Runtime | None = None) -> Runtime:
-    """Everything a configuration needs at run time.
-
-    On a reload, ``previous`` hands over what must survive it: the live sessions, bans, login
-    delays, the destinations' learnt capabilities and the circuit state of destinations that
-    still exist. Raises
-    :class:`StartupError` (naming the key or file) before anything binds or is swapped.
-    """
-    for name, listener in config.listeners.items():
-        if listener.protocol not in PROTOCOLS and listener.protocol not in OTHER_LISTENERS:
-            raise UnsupportedSetting(f"listener.{name}.protocol: {listener.protocol!r} is not "
-                                     "available in this version yet")
-    try:
-        store = build_store(config.mapping, list(config.destinations))
-    except MappingFileError as exc:
-        raise StartupError(f"mapping.file.path: {exc}") from exc
-    except UnsupportedStore as exc:
-        raise UnsupportedSetting(str(exc)) from exc
-    try:
-        server_tls = ServerTLS(config.tls, config.server.hostname)
-        connector = BackendConnector(reactor, config)
-    except (OSError, ValueError, SSL.Error) as exc:
-        raise StartupError(f"cannot load TLS material: {exc}") from exc
-    cache = RoutingCache(reactor, config.mapping.positive_ttl, config.mapping.negative_ttl,
-                         config.mapping.cache_max_entries, config.mapping.lookup_timeout)
-    if previous is None:
-        registry, bans, delays, metrics = (SessionRegistry(), BanList(reactor, config.security),
-                                           LoginDelays(reactor), Metrics())
-    else:
-        registry, bans, delays, metrics = (previous.registry, previous.bans, previous.delays,
-                                           previous.metrics)
-        bans.security = config.security
-        cache.counters = previous.router.cache.counters  # hits and misses count across reloads
-        for name in connector.breakers.keys() & previous.connector.breakers.keys():
-            connector.breakers[name] = previous.connector.breakers[name]
-    return Runtime(config=config, router=Router(config, store, cache, metrics),
-                   connector=connector, server_tls=server_tls, registry=registry, bans=bans,
-                   delays=delays, metrics=metrics,
-                   capabilities=previous.capabilities if previous else DestinationCapabilities())
+OTHER_LISTENERS: dict[str, type[ListenerFactory]] = {"http": HTTPListenerFactory}
 
 
 def settings_needing_restart(old: Config, new: Config) -> list[str]:
@@ -114,15 +62,6 @@ def listener_after_reload(running: ListenerConfig, config: Config) -> ListenerCo
     return new if new is not None and new.protocol == running.protocol else running
 
 
-def bind_refused(key: str, host: str, port: int, error: CannotListenError) -> StartupError:
-    """``listener.imaps: cannot bind 0.0.0.0:993: address already in use``."""
-    reason = error.socketError
-    errno = getattr(reason, "errno", None)
-    text = os.strerror(errno).lower() if errno else str(reason)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return StartupError(f"{key}: cannot bind {address}: {text}")
-
-
 class ListeningPort(tcp.Port):
     """A TCP port whose IPv6 socket can be made IPv6-only, so that ``0.0.0.0:993`` and
     ``[::]:993`` bind side by side (a plain ``[::]`` socket would also take IPv4)."""
@@ -138,16 +77,17 @@ class ListeningPort(tcp.Port):
         return sock
 
 
-class StalrouteService(service.Service):
-    """Listens on every configured address and serves sessions with the current runtime."""
+class ProxyService(service.Service):
+    """Listens on every configured address and serves connections with the current runtime."""
 
     def __init__(self, reactor, config: Config) -> None:
         self.reactor = reactor
         set_level(config.server.log_level)
         for warning in config.warnings:
             log.warn("configuration: {warning}", warning=str(warning))
-        self.runtime = build_runtime(reactor, config)
-        self.factories: dict[str, SessionFactory] = {}
+        self.runtime: Runtime = build_runtime(reactor, config)
+        #: The connection factory of each listener, by the name it was started with.
+        self.factories: dict[str, ListenerFactory] = {}
         self._ports: list[IListeningPort] = []
 
     def startService(self) -> None:
@@ -156,18 +96,15 @@ class StalrouteService(service.Service):
         try:
             self._listen()
         except StartupError as exc:
-            # One line naming the listener and address, and exit status 1: twistd would print
-            # a traceback for an exception.
-            log.critical("{problem}", problem=str(exc))
-            raise SystemExit(1) from None
+            refuse_to_start(exc)
         config = self.runtime.config
         self.runtime.capabilities.start(self.reactor, config)  # answers come in later
         log.info("stalroute started: {listeners} listeners, {destinations} destinations",
                  listeners=len(config.listeners), destinations=len(config.destinations))
 
     def _listen(self) -> None:
-        """Bind every listener address and the admin API; StartupError names the first
-        address that cannot be bound."""
+        """Bind every listener address; StartupError names the first one that cannot be
+        bound."""
         config = self.runtime.config
         ipv4_ports = {port for listener in config.listeners.values()
                       for host, port in listener.bind if ":" not in host}
@@ -186,12 +123,8 @@ class StalrouteService(service.Service):
                 log.info("listener {name} on {host}:{port}", name=name, host=address.host,
                          port=address.port)
                 self._ports.append(listening)
-        if config.admin:
-            from stalroute.admin.server import start_admin  # here: admin imports control → us
 
-            self._ports.append(start_admin(self))
-
-    def _factory_for(self, name: str, protocol: str):
+    def _factory_for(self, name: str, protocol: str) -> ListenerFactory:
         """The connection factory of one listener: the shared session pipeline for the
         interactive protocols, a protocol's own factory for the others."""
         if protocol in OTHER_LISTENERS:
@@ -206,19 +139,29 @@ class StalrouteService(service.Service):
         configuration is kept).
         """
         old = self.runtime
-        new = build_runtime(self.reactor, load_config(old.config.source_path), previous=old)
+        path = old.config.source_path
+        if path is None:
+            raise StartupError("the configuration was not read from a file: nothing to reload")
+        new = build_runtime(self.reactor, load_config(path), previous=old)
         self.runtime = new
         for factory in self.factories.values():
             factory.runtime = new
             factory.listener = listener_after_reload(factory.listener, new.config)
         set_level(new.config.server.log_level)
         new.capabilities.start(self.reactor, new.config)  # re-probe, keeping the answers meanwhile
-        # In-flight lookups of sessions still holding the old runtime may use the old store.
-        self.reactor.callLater(RETIRE_DELAY, old.router.store.close)
+        self.reactor.callLater(RETIRE_DELAY, self._retire, old)
         not_applied = settings_needing_restart(old.config, new.config)
         log.info("configuration reloaded; needs a restart to apply: {changed}",
                  changed=", ".join(not_applied) or "nothing")
         return not_applied
+
+    def _retire(self, old: Runtime) -> None:
+        """Close a replaced runtime's store once no connection may still route through it."""
+        if any(connection.runtime is old and connection.may_route
+               for connection in old.registry.sessions.values()):
+            self.reactor.callLater(RETIRE_DELAY, self._retire, old)
+        else:
+            old.router.store.close()
 
     def _reload_on_signal(self) -> None:
         try:
@@ -232,11 +175,12 @@ class StalrouteService(service.Service):
 
     def stopService(self) -> Deferred[None]:
         """Graceful drain: stop accepting, let sessions finish up to ``shutdown_grace``, then
-        close the rest."""
+        close the rest. The admin API stops accepting at the same moment (the plugin's
+        MultiService stops both services at once); its open connections keep answering."""
         super().stopService()
         self.runtime.capabilities.stop()
         self.runtime.registry.draining = True
-        stopped = DeferredList([port.stopListening() for port in self._ports])
+        stopped = DeferredList([maybeDeferred(port.stopListening) for port in self._ports])
         stopped.addCallback(lambda _: Deferred.fromCoroutine(self._drain()))
         return stopped.addCallback(lambda _: self.runtime.router.store.close())
 

@@ -9,33 +9,25 @@ reading pauses the backend) until either side closes, ``bridge_idle`` passes, or
 
 from __future__ import annotations
 
-import secrets
 import time
-from dataclasses import dataclass, field
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.main import CONNECTION_DONE
-from twisted.python.failure import Failure
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from zope.interface import implementer
 
-from stalroute.backend import BackendConnector, BackendLeg, BackendUnavailable, ClientInfo
-from stalroute.capabilities import DestinationCapabilities
-from stalroute.config import Config, DestinationConfig, ListenerConfig
-from stalroute.identity import (
-    InvalidIdentifier, account_from_credentials, redact, routing_identifier,
-)
+from stalroute.backend import BackendLeg, BackendUnavailable, ClientInfo
+from stalroute.config import DestinationConfig
+from stalroute.failures import reply_for
+from stalroute.identity import account_from_credentials, routing_identifier
 from stalroute.inbound import ConnectionState, InboundConnection, ListenerFactory
-from stalroute.limits import BanList, LoginDelays
 from stalroute.logs import logger
 from stalroute.protocols.base import (
-    Authenticate, BackendEvent, Close, LoginFailed, LoginSucceeded, PreAuthEvent,
-    PreAuthSettings, ProtocolSpec, Reply, StartTLS,
+    Authenticate, Close, LoginFailed, LoginSucceeded, PreAuthEvent, ProtocolSpec,
+    Reply, StartTLS,
 )
-from stalroute.router import Router, RoutingUnavailable, resolve_login
-from stalroute.stats import Metrics
-from stalroute.tls import ServerTLS, TLSDetails, tls_details
+from stalroute.router import resolve_login
+from stalroute.runtime import Runtime
+from stalroute.tls import tls_details
 
 log = logger("stalroute.session")
 
@@ -47,78 +39,6 @@ FEED_CHUNK = 4096
 #: beyond it.
 MAX_PENDING_INPUT = 64 * 1024
 
-#: How a connection that never sent a protocol byte may end and still be a harmless probe
-#: (a load balancer's health check): logged at debug level and counted, nothing else.
-PROBE_OUTCOMES = frozenset({"client_closed", "client_error", "proxy_header_timeout",
-                            "preauth_timeout", "closed"})
-
-
-class LoopDetected(Exception):
-    """The hop TTL announced by an upstream proxy is exhausted."""
-
-
-#: What a client is told on a temporary failure; backend and store details stay in the log.
-CLIENT_REASONS: dict[type[Exception], str] = {
-    BackendUnavailable: "Backend temporarily unavailable, try again later",
-    RoutingUnavailable: "Account routing temporarily unavailable, try again later",
-    InvalidIdentifier: "Invalid characters in the user name",
-    LoopDetected: "Proxy loop detected",
-}
-
-
-@dataclass
-class Runtime:
-    """Everything sessions share; a reload builds a new one, live sessions keep theirs."""
-
-    config: Config
-    router: Router
-    connector: BackendConnector
-    server_tls: ServerTLS
-    registry: SessionRegistry
-    bans: BanList
-    delays: LoginDelays
-    metrics: Metrics
-    capabilities: DestinationCapabilities = field(default_factory=DestinationCapabilities)
-
-
-@dataclass
-class SessionRegistry:
-    """Every open client connection (for drain), and the routed ones (for kicks and
-    listings). It outlives config reloads."""
-
-    sessions: dict[str, InboundConnection] = field(default_factory=dict)
-    #: Set once a shutdown drain begins (readiness turns false at once).
-    draining: bool = False
-
-    def add(self, session: InboundConnection) -> None:
-        self.sessions[session.id] = session
-
-    def discard(self, session: InboundConnection) -> None:
-        self.sessions.pop(session.id, None)
-
-    def routed(self) -> list[InboundConnection]:
-        return [s for s in self.sessions.values() if s.routed]
-
-
-def preauth_settings(runtime: Runtime, listener: ListenerConfig) -> PreAuthSettings:
-    """What ``listener``'s pre-auth machine announces: the configured capabilities, narrowed
-    to what the destinations honour where the operator left a list unset."""
-    config = runtime.config
-    common = {"hostname": config.server.hostname, "tls_mode": listener.tls,
-              "max_auth_attempts": listener.max_auth_attempts}
-    if getattr(config.capabilities, listener.protocol, None) is None:
-        # SMTP/LMTP pass-through: nothing to advertise
-        return PreAuthSettings(**common, sasl=(), allow_plain_auth_without_tls=False, banner="")
-    advertised = runtime.capabilities.advertised(config, listener.protocol)
-    capabilities = advertised.capabilities
-    return PreAuthSettings(
-        **common, sasl=tuple(capabilities.sasl),
-        allow_plain_auth_without_tls=capabilities.allow_plain_auth_without_tls,
-        banner=capabilities.banner,
-        extra={"advertise": capabilities.advertise, "ehlo": capabilities.ehlo,
-               "sieve": capabilities.sieve, "implementation": capabilities.implementation,
-               "notify": advertised.notify, "utf8": "UTF8" in advertised.capa})
-
 
 class SessionFactory(ListenerFactory):
     """Sessions of one interactive (or pass-through) listener."""
@@ -129,9 +49,10 @@ class SessionFactory(ListenerFactory):
         self.spec = spec
 
     def buildProtocol(self, addr) -> ClientSession:
-        return ClientSession(self, self.runtime)
+        return ClientSession(self)
 
 
+@implementer(IPushProducer)
 class _PreAuthThrottle:
     """The session's streaming producer toward its client until the splice: a client that
     does not read its replies gets no more of them (its input waits in ``_pending``, and
@@ -163,23 +84,15 @@ class ClientSession(InboundConnection):
     ``_pending`` is full.
     """
 
-    def __init__(self, factory: SessionFactory, runtime: Runtime) -> None:
-        self.factory = factory
-        self.runtime = runtime
-        self.listener = factory.listener
+    def __init__(self, factory: SessionFactory) -> None:
+        super().__init__(factory)
         self.spec = factory.spec
-        self.id = f"{runtime.config.cluster.node_id}-{secrets.token_hex(6)}"
-        self.account: str | None = None
-        self.destination: str | None = None
-        self.tls: TLSDetails | None = None
-        self.bytes_in = self.bytes_out = 0
         self.leg: BackendLeg | None = None
         self._login: Deferred[None] | None = None
         self._pending = bytearray()
         self._throttle: _PreAuthThrottle | None = None
         self._output_blocked = False
         self._reading_paused = False
-        self._client_spoke = False
         self._starttls_pending = False
         self._last_activity = 0.0
         self._login_started = 0.0
@@ -189,18 +102,12 @@ class ClientSession(InboundConnection):
         """Spliced to a destination: listed by ``GET /connections``, reached by kicks."""
         return self.state is ConnectionState.SPLICED
 
-    @property
-    def _log_context(self) -> dict[str, str]:
-        """The fields every log line of this session carries (JSON logs show them)."""
-        return {"session": self.id, "listener": self.listener.name,
-                "protocol": self.spec.name,
-                "account": redact(self.account) if self.account else "-"}
-
     # connection ----------------------------------------------------------------------
 
     def start(self) -> None:
         self.state = ConnectionState.PREAUTH
-        self.machine = self.spec.preauth(preauth_settings(self.runtime, self.listener))
+        self.machine = self.spec.preauth(
+            self.runtime.capabilities.preauth_settings(self.runtime.config, self.listener))
         self._timer = self._clock.callLater(self.listener.preauth_timeout, self._preauth_expired)
         if self.listener.tls == "implicit":
             self.transport.startTLS(self.runtime.server_tls.options)
@@ -233,46 +140,14 @@ class ClientSession(InboundConnection):
             self.leg.transport.write(data)
             return
         if self._proxy_header is not None:
-            data = self.take_proxy_header(data)
-            if data is None:
+            rest = self.take_proxy_header(data)
+            if rest is None:
                 return
+            data = rest
         if data and self.state in (ConnectionState.PREAUTH, ConnectionState.ROUTING):
             self._client_spoke = True
             self._pending += data
             self._feed()
-
-    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
-        was_spliced = self.state is ConnectionState.SPLICED
-        released = self.release()
-        self._stop_work()
-        if not released:
-            return
-        if was_spliced and self.outcome == "client_closed" and not reason.check(ConnectionDone):
-            self.outcome = "client_error"
-        probe = not (self._client_spoke or self.bytes_in) and self.outcome in PROBE_OUTCOMES
-        if probe:
-            self.factory.probes += 1
-        self.runtime.metrics.sessions[(self.spec.name, self.destination or "-",
-                                       "probe" if probe else self.outcome)] += 1
-        (log.debug if probe else log.info)(
-            "session {session} {protocol} client={client} account={account} "
-            "destination={destination} outcome={outcome} in={bytes_in} out={bytes_out} "
-            "duration={duration:.3f}s", **self._log_context,
-            client=f"{self.client[0]}:{self.client[1]}", destination=self.destination or "-",
-            outcome="probe" if probe else self.outcome, bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out, duration=self._clock.seconds() - self.started)
-
-    def close(self, outcome: str) -> None:
-        """End the session and its backend leg (kick, backend gone, idle, shutdown): what was
-        written is flushed first, and the connection is aborted if it does not go in time."""
-        if self.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
-            return
-        self.outcome = outcome
-        self.state = ConnectionState.CLOSING
-        self._stop_work()
-        # A TLS transport only closes once no producer is registered with it.
-        self.transport.unregisterProducer()
-        self.close_transport()
 
     def _stop_work(self) -> None:
         """Cancel what runs on the session's behalf: the login in flight, the timer, the leg."""
@@ -367,7 +242,7 @@ class ClientSession(InboundConnection):
             return
         except Exception as exc:
             self._login = None
-            if not isinstance(exc, tuple(CLIENT_REASONS)):
+            if not reply_for(exc).expected:
                 log.failure("session {session}: unexpected error during login",
                             **self._log_context)
             self._unavailable(leg, exc)
@@ -389,7 +264,9 @@ class ClientSession(InboundConnection):
     async def _destination(self, event: Authenticate | None) -> DestinationConfig:
         config = self.runtime.config
         if event is None:
-            return config.destinations[config.routing.smtp_passthrough_destination]
+            passthrough = config.routing.smtp_passthrough_destination
+            assert passthrough is not None  # required by the config with smtp/lmtp listeners
+            return config.destinations[passthrough]
         self.account = self._identifier(event)
         return await resolve_login(self.runtime.router, self.runtime.delays, self._clock,
                                    self.account, self.id)
@@ -403,17 +280,12 @@ class ClientSession(InboundConnection):
                                   config.mapping.normalize)
 
     def _client_info(self) -> ClientInfo:
-        # An upstream proxy may lower the hop TTL, never raise it above ours.
-        ttl = self.runtime.config.server.proxy_ttl
-        if self.machine.proxy_ttl is not None:
-            ttl = min(ttl, self.machine.proxy_ttl)
-        ttl -= 1
-        if ttl < 0:
-            raise LoopDetected("proxy hop TTL exhausted (loop?)")
-        return ClientInfo(peer=self.client, local=self.local, tls=self.tls,
-                          session_id=self.id, ttl=ttl, helo=self.machine.client_helo)
+        """With what the pre-auth dialogue learnt: an upstream proxy's hop TTL (IMAP ID),
+        the name an SMTP client greeted with."""
+        return self.client_info(self.machine.proxy_ttl, self.machine.client_helo)
 
-    async def _with_timeout(self, d: Deferred[BackendEvent]) -> BackendEvent:
+    async def _with_timeout(
+            self, d: Deferred[LoginSucceeded | LoginFailed]) -> LoginSucceeded | LoginFailed:
         timed_out = False
 
         def expire() -> None:
@@ -439,8 +311,7 @@ class ClientSession(InboundConnection):
         log.warn("session {session}: temporary failure for {account}: {reason}",
                  reason=str(error), **self._log_context)
         self.outcome = "tempfail"
-        self._back_to_preauth(self.machine.auth_unavailable(
-            CLIENT_REASONS.get(type(error), "Temporary failure, try again later")))
+        self._back_to_preauth(self.machine.auth_unavailable(reply_for(error).text))
 
     def _back_to_preauth(self, events: list[PreAuthEvent]) -> None:
         self.state = ConnectionState.PREAUTH

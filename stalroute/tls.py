@@ -81,7 +81,8 @@ def certificate_subjects(leaf: x509.Certificate) -> list[str]:
         names = leaf.extensions.get_extension_for_class(
             x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
-        names = [attr.value for attr in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        names = [str(attr.value)
+                 for attr in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     return [_stored_name(name) for name in names]
 
 
@@ -170,7 +171,8 @@ class ServerTLS:
 ALPN_PROTOCOLS = (b"http/1.1", b"imap", b"pop3", b"managesieve", b"smtp")
 
 
-def select_alpn(_connection: SSL.Connection, offered: list[bytes]) -> object:
+def select_alpn(_connection: SSL.Connection,
+                offered: list[bytes]) -> bytes | SSL._NoOverlappingProtocols:
     """The first protocol the client offers that we speak; otherwise no ALPN at all (the
     handshake goes on, as for a client that offered nothing)."""
     for protocol in offered:
@@ -216,6 +218,7 @@ def backend_tls(destination: DestinationConfig) -> IOpenSSLClientConnectionCreat
     server_name = destination.tls_server_name or destination.host
     client_certificate = None
     if destination.tls_client_cert:
+        assert destination.tls_client_key is not None  # config: both or neither
         client_certificate = ssl.PrivateCertificate.loadPEM(
             Path(destination.tls_client_cert).read_text()
             + Path(destination.tls_client_key).read_text())

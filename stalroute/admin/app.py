@@ -32,10 +32,13 @@ from stalroute.admin.auth import Lockout, TokenCheck
 from stalroute.admin.importer import Importer, export_entries
 from stalroute.admin.metrics import CONTENT_TYPE_LATEST, metrics_registry, render
 from stalroute.admin.openapi import MAX_DELAY, openapi_document
+from stalroute.config import ConfigError
+from stalroute.control import Control, UnknownDestination
 from stalroute.identity import InvalidIdentifier, redact
 from stalroute.logs import logger
 from stalroute.mapping import NotListable, ReadOnlyStore, StoreError
 from stalroute.mapping.file import MappingFileError
+from stalroute.runtime import StartupError
 
 log = logger("stalroute.admin")
 
@@ -141,24 +144,14 @@ class AdminAPI:
 
     app = Klein()
 
-    def __init__(self, control, *, clock, token: str | None, lockout: Lockout,
-                 service=None) -> None:
+    def __init__(self, control: Control, *, clock, token: str | None,
+                 lockout: Lockout) -> None:
         self.control = control
         self._clock = clock
         self._token = TokenCheck(token)
         self.lockout = lockout
-        self._service = service
         self._started = clock.seconds()
         self._metrics = metrics_registry(control, lambda: (lockout.lockouts, lockout.locked()))
-
-    @classmethod
-    def for_service(cls, service) -> AdminAPI:
-        from stalroute.control import Control
-
-        admin = service.runtime.config.admin
-        lockout = Lockout(service.reactor, admin.lockout_threshold, admin.lockout_duration)
-        return cls(Control(service), clock=service.reactor, token=admin.token,
-                   lockout=lockout, service=service)
 
     def resource(self):
         return self.app.resource()
@@ -224,10 +217,6 @@ class AdminAPI:
         return json.dumps(reply.body, ensure_ascii=False).encode("utf-8") + b"\n"
 
     def _failure_reply(self, exc: Exception) -> Reply:
-        from stalroute.config import ConfigError
-        from stalroute.control import UnknownDestination
-        from stalroute.service import StartupError
-
         if isinstance(exc, InvalidIdentifier):
             return Reply(400, {"error": f"invalid identifier: {exc}"})
         if isinstance(exc, UnknownDestination):

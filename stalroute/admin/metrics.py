@@ -5,7 +5,7 @@ A custom collector: every value already exists on the listeners, the cache, the 
 breakers, the ban list, the session registry and the runtime's measurements
 (:mod:`stalroute.stats`: finished sessions, login and store latency).  Counters survive a
 config reload: the rebuilt routing cache takes over its predecessor's counters
-(:func:`stalroute.service.build_runtime`).
+(:func:`stalroute.runtime.build_runtime`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ reloads: the TLS context is rebuilt from the current runtime's ``[tls]`` the fir
 connection arrives after a reload, so a renewed certificate is served without a restart.
 The token, the lockout settings and the bind address are read once at startup (a change
 to ``[admin]`` is reported by the reload as needing a restart).
+
+:class:`AdminService` is one of the two services the twistd plugin runs, beside the proxy
+service it controls through :class:`~stalroute.control.Control`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import dataclasses
 import json
 
 from OpenSSL import SSL
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory
 from twisted.web.http import HTTPChannel
@@ -22,8 +27,11 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from stalroute.admin.app import INTERNAL_ERROR, AdminAPI
+from stalroute.admin.auth import Lockout
+from stalroute.config import AdminConfig
+from stalroute.control import Control
 from stalroute.logs import logger
-from stalroute.service import bind_refused
+from stalroute.runtime import Runtime, StartupError, bind_refused, refuse_to_start
 from stalroute.tls import ServerTLS
 
 log = logger("stalroute.admin")
@@ -45,7 +53,7 @@ class AdminRequest(Request):
     _discard_body = False
 
     def gotLength(self, length):
-        site = self.channel.site
+        site: AdminSite = self.channel.site  # type: ignore[attr-defined]  # set by Site
         if not site.api.may_upload(self):
             from io import BytesIO
 
@@ -127,6 +135,7 @@ class AdminChannel(HTTPChannel):
             return
         self._refused = True
         body = json.dumps({"error": message}).encode() + b"\n"
+        assert self.transport is not None  # only refused while connected
         self.transport.write(b"".join([
             b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
             b"Content-Type: application/json\r\nCache-Control: no-store\r\n",
@@ -143,7 +152,7 @@ class AdminSite(Site):
     """The Klein resource, with our request class and channel and no access log (our own
     request log line redacts identifiers; the stock one would print them)."""
 
-    protocol = AdminChannel
+    protocol = AdminChannel  # type: ignore[assignment]  # a Site's channel class
     requestFactory = AdminRequest
     displayTracebacks = False
     noisy = False
@@ -160,24 +169,25 @@ class AdminSite(Site):
 class AdminTLS:
     """The TLS context of the admin listener, following config reloads."""
 
-    def __init__(self, service, certificate: str | None) -> None:
-        self._service = service
+    def __init__(self, control: Control, certificate: str | None) -> None:
+        self._control = control
         self._certificate = certificate
-        self._runtime = None
+        self._runtime: Runtime | None = None
         self._context: SSL.Context | None = None
         self.getContext()
 
-    def _build(self, runtime) -> SSL.Context:
+    def _build(self, runtime: Runtime) -> SSL.Context:
         config = runtime.config
-        entry = config.tls.certificates.get(self._certificate) if self._certificate else None
-        if entry is None:
+        name = self._certificate
+        entry = config.tls.certificates.get(name) if name else None
+        if name is None or entry is None:
             return runtime.server_tls.options.getContext()
         only = dataclasses.replace(config.tls, certificates={
-            self._certificate: dataclasses.replace(entry, default=True)})
+            name: dataclasses.replace(entry, default=True)})
         return ServerTLS(only, config.server.hostname).options.getContext()
 
     def getContext(self) -> SSL.Context:
-        runtime = self._service.runtime
+        runtime = self._control.runtime
         if runtime is not self._runtime:
             try:
                 self._context = self._build(runtime)
@@ -186,22 +196,44 @@ class AdminTLS:
                     raise
                 log.failure("admin: cannot load the new certificate; keeping the old one")
             self._runtime = runtime
+        assert self._context is not None
         return self._context
 
 
-def start_admin(service) -> IListeningPort:
-    """Listen with TLS on ``[admin] bind``; StartupError (stopping startup) if it cannot
-    bind."""
-    admin = service.runtime.config.admin
-    api = AdminAPI.for_service(service)
-    host, port = admin.bind
-    try:
-        listening = service.reactor.listenSSL(port, AdminSite(api),
-                                              AdminTLS(service, admin.certificate),
-                                              backlog=128, interface=host)
-    except CannotListenError as exc:
-        raise bind_refused("admin", host, port, exc) from None
-    address = listening.getHost()
-    log.info("admin API on https://{host}:{port} (token from {source})", host=address.host,
-             port=address.port, source=admin.token_source or "-")
-    return listening
+class AdminService(Service):
+    """The admin API, with TLS on ``[admin] bind``."""
+
+    def __init__(self, reactor, control: Control, settings: AdminConfig) -> None:
+        self._reactor = reactor
+        self._control = control
+        self._settings = settings
+        lockout = Lockout(reactor, settings.lockout_threshold, settings.lockout_duration)
+        self._api = AdminAPI(control, clock=reactor, token=settings.token, lockout=lockout)
+        self._port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._port = self._listen()
+        except StartupError as exc:
+            refuse_to_start(exc)
+
+    def _listen(self) -> IListeningPort:
+        """StartupError (naming ``admin`` and the address) if the port cannot be bound."""
+        host, port = self._settings.bind
+        try:
+            listening = self._reactor.listenSSL(
+                port, AdminSite(self._api), AdminTLS(self._control, self._settings.certificate),
+                backlog=128, interface=host)
+        except CannotListenError as exc:
+            raise bind_refused("admin", host, port, exc) from None
+        address = listening.getHost()
+        log.info("admin API on https://{host}:{port} (token from {source})", host=address.host,
+                 port=address.port, source=self._settings.token_source or "-")
+        return listening
+
+    def stopService(self) -> Deferred[None] | None:
+        """Stop accepting; open connections keep answering while the proxy drains."""
+        super().stopService()
+        port, self._port = self._port, None
+        return None if port is None else port.stopListening()

@@ -5,7 +5,8 @@
   names (including whitespace before the colon), both ``Content-Length`` and
   ``Transfer-Encoding``, conflicting or malformed lengths, transfer codings other than
   ``chunked``, duplicate ``Host``. h11 parses the same bytes afterwards; a head reaches it only
-  when both agree on its meaning.
+  when both agree on its meaning. :class:`HeadGuard` applies it to each head of a connection
+  as the head arrives.
 * :func:`backend_request_headers` / :func:`client_response_headers` — hop-by-hop removal
   (the fixed list plus every name the ``Connection`` header lists), WebSocket upgrade
   headers, and the ``Forwarded`` / ``X-Forwarded-*`` rules of the listener and destination.
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
     "FORWARDING_HEADERS",
     "HOP_BY_HOP",
     "Forwarding",
+    "HeadGuard",
     "HeadProblem",
     "backend_request_headers",
     "check_partial_head",
@@ -163,6 +165,54 @@ def check_request_head(head: bytes) -> HeadProblem | None:
     if hosts == 0 and not http10:
         return HeadProblem(400, "missing Host header")
     return None
+
+
+class HeadGuard:
+    """The checks above on each request head of one connection, before its parser reads it.
+
+    A head is checked as its bytes arrive: it is mirrored from the moment it starts (a
+    snapshot of the parser's unread bytes, then every read), and only new bytes are scanned,
+    so a head that trickles in costs linear time.
+    """
+
+    def __init__(self, max_head_size: int) -> None:
+        self._max_head_size = max_head_size
+        self._head: bytearray | None = None
+        self._scanned = 0
+        self._passed = False
+
+    def received(self, data: bytes) -> None:
+        """Bytes read from the client (before the parser gets them)."""
+        if self._head is not None:
+            self._head += data
+
+    def next_request(self) -> None:
+        """The parser read the head it was waiting for: the next bytes start another."""
+        self._passed = False
+
+    def check(self, unread: Callable[[], bytes]) -> HeadProblem | None:
+        """Whether the head the parser waits for may be read so far; ``unread``: the bytes
+        the parser holds, asked for when a head starts."""
+        if self._passed:
+            return None
+        if self._head is None:
+            self._head = bytearray(unread())
+            self._scanned = 0
+        head = self._head
+        if not head:
+            return None
+        start, self._scanned = self._scanned, len(head)
+        end = find_head_end(head, start)
+        if end is None:
+            problem = check_partial_head(head, self._max_head_size, start)
+        elif end > self._max_head_size:  # h11 only limits heads that are still incomplete
+            problem = HeadProblem(431, "request head too large")
+        else:
+            problem = check_request_head(bytes(head[:end]))
+        if problem is None and end is not None:
+            self._passed = True
+            self._head = None
+        return problem
 
 
 # --- connection-level headers ------------------------------------------------------------------

@@ -28,14 +28,14 @@ from stalroute.admin.server import AdminRequest, AdminSite
 from stalroute.config import ConfigError, parse_config
 from stalroute.control import Control
 from stalroute.identity import redact
-from stalroute.mapping import NotListable, StoreError
-from stalroute.service import build_runtime
+from stalroute.mapping import MappingStore, NotListable, StoreError
+from stalroute.runtime import build_runtime
 
 TOKEN = "T0ken-" + "x" * 34
 AUTH = {b"Authorization": f"Bearer {TOKEN}".encode()}
 
 
-class MemoryStore:
+class MemoryStore(MappingStore):
     """An in-memory mapping store answering synchronously."""
 
     def __init__(self, table: dict[str, str] | None = None, *, writable: bool = True,
@@ -100,7 +100,7 @@ class Harness:
                                        reactor=self.clock, reload_config=self._reload)
         self.control = Control(self.service)
         self.api = AdminAPI(self.control, clock=self.clock, token=TOKEN,
-                            lockout=Lockout(self.clock, 3, 60.0), service=self.service)
+                            lockout=Lockout(self.clock, 3, 60.0))
         self.site = AdminSite(self.api)
 
     def _reload(self):

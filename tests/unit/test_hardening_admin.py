@@ -4,7 +4,7 @@ reference product's ``/stats`` keys, and admin or reload errors that must stay c
 failures nobody foresaw, a port already in use).
 
 The admin API runs on the :class:`tests.unit.test_admin_app.Harness` (a Clock, an in-memory
-store); the service parts run a real :class:`~stalroute.service.StalrouteService` built from a
+store); the service parts run a real :class:`~stalroute.service.ProxyService` built from a
 TOML file, with its listener factories but no socket.
 """
 
@@ -32,9 +32,8 @@ from stalroute.admin.metrics import metrics_registry, render
 from stalroute.config import load_config
 from stalroute.control import Control
 from stalroute.mapping.file import FileMappingStore
-from stalroute.service import (
-    StalrouteService, StartupError, bind_refused, build_runtime, listener_after_reload,
-)
+from stalroute.runtime import StartupError, bind_refused, build_runtime
+from stalroute.service import RETIRE_DELAY, ProxyService, listener_after_reload
 from tests.harness.stalroute import dump_toml
 from tests.unit.test_admin_app import AUTH, Harness, document
 
@@ -66,14 +65,14 @@ def two_listener_document(tmp_path: Path) -> dict:
 
 
 class ServiceHarness:
-    """A StalrouteService on a Clock whose configuration file the test rewrites."""
+    """A ProxyService on a Clock whose configuration file the test rewrites."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.path = tmp_path / "stalroute.toml"
         self.document = two_listener_document(tmp_path)
         self.path.write_text(dump_toml(self.document))
         self.clock = Clock()
-        self.service = StalrouteService(self.clock, load_config(self.path, env={}))
+        self.service = ProxyService(self.clock, load_config(self.path, env={}))
         for name, listener in self.service.runtime.config.listeners.items():
             self.service.factories[name] = self.service._factory_for(name, listener.protocol)
         self.control = Control(self.service)
@@ -118,6 +117,24 @@ def test_a_listener_kept_by_a_reload_takes_its_new_settings(served: ServiceHarne
     served.rewrite(lambda listeners: listeners["imaps"].update(preauth_timeout="7s"))
     assert served.service.reload_config() == ["listener.imaps"]
     assert served.service.factories["imaps"].listener.preauth_timeout == 7.0
+
+
+def test_a_replaced_store_stays_open_while_a_connection_may_still_route(
+        served: ServiceHarness) -> None:
+    """A session in pre-auth (or held by a login delay) when a reload happens routes its login
+    through the runtime it started with, however long after the reload that is."""
+    old = served.service.runtime
+    closed: list[bool] = []
+    old.router.store.close = lambda: closed.append(True)  # type: ignore[method-assign]
+    waiting = SimpleNamespace(id="1-waiting", runtime=old, may_route=True)
+    old.registry.sessions[waiting.id] = waiting  # type: ignore[assignment]
+    served.service.reload_config()
+    served.clock.advance(10 * RETIRE_DELAY)
+    assert closed == []
+    waiting.may_route = False  # its login was spliced (or it left)
+    served.clock.advance(RETIRE_DELAY)
+    assert closed == [True]
+    del old.registry.sessions[waiting.id]
 
 
 def test_a_listener_whose_protocol_changed_keeps_its_old_settings(served: ServiceHarness) -> None:

@@ -21,11 +21,12 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
+from stalroute.closing import CLOSE_GRACE
 from stalroute.config import parse_config
 from stalroute.control import Control
-from stalroute.inbound import CLOSE_GRACE, ConnectionState
+from stalroute.inbound import ConnectionState
 from stalroute.protocols import PROTOCOLS
-from stalroute.service import build_runtime
+from stalroute.runtime import build_runtime
 from stalroute.session import ClientSession, MAX_PENDING_INPUT, SessionFactory
 
 PREAUTH_TIMEOUT = 30.0

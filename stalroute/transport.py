@@ -1,0 +1,49 @@
+"""The transport of a TCP connection as stalroute uses it, client connection or backend leg.
+
+Twisted declares ``Protocol.transport`` as an optional ``ITransport``; once connected, it is a
+TCP transport (possibly under TLS), which also consumes and produces with flow control, starts
+TLS and aborts. :class:`StreamTransport` says so for the type checker.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IProtocol, IPushProducer
+
+
+class StreamTransport(Protocol):
+    """A connected TCP transport (``ITCPTransport``, ``IConsumer``, ``IPushProducer``,
+    ``ITLSTransport``)."""
+
+    @property
+    def connected(self) -> bool:
+        """False once the connection is lost."""
+
+    #: The protocol the transport delivers to (under TLS: the TLS layer).
+    protocol: IProtocol
+
+    def getPeer(self) -> IPv4Address | IPv6Address: ...
+
+    def getHost(self) -> IPv4Address | IPv6Address: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def registerProducer(self, producer: IPushProducer | StreamTransport,
+                         streaming: bool) -> None:
+        """``producer``: a push producer, such as the transport of the other leg."""
+
+    def unregisterProducer(self) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def startTLS(self, contextFactory: object) -> None: ...
+
+    def setTcpNoDelay(self, enabled: bool) -> None: ...

@@ -1,0 +1,157 @@
+"""In-memory connections for tests of the Twisted glue: no socket, no server, real TLS.
+
+``twisted.test.iosim`` pumps bytes between two protocols, but its ``startTLS`` only pretends
+(no handshake, no ``handshakeCompleted``, no failure). :class:`TLSFakeTransport` starts real
+TLS the way a TCP transport does (``twisted.internet._newtls``): a ``TLSMemoryBIOProtocol`` is
+put between the transport and its protocol, so a handshake succeeds, fails on a certificate,
+or waits for a ``close_notify`` exactly as it would on a socket.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import ssl
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import (
+    IOpenSSLContextFactory, IProtocol, IPushProducer, ISSLTransport,
+)
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, LogLevel, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.test import iosim
+from zope.interface import directlyProvides
+
+
+class _Wire:
+    """What the TLS layer writes to: the fake transport beneath it, bypassing TLS."""
+
+    def __init__(self, transport: TLSFakeTransport) -> None:
+        self._transport = transport
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+    def write(self, data: bytes) -> None:
+        iosim.FakeTransport.write(self._transport, data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        iosim.FakeTransport.write(self._transport, b"".join(iovec))
+
+    def loseConnection(self) -> None:
+        iosim.FakeTransport.loseConnection(self._transport)
+
+    def abortConnection(self) -> None:
+        iosim.FakeTransport.abortConnection(self._transport)
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        iosim.FakeTransport.registerProducer(self._transport, producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        iosim.FakeTransport.unregisterProducer(self._transport)
+
+
+class TLSFakeTransport(iosim.FakeTransport):
+    """An ``iosim`` transport whose ``startTLS`` negotiates real TLS; the TLS layer flushes
+    its writes with ``clock`` (as it does with the reactor)."""
+
+    TLS = False
+    tls_layer: TLSMemoryBIOProtocol | None = None
+
+    def __init__(self, protocol: IProtocol, isServer: bool, hostAddress: IPv4Address,
+                 peerAddress: IPv4Address, clock: MemoryReactorClock) -> None:
+        super().__init__(protocol, isServer, hostAddress, peerAddress)
+        self.clock = clock
+
+    def startTLS(self, contextFactory: IOpenSSLContextFactory, beNormal: bool = True) -> None:
+        producer, streaming = self.producer, self.streamingProducer
+        if producer is not None:
+            self.unregisterProducer()
+        factory = TLSMemoryBIOFactory(contextFactory, beNormal != self.isServer, None,
+                                      self.clock)
+        layer = factory.protocol(factory, self.protocol, False)
+        self.protocol = self.tls_layer = layer
+        self.getHandle = layer.getHandle
+        self.getPeerCertificate = layer.getPeerCertificate
+        directlyProvides(self, ISSLTransport)
+        self.TLS = True
+        layer.makeConnection(_Wire(self))
+        if producer is not None:
+            self.registerProducer(producer, streaming)
+
+    def write(self, data: bytes) -> None:
+        if self.tls_layer is not None:
+            self.tls_layer.write(data)
+        else:
+            super().write(data)
+
+    def loseConnection(self) -> None:
+        if self.tls_layer is not None:
+            self.tls_layer.loseConnection()
+        else:
+            super().loseConnection()
+
+    def abortConnection(self) -> None:
+        if self.tls_layer is not None:
+            self.tls_layer.abortConnection()
+        else:
+            super().abortConnection()
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        if self.tls_layer is not None:
+            self.tls_layer.registerProducer(producer, streaming)
+        else:
+            super().registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self.tls_layer is not None:
+            self.tls_layer.unregisterProducer()
+        else:
+            super().unregisterProducer()
+
+
+def connect(client: IProtocol, server: IProtocol, clock: MemoryReactorClock,
+            client_address: tuple[str, int], server_address: tuple[str, int]) -> iosim.IOPump:
+    """Connect ``client`` to ``server`` in memory (their greetings are exchanged at once);
+    pumping the result moves the bytes and runs ``clock``'s calls that are due."""
+    client_side, server_side = (IPv4Address("TCP", *client_address),
+                                IPv4Address("TCP", *server_address))
+    return iosim.connect(server, TLSFakeTransport(server, True, server_side, client_side, clock),
+                         client, TLSFakeTransport(client, False, client_side, server_side, clock),
+                         clock=clock)
+
+
+def server_options(cert_pem: bytes, key_pem: bytes) -> IOpenSSLContextFactory:
+    """The TLS settings of an in-memory server presenting one certificate."""
+    return ssl.CertificateOptions(certificate=x509.load_pem_x509_certificate(cert_pem),
+                                  privateKey=serialization.load_pem_private_key(key_pem, None))
+
+
+def client_options_without_verification() -> IOpenSSLContextFactory:
+    """A TLS client that accepts any certificate (the tests check the proxy, not the CA)."""
+    return ssl.CertificateOptions(verify=False)
+
+
+@contextmanager
+def logged_errors() -> Iterator[list[LogEvent]]:
+    """The error and critical log events of a block (an AlreadyCalledError, an unhandled
+    error in a Deferred that was garbage collected at the end)."""
+    events: list[LogEvent] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_level") in (LogLevel.error, LogLevel.critical) \
+                or event.get("isError"):
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    gc.freeze()  # the collection at the end then only scans what the block allocated
+    try:
+        yield events
+        gc.collect()  # unhandled failures in garbage Deferreds are logged now
+    finally:
+        gc.unfreeze()
+        globalLogPublisher.removeObserver(observe)

@@ -1,0 +1,18 @@
+"""Fixtures shared by the unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from twisted.logger import LogEvent
+
+from tests.harness.memory import logged_errors
+
+
+@pytest.fixture
+def errors() -> Iterator[list[LogEvent]]:
+    """The error and critical log events of the test (an AlreadyCalledError, an unhandled
+    error in a garbage-collected Deferred...): the glue tests expect none."""
+    with logged_errors() as events:
+        yield events
