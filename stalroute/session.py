@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IHandshakeListener
 from zope.interface import implementer
 
 from stalroute.backend import BackendLeg, BackendUnavailable, ClientInfo
@@ -28,6 +28,7 @@ from stalroute.protocols.base import (
 from stalroute.router import resolve_login
 from stalroute.runtime import Runtime
 from stalroute.tls import tls_details
+from stalroute.transport import ReadingWatch
 
 log = logger("stalroute.session")
 
@@ -52,28 +53,6 @@ class SessionFactory(ListenerFactory):
         return ClientSession(self)
 
 
-@implementer(IPushProducer)
-class _PreAuthThrottle:
-    """The session's streaming producer toward its client until the splice: a client that
-    does not read its replies gets no more of them (its input waits in ``_pending``, and
-    reading stops once that is full), so pre-auth memory stays bounded.
-
-    The consumer also pauses it while TLS waits for its handshake; reading must go on then,
-    which is why a pause stops the answers, not the reading."""
-
-    def __init__(self, session: ClientSession) -> None:
-        self._session = session
-
-    def pauseProducing(self) -> None:
-        self._session.output_blocked(True)
-
-    def resumeProducing(self) -> None:
-        self._session.output_blocked(False)
-
-    def stopProducing(self) -> None:
-        pass  # the connection is going away; connectionLost follows
-
-
 @implementer(IHandshakeListener)
 class ClientSession(InboundConnection):
     """One client connection through pre-auth, routing, login replay and splice.
@@ -90,7 +69,6 @@ class ClientSession(InboundConnection):
         self.leg: BackendLeg | None = None
         self._login: Deferred[None] | None = None
         self._pending = bytearray()
-        self._throttle: _PreAuthThrottle | None = None
         self._output_blocked = False
         self._reading_paused = False
         self._starttls_pending = False
@@ -111,8 +89,9 @@ class ClientSession(InboundConnection):
         self._timer = self._clock.callLater(self.listener.preauth_timeout, self._preauth_expired)
         if self.listener.tls == "implicit":
             self.transport.startTLS(self.runtime.server_tls.options)
-        self._throttle = _PreAuthThrottle(self)
-        self.transport.registerProducer(self._throttle, True)
+        # Until the splice: a client that does not read its replies gets no more of them
+        # (its input waits in _pending, and reading stops once that is full).
+        self.transport.registerProducer(ReadingWatch(self.output_blocked), True)
         self._run(self.machine.greeting())
         if self.spec.passthrough and self.state is ConnectionState.PREAUTH:
             self._start_login(None)

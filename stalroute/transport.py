@@ -7,10 +7,12 @@ TLS and aborts. :class:`StreamTransport` says so for the type checker.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IProtocol, IPushProducer
+from zope.interface import implementer
 
 
 class StreamTransport(Protocol):
@@ -47,3 +49,23 @@ class StreamTransport(Protocol):
     def startTLS(self, contextFactory: object) -> None: ...
 
     def setTcpNoDelay(self, enabled: bool) -> None: ...
+
+
+@implementer(IPushProducer)
+class ReadingWatch:
+    """Registered as a client transport's producer: tells the connection when its client
+    stops (``True``) and resumes (``False``) reading what is written to it, so that it answers
+    no more meanwhile. TLS also pauses its producer until the handshake is done, which needs
+    reading: a pause must hold back the answers, never the reading itself."""
+
+    def __init__(self, blocked: Callable[[bool], None]) -> None:
+        self._blocked = blocked
+
+    def pauseProducing(self) -> None:
+        self._blocked(True)
+
+    def resumeProducing(self) -> None:
+        self._blocked(False)
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going away; connectionLost follows

@@ -22,7 +22,7 @@ the long ``bridge_idle`` limit.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import h11
@@ -140,24 +140,21 @@ class HTTPConnection(HTTPServerConnection):
             self._dispatching = dispatching
 
     async def _dispatch(self, ex: Exchange) -> None:
-        try:
-            destination = await self._destination(ex)
-            ex.destination = self.destination = destination.name
-            backend = self.pool.take(destination.name) or await self._open_backend(destination)
-        except (_Gone, CancelledError):
-            return
-        except Exception as exc:
-            self._dispatching = None
-            self._routing_failed(ex, exc)
-            return
-        self._dispatching = None
-        if self.state is ConnectionState.HTTP and self.exchange is ex:
-            self._forward(ex, backend)
+        await self._forward_when_connected(ex, self._routed_backend(ex))
 
     async def _retry(self, ex: Exchange, destination: DestinationConfig) -> None:
         """A reused connection died before answering: the same request on a fresh one."""
+        await self._forward_when_connected(ex, self._open_backend(destination))
+
+    async def _routed_backend(self, ex: Exchange) -> BackendConnection:
+        destination = await self._destination(ex)
+        ex.destination = self.destination = destination.name
+        return self.pool.take(destination.name) or await self._open_backend(destination)
+
+    async def _forward_when_connected(self, ex: Exchange,
+                                      connecting: Awaitable[BackendConnection]) -> None:
         try:
-            backend = await self._open_backend(destination)
+            backend = await connecting
         except (_Gone, CancelledError):
             return
         except Exception as exc:

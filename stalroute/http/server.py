@@ -21,7 +21,7 @@ from collections.abc import Callable, Hashable, Iterable
 import h11
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -32,26 +32,9 @@ from stalroute.http.pool import no_delay
 from stalroute.http.routes import RouteTable
 from stalroute.inbound import ConnectionState, InboundConnection, ListenerFactory
 from stalroute.tls import tls_details
+from stalroute.transport import ReadingWatch
 
 _ENDED = (ConnectionState.CLOSING, ConnectionState.CLOSED)
-
-
-@implementer(IPushProducer)
-class _ClientWriteProducer:
-    """Registered on the client transport: its full write buffer pauses the answering backend
-    and the reading of further requests."""
-
-    def __init__(self, connection: HTTPServerConnection) -> None:
-        self.connection = connection
-
-    def pauseProducing(self) -> None:
-        self.connection.client_write_paused(True)
-
-    def resumeProducing(self) -> None:
-        self.connection.client_write_paused(False)
-
-    def stopProducing(self) -> None:
-        pass
 
 
 @implementer(IHandshakeListener)
@@ -118,7 +101,7 @@ class HTTPServerConnection(InboundConnection):
         no_delay(self.transport)
         if self.listener.tls == "implicit":
             self.transport.startTLS(self.runtime.server_tls.options)
-        self.transport.registerProducer(_ClientWriteProducer(self), True)
+        self.transport.registerProducer(ReadingWatch(self.client_write_paused), True)
         self._enter_idle(first=True)
 
     def handshakeCompleted(self) -> None:

@@ -17,10 +17,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IOpenSSLContextFactory, IProtocol, IPushProducer, ISSLTransport,
 )
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.test import iosim
@@ -155,3 +158,33 @@ def logged_errors() -> Iterator[list[LogEvent]]:
     finally:
         gc.unfreeze()
         globalLogPublisher.removeObserver(observe)
+
+
+# --- plain in-memory connections (StringTransport) ---------------------------------------------
+
+
+def accept(factory: Factory, port: int, peer: str = "192.0.2.7") -> tuple[IProtocol, StringTransport]:
+    """A client connection accepted by a listener ``factory`` on 127.0.0.1:``port``."""
+    protocol = factory.buildProtocol(IPv4Address("TCP", peer, 40000))
+    transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", port),
+                                peerAddress=IPv4Address("TCP", peer, 40000))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def complete_connect(reactor: MemoryReactorClock) -> tuple[IProtocol, StringTransport, int]:
+    """Complete the oldest connect the code asked ``reactor`` for (a backend leg): its protocol,
+    transport and port."""
+    _host, port, factory, _timeout, _bind = reactor.tcpClients.pop(0)
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+    protocol.makeConnection(transport)
+    return protocol, transport, port
+
+
+def lose(protocol: IProtocol, transport: StringTransport, clean: bool = True) -> None:
+    """Deliver the connection loss a closing (or failing) transport ends in, once."""
+    if getattr(transport, "lost", False):
+        return
+    transport.lost = True  # type: ignore[attr-defined]
+    protocol.connectionLost(Failure(ConnectionDone() if clean else ConnectionLost()))

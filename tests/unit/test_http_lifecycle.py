@@ -11,19 +11,14 @@ leaves no timer and no pending connect behind (issue 12).
 
 from __future__ import annotations
 
-import gc
 import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
-from twisted.python.failure import Failure
 
 from stalroute.closing import CLOSE_GRACE
 from stalroute.config import parse_config
@@ -32,6 +27,7 @@ from stalroute.http.connection import HTTPConnection, HTTPListenerFactory
 from stalroute.inbound import ConnectionState
 from stalroute.runtime import Runtime, build_runtime
 from stalroute.service import listener_after_reload
+from tests.harness.memory import accept, complete_connect, lose
 
 BRIDGE_IDLE = 600.0
 RELAY_IDLE = 60.0
@@ -87,18 +83,13 @@ class Web:
         self.factory.listener = listener_after_reload(self.factory.listener, new.config)
 
     def client(self) -> tuple[HTTPConnection, StringTransport]:
-        connection = self.factory.buildProtocol(None)
-        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 80),
-                                    peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
-        connection.makeConnection(transport)
+        connection, transport = accept(self.factory, 80)
+        assert isinstance(connection, HTTPConnection)
         return connection, transport
 
     def backend(self) -> tuple[Protocol, StringTransport]:
         """Complete the oldest pending backend connect."""
-        _host, _port, factory, _timeout, _bind = self.reactor.tcpClients.pop(0)
-        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 8080))
-        protocol.makeConnection(transport)
+        protocol, transport, _port = complete_connect(self.reactor)
         return protocol, transport
 
     def assert_empty(self) -> None:
@@ -110,33 +101,9 @@ class Web:
         assert self.reactor.tcpClients == []
 
 
-def lose(protocol: Protocol, transport: StringTransport, clean: bool = True) -> None:
-    """Deliver the connection loss a closing (or failing) transport ends in, once."""
-    if getattr(transport, "lost", False):
-        return
-    transport.lost = True  # type: ignore[attr-defined]
-    protocol.connectionLost(Failure(ConnectionDone() if clean else ConnectionLost()))
-
-
 @pytest.fixture
 def web(tmp_path: Path) -> Web:
     return Web(tmp_path)
-
-
-@pytest.fixture
-def errors() -> list[dict]:
-    """Error and critical log events (an AlreadyCalledError, an unhandled Deferred...)."""
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_level") in (LogLevel.error, LogLevel.critical) \
-                or event.get("isError"):
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    gc.collect()  # unhandled failures in garbage Deferreds are logged now
-    globalLogPublisher.removeObserver(observe)
 
 
 # -- delays, kicks, flow control -----------------------------------------------------------

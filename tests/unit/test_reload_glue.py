@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -27,6 +26,7 @@ from stalroute.protocols import PROTOCOLS
 from stalroute.runtime import Runtime, build_runtime
 from stalroute.service import listener_after_reload
 from stalroute.session import ClientSession, SessionFactory
+from tests.harness.memory import accept, complete_connect, lose
 
 OLD_PORT, NEW_PORT = 1143, 2143
 GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready\r\n"
@@ -84,19 +84,14 @@ class Proxy:
         return []
 
     def connect(self, peer: str = "192.0.2.7") -> tuple[ClientSession, StringTransport]:
-        session = self.factory.buildProtocol(None)
-        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 143),
-                                    peerAddress=IPv4Address("TCP", peer, 40000))
-        session.makeConnection(transport)
+        session, transport = accept(self.factory, 143, peer)
+        assert isinstance(session, ClientSession)
         self.clients.append((session, transport))
         return session, transport
 
     def backend(self) -> tuple[Protocol, StringTransport, int]:
         """Complete the oldest pending backend connect: its protocol, transport and port."""
-        _host, port, factory, _timeout, _bind = self.reactor.tcpClients.pop(0)
-        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
-        protocol.makeConnection(transport)
+        protocol, transport, port = complete_connect(self.reactor)
         self.backends.append((protocol, transport, port))
         return protocol, transport, port
 
@@ -115,13 +110,6 @@ class Proxy:
         assert not self.factory.per_ip._counts
         assert self.reactor.getDelayedCalls() == []
         assert self.reactor.tcpClients == []
-
-
-def lose(protocol: Protocol, transport: StringTransport) -> None:
-    if getattr(transport, "lost", False):
-        return
-    transport.lost = True  # type: ignore[attr-defined]
-    protocol.connectionLost(Failure(ConnectionDone()))
 
 
 @pytest.fixture

@@ -8,18 +8,13 @@ an abandoned login must cancel its backend leg (issue 11, items 1, 2 and 7).
 
 from __future__ import annotations
 
-import gc
 import itertools
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
-from twisted.python.failure import Failure
 
 from stalroute.closing import CLOSE_GRACE
 from stalroute.config import parse_config
@@ -28,6 +23,7 @@ from stalroute.inbound import ConnectionState
 from stalroute.protocols import PROTOCOLS
 from stalroute.runtime import build_runtime
 from stalroute.session import ClientSession, MAX_PENDING_INPUT, SessionFactory
+from tests.harness.memory import accept, complete_connect, lose
 
 PREAUTH_TIMEOUT = 30.0
 BACKEND_TIMEOUT = 10.0
@@ -51,28 +47,25 @@ def document(tmp_path: Path) -> dict[str, Any]:
 
 
 class Pipeline:
-    """One IMAP listener's session factory on a memory reactor, and its backend side."""
+    """One IMAP listener's session factory on a memory reactor, and its backend side (the
+    running proxy :class:`Control` acts on)."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.reactor = MemoryReactorClock()
         config = parse_config(document(tmp_path), tmp_path, {}, check_files=False)
         self.runtime = build_runtime(self.reactor, config)
         self.factory = SessionFactory(self.reactor, self.runtime, "imap", PROTOCOLS["imap"])
-        self.control = Control(_Service(self))  # type: ignore[arg-type]
+        self.factories = {"imap": self.factory}
+        self.control = Control(self)  # type: ignore[arg-type]
 
     def client(self) -> tuple[ClientSession, StringTransport]:
-        session = self.factory.buildProtocol(None)
-        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 143),
-                                    peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
-        session.makeConnection(transport)
+        session, transport = accept(self.factory, 143)
+        assert isinstance(session, ClientSession)
         return session, transport
 
     def backend(self) -> tuple[Protocol, StringTransport]:
         """Complete the oldest pending backend connect."""
-        _host, _port, factory, _timeout, _bind = self.reactor.tcpClients.pop(0)
-        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1143))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1143))
-        protocol.makeConnection(transport)
+        protocol, transport, _port = complete_connect(self.reactor)
         return protocol, transport
 
     def spliced(self) -> tuple[ClientSession, StringTransport, Protocol, StringTransport]:
@@ -94,44 +87,9 @@ class Pipeline:
         assert self.reactor.tcpClients == []
 
 
-class _Service:
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-        self.reactor = pipeline.reactor
-        self.factories = {"imap": pipeline.factory}
-
-    @property
-    def runtime(self):
-        return self.pipeline.runtime
-
-
-def lose(protocol: Protocol, transport: StringTransport, clean: bool = True) -> None:
-    """Deliver the connection loss a closing (or failing) transport ends in, once."""
-    if getattr(transport, "lost", False):
-        return
-    transport.lost = True  # type: ignore[attr-defined]
-    protocol.connectionLost(Failure(ConnectionDone() if clean else ConnectionLost()))
-
-
 @pytest.fixture
 def pipeline(tmp_path: Path) -> Pipeline:
     return Pipeline(tmp_path)
-
-
-@pytest.fixture
-def errors() -> list[dict]:
-    """Error and critical log events (an AlreadyCalledError, an unhandled Deferred...)."""
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_level") in (LogLevel.error, LogLevel.critical) \
-                or event.get("isError"):
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    gc.collect()  # unhandled failures in garbage Deferreds are logged now
-    globalLogPublisher.removeObserver(observe)
 
 
 # -- item 1: ghost sessions ------------------------------------------------------------
