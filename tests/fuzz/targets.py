@@ -1,0 +1,439 @@
+"""Fuzz targets for every sans-IO parser: one function per target, ``target(data: bytes)``.
+
+Each target turns arbitrary bytes into a run of one parser (the first bytes choose settings
+and how the input is cut into chunks, the rest is the input) and checks the parser's
+invariants. A target returns normally when the parser behaved; it raises when it did not:
+an exception outside the parser's declared error set, or an ``AssertionError`` for a broken
+invariant (unbounded buffer, reply without CRLF, CR/LF smuggled into a line, …). The same
+functions run under atheris (``scripts/fuzz``, millions of inputs) and hypothesis
+(``tests/fuzz/test_targets.py``, in CI). The protocol machines' targets live in
+``tests/fuzz/protocol_targets.py``, the shared input reading and invariants in
+``tests/fuzz/harness.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime
+import io
+import math
+import re
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import h11
+
+from stalroute.admin.bulk import (
+    FORMATS,
+    BadRow,
+    BulkFormatError,
+    Row,
+    detect_format,
+    read_records,
+)
+from stalroute.config import ConfigError, HTTPExtractConfig, HTTPRouteConfig, parse_config
+from stalroute.http.headers import (
+    Forwarding,
+    backend_request_headers,
+    check_partial_head,
+    check_request_head,
+    client_response_headers,
+    find_head_end,
+)
+from stalroute.http.routes import (
+    MAX_RAW_IDENTIFIER,
+    PathGlob,
+    RouteTable,
+    account_from_authorization,
+    decide,
+    extract_identifier,
+    normalize_path,
+    split_target,
+)
+from stalroute.identity import (
+    MAX_IDENTIFIER_LENGTH,
+    InvalidIdentifier,
+    account_from_credentials,
+    account_from_token,
+    routing_identifier,
+)
+from stalroute.mapping.file import MappingFileError, parse_mapping_lines
+from stalroute.proxyproto import (
+    V1_MAX_LENGTH,
+    V1_PREFIX,
+    V2_SIGNATURE,
+    ProxyHeader,
+    ProxyHeaderError,
+    ProxyHeaderParser,
+    parse_tlvs,
+)
+from stalroute.sasl import (
+    MECHANISMS,
+    Challenge,
+    Credentials,
+    SASLError,
+    SASLExchange,
+    decode_base64,
+    decode_oauthbearer,
+    decode_plain,
+    decode_xoauth2,
+)
+from tests.fuzz.harness import Input, check_credentials, chunks
+from tests.fuzz import protocol_targets
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --- PROXY protocol ---------------------------------------------------------------------------
+
+
+def fuzz_proxyproto(data: bytes) -> None:
+    """v1/v2 header decoder: only ProxyHeaderError; split-independent; bounded buffer."""
+    inp = Input(data)
+    prefix = inp.choice([b"", V1_PREFIX, V2_SIGNATURE, V2_SIGNATURE + b"\x21\x11",
+                         V2_SIGNATURE + b"\x21\x21", V2_SIGNATURE + b"\x20"])
+    max_v2 = inp.choice([0, 12, 64, 4096])
+    pieces = chunks(Input(data[::-1]), prefix + inp.rest())
+    payload = b"".join(pieces)
+    outcomes = []
+    for pieces in ([payload], pieces):
+        parser = ProxyHeaderParser(max_v2_length=max_v2)
+        outcome: object = None
+        try:
+            for piece in pieces:
+                outcome = parser.feed(piece)
+                assert len(parser._buffer) <= max(V1_MAX_LENGTH, 16 + max_v2)
+        except ProxyHeaderError as exc:
+            outcome = type(exc)
+        if isinstance(outcome, ProxyHeader):
+            header = outcome
+            assert header.version in (1, 2) and header.command in ("PROXY", "LOCAL")
+            for address in (header.source, header.destination):
+                assert address is None or 0 <= address[1] <= 65535
+            consumed = len(payload) - len(parser.rest)
+            assert payload[consumed:] == parser.rest
+        outcomes.append((outcome, parser.rest if not isinstance(outcome, type) else None))
+    assert outcomes[0] == outcomes[1]
+    try:
+        for kind, value in parse_tlvs(payload):
+            assert 0 <= kind <= 255 and len(value) <= len(payload)
+    except ProxyHeaderError:
+        pass
+
+
+# --- SASL and identities ----------------------------------------------------------------------
+
+def fuzz_sasl(data: bytes) -> None:
+    """Decoders and the exchange: only SASLError; credentials well-typed."""
+    inp = Input(data)
+    raw = inp.sized(255)
+    for decode in (decode_plain, decode_oauthbearer, decode_xoauth2):
+        try:
+            check_credentials(decode(raw))
+        except SASLError:
+            pass
+    try:
+        decode_base64(raw)
+    except SASLError:
+        pass
+    mechanism = inp.choice([*MECHANISMS, "plain", "CRAM-MD5", ""])
+    initial = inp.choice([None, b"=", b"", raw, base64.b64encode(raw)])
+    lines = inp.rest().split(b"\n")
+    try:
+        exchange = SASLExchange(mechanism, initial)
+        result = exchange.step()
+        for line in lines:
+            if not isinstance(result, Challenge):
+                break
+            assert b"\r" not in result.text and b"\n" not in result.text
+            if line[:1] == b"\x00":
+                line = base64.b64encode(line[1:])
+            result = exchange.step(line)
+        if not isinstance(result, Challenge):
+            check_credentials(result)
+    except SASLError:
+        pass
+
+
+def fuzz_identity(data: bytes) -> None:
+    """Token/JWT extraction and identifier validation: only InvalidIdentifier."""
+    inp = Input(data)
+    claim = inp.choice(["email", "sub", "upn", "preferred_username"])
+    separators = inp.subset(["%", "*", "+", "#", ""])
+    normalize = inp.choice(["lowercase", "none"])
+    text = inp.rest().decode("utf-8", "surrogateescape")
+    if inp.flag():
+        text = inp.choice(["sw1.", "eyJ4IjoxfQ.", ""]) + text
+    for token in (text, ".".join(base64.urlsafe_b64encode(part.encode("utf-8", "surrogatepass"))
+                                 .decode().rstrip("=") for part in text.split(".", 2))):
+        account = account_from_token(token, claim)
+        assert account is None or isinstance(account, str)
+        for mechanism in ("PLAIN", "OAUTHBEARER", "XOAUTH2"):
+            login = account_from_credentials(
+                Credentials(mechanism, b"", login=text or None, token=token or None), claim)
+            assert login is None or isinstance(login, str)
+    try:
+        identifier = routing_identifier(text, separators, normalize)
+    except InvalidIdentifier:
+        return
+    assert 0 < len(identifier) <= MAX_IDENTIFIER_LENGTH
+    assert not any(char.isspace() or char in "\"'\\" for char in identifier)
+    assert identifier.isprintable()
+
+
+# --- HTTP --------------------------------------------------------------------------------------
+
+
+def fuzz_http_target(data: bytes) -> None:
+    """Target split, path normalisation and glob matching: no exception; canonical paths;
+    globs agree with a plain recursive reading on short inputs."""
+    from tests.unit.test_http_routes import reference_match
+
+    inp = Input(data)
+    glob = inp.sized(24).decode("latin-1")
+    target = inp.rest()
+    split = split_target(target)
+    assert split.origin.startswith(b"/") or split.origin == target
+    path = normalize_path(split.path)
+    assert not path.endswith("/") and "//" not in path
+    assert all(segment not in (".", "..") for segment in path.split("/")[1:])
+    matched = PathGlob(glob).matches(path)
+    if len(glob) <= 10 and len(path) <= 12:
+        assert matched is reference_match(glob.rstrip("/"), path)
+    table = RouteTable([HTTPRouteConfig(match=glob, destination="a"),
+                        HTTPRouteConfig(match="/**", destination="b")])
+    route = table.match(path)
+    assert route is not None and (route.index == 0) is matched
+
+
+def fuzz_http_extract(data: bytes) -> None:
+    """Identifier extraction (Authorization, header, query, body) and the decision."""
+    inp = Input(data)
+    source = inp.choice(["authorization", "header", "query", "body"])
+    extract = HTTPExtractConfig(from_=source, header="x-account", param="account",
+                                regex=re.compile(r"(?:^|&)user=([^&]*)") if source == "body"
+                                else None)
+    value = inp.sized(255)
+    prefix = inp.choice([b"Basic ", b"Bearer ", b"bearer  ", b""])
+    if inp.flag():
+        value = base64.b64encode(value)
+    headers = [(b"Authorization", prefix + value), (b"X-Account", value)]
+    rest = inp.rest()
+    found = extract_identifier(extract, headers=headers, query=rest.decode("latin-1"),
+                               body=rest, jwt_username_claim="email")
+    assert found is None or (isinstance(found, str) and 0 < len(found) <= MAX_RAW_IDENTIFIER)
+    account = account_from_authorization(prefix + value, "email")
+    assert account is None or isinstance(account, str)
+    route = RouteTable([HTTPRouteConfig(match="/**", extract=extract, fallback="b")]).routes[0]
+    decision = decide(route, found, separators=("%",), normalize="lowercase",
+                      default_destination="a")
+    assert (decision.destination is None) != (decision.identifier is None)
+
+
+_HEAD_START = [b"", b"GET / HTTP/1.1\r\nHost: x\r\n", b"POST /a HTTP/1.0\r\n",
+               b"GET /x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n"]
+
+
+def fuzz_http_head(data: bytes) -> None:
+    """Request-head checks: no exception; a head they pass is one h11 reads as a request,
+    and the headers stalroute rewrites carry no CR, LF or NUL."""
+    inp = Input(data)
+    buffer = inp.choice(_HEAD_START) + inp.rest()
+    problem = check_partial_head(buffer, 65536, inp.byte() % (len(buffer) + 1))
+    assert problem is None or problem.status in (400, 431)
+    end = find_head_end(buffer)
+    if end is None:
+        return
+    head = buffer[:end]
+    problem = check_request_head(head)
+    if problem is not None:
+        assert problem.status in (400, 501, 505)
+        return
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(head)
+    try:
+        event = connection.next_event()
+    except h11.RemoteProtocolError:
+        return
+    assert isinstance(event, h11.Request), event
+    headers = list(event.headers)
+    forwarding = Forwarding(client_ip="2001:db8::1", proto="https", trust=True, append=True)
+    for rewritten in (backend_request_headers(headers, forwarding, websocket=True, chunked=True,
+                                              host=event.headers[0][1] if headers else None),
+                      client_response_headers(headers, switching=False, close=True)):
+        for name, value in rewritten:
+            assert not re.search(rb"[\r\n\x00]", name + value), (name, value)
+
+
+# --- files and bodies ---------------------------------------------------------------------------
+
+
+def fuzz_mapping_file(data: bytes) -> None:
+    """The mapping file's line parser: only MappingFileError; every entry valid."""
+    inp = Input(data)
+    normalize = inp.choice(["lowercase", "none"])
+    text = inp.rest().decode("utf-8", "surrogateescape")
+    destinations = ("main", "new", "ü")
+    try:
+        table = parse_mapping_lines(text.splitlines(), destinations, normalize, Path("fuzz.tsv"))
+    except MappingFileError as exc:
+        assert 0 < len(exc.problems) <= 21
+        return
+    for identifier, destination in table.items():
+        assert destination in destinations
+        assert routing_identifier(identifier, (), normalize) == identifier
+
+
+def fuzz_bulk_import(data: bytes) -> None:
+    """``POST /mappings/import`` body readers: only BulkFormatError (or ValueError for an
+    explicit bad format); rows carry strings and line numbers."""
+    inp = Input(data)
+    explicit = inp.choice([None, "tsv", "json", "xml"])
+    content_type = inp.choice([None, "application/json", "text/tab-separated-values", "x/y"])
+    body = inp.rest()
+    try:
+        fmt = detect_format(explicit, content_type, body[:64])
+    except ValueError:
+        assert explicit not in FORMATS
+        return
+    try:
+        for record in read_records(io.BytesIO(body), fmt):
+            assert isinstance(record, (Row, BadRow)) and record.line >= 1
+            if isinstance(record, Row):
+                assert isinstance(record.identifier, str) and isinstance(record.destination, str)
+    except BulkFormatError as exc:
+        assert exc.line >= 1
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+_CONFIG_FILES = [REPO / "etc" / "stalroute.toml",
+                 *sorted((REPO / "etc" / "examples").glob("*.toml"))]
+
+
+def _leaf_paths(table: dict, prefix: tuple = ()) -> Iterator[tuple]:
+    for key, value in table.items():
+        yield (*prefix, key)
+        if isinstance(value, dict):
+            yield from _leaf_paths(value, (*prefix, key))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for index, item in enumerate(value):
+                yield from _leaf_paths(item, (*prefix, key, index))
+
+
+_SEEDS = [tomllib.loads(path.read_text()) for path in _CONFIG_FILES]
+_SEED_PATHS = [list(_leaf_paths(seed)) for seed in _SEEDS]
+
+
+def _toml_value(inp: Input, depth: int = 0) -> Any:
+    kind = inp.byte() % (12 if depth < 2 else 9)
+    text = inp.sized(24).decode("utf-8", "replace")
+    if kind == 0:
+        return text
+    if kind == 1:
+        return int.from_bytes(inp.take(inp.byte() % 12), "big", signed=True)
+    if kind == 2:
+        return inp.choice([0.0, -1.5, 1e308, math.inf, -math.inf, math.nan, 0.001])
+    if kind == 3:
+        return inp.flag()
+    if kind == 4:
+        return inp.choice(["1s", "0s", "10m", "-5s", "5x", "1h", "99999999999d", "10", ""])
+    if kind == 5:
+        return inp.choice(["127.0.0.1:1", "[::1]:0", "0.0.0.0:65536", "10.0.0.0/8", "::/0",
+                           "host:25", "imap", "pop3", "submission", "smtp", "lmtp", "http",
+                           "managesieve", "implicit", "starttls", "plain", "file", "sql",
+                           "redis", "sqlite", "main", "default", "/**", "${NOPE}"])
+    if kind == 6:
+        return datetime.date(2026, 1, 1 + inp.byte() % 28)
+    if kind == 7:
+        return datetime.time(inp.byte() % 24)
+    if kind == 8:
+        return -inp.byte()
+    if kind == 9:
+        return [_toml_value(inp, depth + 1) for _ in range(inp.byte() % 4)]
+    if kind == 10:
+        return {text or "k": _toml_value(inp, depth + 1) for _ in range(inp.byte() % 3)}
+    return [{"match": text, "destination": "main"}]
+
+
+def _mutate(document: dict, path: tuple, value: Any, delete: bool) -> None:
+    table: Any = document
+    for key in path[:-1]:
+        table = table[key]
+    if delete:
+        del table[path[-1]]
+    else:
+        table[path[-1]] = value
+
+
+def fuzz_config(data: bytes) -> None:
+    """parse_config on shipped configurations with random values put in: only ConfigError."""
+    inp = Input(data)
+    seed = inp.byte() % len(_SEEDS)
+    document = copy.deepcopy(_SEEDS[seed])
+    paths = _SEED_PATHS[seed]
+    for _ in range(1 + inp.byte() % 4):
+        path = paths[inp.number(len(paths))]
+        action = inp.byte() % 8
+        if action == 7:
+            path = (*path[:-1], inp.sized(12).decode("utf-8", "replace") or "x")
+        try:
+            _mutate(document, path, _toml_value(inp), delete=action == 6)
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation replaced a table on this path
+    try:
+        config = parse_config(document, Path("/nonexistent"), {}, check_files=False)
+    except ConfigError as exc:
+        assert exc.problems and all(str(problem) for problem in exc.problems)
+        return
+    assert config.listeners is not None
+
+
+_PREAUTH_SETTINGS = bytes([0, 0, 1, 0, 0, 0]) + bytes(8) + b"\x01"
+_BACKEND_SETTINGS = bytes([0, 1, 0, 0, 0]) + bytes(8)
+#: Starting inputs for atheris: typical sessions, so mutations begin deep in each parser.
+SEEDS: dict[str, list[bytes]] = {
+    "proxyproto": [b"\x01\x03" + b"TCP4 192.0.2.1 192.0.2.2 51000 993\r\nA1 LOGIN",
+                   b"\x02\x03\x00\x0c" + bytes(range(12)) + b"x"],
+    "preauth_imap": [_PREAUTH_SETTINGS + b"a CAPABILITY\r\nb ID NIL\r\nc LOGIN {5}\r\nalice "
+                     b"{6+}\r\nsecret\r\nd AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n"],
+    "preauth_pop3": [_PREAUTH_SETTINGS + b"CAPA\r\nUSER alice\r\nPASS secret\r\n"
+                     b"AUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\nSTLS\r\n"],
+    "preauth_managesieve": [_PREAUTH_SETTINGS + b'CAPABILITY\r\nAUTHENTICATE "PLAIN" {20+}\r\n'
+                            b'AGFsaWNlAHNlY3JldA==\r\nSTARTTLS\r\nLOGOUT\r\n'],
+    "preauth_submission": [_PREAUTH_SETTINGS + b"EHLO c.example\r\nAUTH LOGIN\r\nYWxpY2U=\r\n"
+                           b"c2VjcmV0\r\nSTARTTLS\r\nMAIL FROM:<a@b>\r\nQUIT\r\n"],
+    "backend_imap": [_BACKEND_SETTINGS + b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN ID "
+                     b"STARTTLS] ready\r\n* ID NIL\r\nSRx1 OK done\r\n"
+                     b"SRx2 OK [CAPABILITY IMAP4rev1] Logged in\r\n"],
+    "backend_pop3": [_BACKEND_SETTINGS + b"+OK [XCLIENT] ready\r\n+OK\r\n+OK\r\nSASL PLAIN\r\n"
+                     b"STLS\r\n.\r\n+OK Logged in.\r\n"],
+    "backend_managesieve": [_BACKEND_SETTINGS + b'"IMPLEMENTATION" "Dovecot"\r\n"SIEVE" '
+                            b'"fileinto"\r\n"NOTIFY" "mailto"\r\n"SASL" "PLAIN"\r\n"XCLIENT"'
+                            b'\r\n"VERSION" "1.0"\r\nOK "ready"\r\nOK\r\nOK "Logged in."\r\n'],
+    "backend_submission": [_BACKEND_SETTINGS + b"220 mx ESMTP\r\n250-mx\r\n250-AUTH PLAIN LOGIN"
+                           b"\r\n250 XCLIENT ADDR PORT HELO\r\n220 mx again\r\n250-mx\r\n"
+                           b"250 AUTH PLAIN\r\n334 \r\n235 2.7.0 ok\r\n"],
+    "backend_smtp_passthrough": [_BACKEND_SETTINGS + b"220 mx ESMTP\r\n250-mx\r\n"
+                                 b"250 XCLIENT ADDR PORT DESTADDR HELO\r\n220 again\r\n"],
+    "backend_lmtp_passthrough": [_BACKEND_SETTINGS + b"220 lmtp\r\n250-lmtp\r\n"
+                                 b"250 XCLIENT ADDR PORT\r\n220 again\r\n"],
+    "http_head": [b"\x00GET /jmap HTTP/1.1\r\nHost: mx\r\nTransfer-Encoding: chunked\r\n"
+                  b"Connection: keep-alive, x-a\r\nForwarded: for=1.2.3.4\r\n\r\n"],
+    "http_target": [b"\x07/a/**/b" + b"http://h:1/a/%2e%2E/b/./c%2F?x#y"],
+    "http_extract": [b"\x00\x0bYWxpY2U6cHc=\x00\x00account=bob&user=carol"],
+    "bulk_import": [b"\x00\x00" + b'[{"identifier": "a@b", "destination": "main"}, ["c", "d"]]',
+                    b"\x00\x00alice@example.com\tmain\n# comment\n"],
+    "mapping_file": [b"\x00alice@example.com main\n# x\nbob new # trailing\n"],
+    "lines": [b"\x02\x01\x00\x00\x00\x00a LOGIN {3}\r\nabc \"q\\\"x\"\r\n250-a\r\n250 b\r\n"],
+}
+
+#: Every target, by name (what ``scripts/fuzz`` accepts).
+TARGETS: dict[str, Callable[[bytes], None]] = dict(sorted(
+    (name[len("fuzz_"):], function)
+    for namespace in (globals(), vars(protocol_targets))
+    for name, function in list(namespace.items())
+    if name.startswith("fuzz_") and callable(function)))

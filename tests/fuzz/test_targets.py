@@ -1,0 +1,23 @@
+"""Every fuzz target (tests/fuzz/targets.py) on its seeds and on random bytes, briefly: the
+CI share of the fuzzing that ``scripts/fuzz`` does at length with atheris."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.fuzz.targets import SEEDS, TARGETS
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_seeds(name: str) -> None:
+    for seed in SEEDS.get(name, [b""]):
+        TARGETS[name](seed)
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=600))
+def test_random_bytes(name: str, data: bytes) -> None:
+    TARGETS[name](data)
