@@ -145,6 +145,7 @@ def build_runtime(reactor, config: Config, previous: Runtime | None = None) -> R
         metrics, capabilities = previous.metrics, previous.capabilities
         bans.security = config.security
         cache.counters = previous.router.cache.counters  # hits and misses count across reloads
+        cache.max_age = previous.router.cache.max_age  # the cluster bus may still be down
         for name in connector.breakers.keys() & previous.connector.breakers.keys():
             connector.breakers[name] = previous.connector.breakers[name]
     return Runtime(config=config, router=Router(config, store, cache, metrics),

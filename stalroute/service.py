@@ -18,11 +18,14 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 
+from stalroute.cluster import Cluster, build_cluster
 from stalroute.config import Config, ConfigError, ListenerConfig, load_config
+from stalroute.control import Control
 from stalroute.http.connection import HTTPListenerFactory
 from stalroute.closing import CLOSE_GRACE
 from stalroute.inbound import ListenerFactory
 from stalroute.logs import logger, set_level
+from stalroute.mapping.factory import InvalidStoreSetting
 from stalroute.protocols import PROTOCOLS
 from stalroute.runtime import Runtime, StartupError, bind_refused, build_runtime, refuse_to_start
 from stalroute.session import SessionFactory
@@ -42,7 +45,7 @@ OTHER_LISTENERS: dict[str, type[ListenerFactory]] = {"http": HTTPListenerFactory
 
 def settings_needing_restart(old: Config, new: Config) -> list[str]:
     """Changed settings a reload cannot apply: listener sockets, the admin endpoint, workers,
-    the log format (twistd's observer is set once, at startup)."""
+    the log format (twistd's observer is set once, at startup), the cluster bus and node id."""
     changed = [f"listener.{name}" for name in sorted(old.listeners.keys() | new.listeners.keys())
                if old.listeners.get(name) != new.listeners.get(name)]
     if old.admin != new.admin:
@@ -51,6 +54,8 @@ def settings_needing_restart(old: Config, new: Config) -> list[str]:
         changed.append("server.workers")
     if old.server.log_format != new.server.log_format:
         changed.append("server.log_format")
+    changed += [f"cluster.{key}" for key in ("node_id", "coordinator", "url")
+                if getattr(old.cluster, key) != getattr(new.cluster, key)]
     return changed
 
 
@@ -86,6 +91,13 @@ class ProxyService(service.Service):
         for warning in config.warnings:
             log.warn("configuration: {warning}", warning=str(warning))
         self.runtime: Runtime = build_runtime(reactor, config)
+        try:
+            #: This instance's end of the fleet's bus (``[cluster]``); it outlives reloads.
+            self.cluster: Cluster = build_cluster(config.cluster)
+        except InvalidStoreSetting as exc:
+            raise StartupError(str(exc)) from exc
+        #: The operations on this proxy; it also applies what the other instances publish.
+        self.control = Control(self, self.cluster)
         #: The connection factory of each listener, by the name it was started with.
         self.factories: dict[str, ListenerFactory] = {}
         self._ports: list[IListeningPort] = []
@@ -99,6 +111,7 @@ class ProxyService(service.Service):
             refuse_to_start(exc)
         config = self.runtime.config
         self.runtime.capabilities.start(self.reactor, config)  # answers come in later
+        self.cluster.start()
         log.info("stalroute started: {listeners} listeners, {destinations} destinations",
                  listeners=len(config.listeners), destinations=len(config.destinations))
 
@@ -182,6 +195,7 @@ class ProxyService(service.Service):
         self.runtime.registry.draining = True
         stopped = DeferredList([maybeDeferred(port.stopListening) for port in self._ports])
         stopped.addCallback(lambda _: Deferred.fromCoroutine(self._drain()))
+        stopped.addCallback(lambda _: self.cluster.stop())
         return stopped.addCallback(lambda _: self.runtime.router.store.close())
 
     async def _drain(self) -> None:

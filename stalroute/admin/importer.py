@@ -6,8 +6,8 @@ so a body that is unreadable further on (a JSON syntax error) writes nothing; th
 writes the valid rows in batches of :data:`BATCH`.  Each batch looks its rows up first with
 the store's ``lookup_many`` (rows already mapped that way are counted ``unchanged`` and not
 written), writes the changed ones with its ``upsert_many`` (one atomic rewrite of the file,
-one SQL transaction, ``MSET`` for Redis) and drops their cache entries, so imported rows are
-routable batch by batch.  The reactor is given a turn between batches, so live sessions keep
+one SQL transaction, ``MSET`` for Redis) and drops their cache entries (and, in a fleet, every
+other instance's routes), so imported rows are routable batch by batch.  The reactor is given a turn between batches, so live sessions keep
 flowing during an import.
 """
 
@@ -109,8 +109,7 @@ class Importer:
         changed = [(key, batch[key]) for key, now in zip(keys, current) if now != batch[key]]
         if changed:
             await store.upsert_many(changed)
-        for key, _ in changed:
-            runtime.router.cache.invalidate(key)
+            self._control.imported([key for key, _ in changed])
         self.imported += len(changed)
         self.unchanged += len(batch) - len(changed)
         await self._breathe()

@@ -121,6 +121,14 @@ class StalrouteCollector:
                                 "(POST /connections/delay).", value=stats["login_delays"])
         yield GaugeMetricFamily("stalroute_draining", "1 while draining (SIGTERM).",
                                 value=1 if stats["draining"] else 0)
+        cluster = stats.get("cluster", {})
+        if "connected" in cluster:  # a coordinator is configured
+            yield GaugeMetricFamily("stalroute_cluster_connected", "1 while the cluster "
+                                    "coordinator is connected.", value=int(cluster["connected"]))
+            yield CounterMetricFamily("stalroute_cluster_published", "State changes published "
+                                      "to the other instances.", value=cluster["published"])
+            yield CounterMetricFamily("stalroute_cluster_applied", "State changes of other "
+                                      "instances applied here.", value=cluster["applied"])
         if self._lockout_count is not None:
             lockouts, locked = self._lockout_count()
             yield CounterMetricFamily("stalroute_admin_lockouts", "Admin API lockouts of a "

@@ -370,6 +370,8 @@ class ClusterConfig:
     coordinator: str = setting(conv.choice("none", "redis", "postgresql"), "none")
     url: str | None = setting(conv.url("redis", "rediss", "postgresql", "postgres"), None,
                               repr=False)
+    #: Longest a cached route is served while the coordinator is unreachable.
+    fallback_ttl: float = setting(conv.duration(positive=True), 30.0)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ Three tiers, each with its own lifetime:
   does not turn every login into another slow store query.
 
 Concurrent misses for one key share one store lookup, and the cache holds at most
-``max_entries`` keys, evicting the least recently used.
+``max_entries`` keys, evicting the least recently used. While :attr:`RoutingCache.max_age` is
+set (the cluster coordinator is unreachable, so invalidations may be missed), no entry older
+than it is served.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class _Entry:
     error: StoreError | None
     expires: float
     tier: str
+    stored: float
 
 
 class RoutingCache:
@@ -55,6 +58,8 @@ class RoutingCache:
         self._inflight: dict[str, list[Deferred[str | None]]] = {}
         #: Bumped by every invalidation: an answer fetched before it is delivered, not cached.
         self._generation = 0
+        #: When set, the most seconds an entry is served after it was stored, whatever its tier.
+        self.max_age: float | None = None
         #: ``hit:<tier>`` / ``miss`` counters, for stats and metrics.
         self.counters: Counter[str] = Counter()
 
@@ -69,7 +74,9 @@ class RoutingCache:
         Fails with :class:`StoreError` when the store failed (now or within the transient tier).
         """
         entry = self._entries.get(key)
-        if entry is not None and entry.expires > self._clock.seconds():
+        now = self._clock.seconds()
+        if (entry is not None and entry.expires > now
+                and (self.max_age is None or now - entry.stored < self.max_age)):
             self._entries.move_to_end(key)
             self.counters[f"hit:{entry.tier}"] += 1
             return fail(entry.error) if entry.error else succeed(entry.destination)
@@ -95,10 +102,11 @@ class RoutingCache:
         if isinstance(result, Failure):
             error = result.value if isinstance(result.value, StoreError) else StoreError(
                 f"store lookup failed: {result.getErrorMessage() or type(result.value).__name__}")
-            entry = _Entry(None, error, 0.0, "transient")
+            entry = _Entry(None, error, 0.0, "transient", self._clock.seconds())
         else:
-            entry = _Entry(result, None, 0.0, "positive" if result is not None else "negative")
-        entry.expires = self._clock.seconds() + self._ttl[entry.tier]
+            entry = _Entry(result, None, 0.0, "positive" if result is not None else "negative",
+                           self._clock.seconds())
+        entry.expires = entry.stored + self._ttl[entry.tier]
         if generation == self._generation:
             self._store(key, entry)
         for waiter in self._inflight.pop(key):

@@ -919,10 +919,10 @@ class RecordingStore(DictStore):
 def test_a_large_import_reads_and_writes_in_batches() -> None:
     store = RecordingStore()
     invalidated: list[str] = []
-    router = SimpleNamespace(store=store, cache=SimpleNamespace(invalidate=invalidated.append))
+    router = SimpleNamespace(store=store)
     runtime = SimpleNamespace(router=router, config=SimpleNamespace(
         destinations={"node1": None, "node2": None}))
-    control = SimpleNamespace(runtime=runtime, normalize=str.lower)
+    control = SimpleNamespace(runtime=runtime, normalize=str.lower, imported=invalidated.extend)
     rows = 100_000
     body = io.BytesIO(b"".join(b"User%d\tnode1\n" % n for n in range(rows)))
     clock = Clock()

@@ -41,7 +41,6 @@ class StalrouteServiceMaker:
 
         from stalroute.admin.server import AdminService
         from stalroute.config import ConfigError, load_config
-        from stalroute.control import Control
         from stalroute.logs import service_for_twistd
         from stalroute.runtime import StartupError
         from stalroute.service import ProxyService
@@ -51,7 +50,7 @@ class StalrouteServiceMaker:
             proxy = ProxyService(reactor, config)
             services = MultiService()
             if config.admin:
-                AdminService(reactor, Control(proxy), config.admin).setServiceParent(services)
+                AdminService(reactor, proxy.control, config.admin).setServiceParent(services)
             proxy.setServiceParent(services)
             return service_for_twistd(services, config.server.log_format, options.parent or {})
         except ConfigError as exc:

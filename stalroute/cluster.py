@@ -1,0 +1,326 @@
+"""State changes shared by the instances of a fleet over a coordinator (SPEC §2.11).
+
+Every change made through the admin API is applied locally at once, then published as one
+JSON message ``{"node": node_id, "seq": n, "op": ..., <arguments>}`` on :data:`CHANNEL`;
+every other instance applies it (an instance ignores its own messages by ``node``). The
+mapping store is shared, so a remote mapping write only drops the cached route.
+
+Messages published while the bus is down are lost: while it is down the routing cache serves
+an entry for at most ``cluster.fallback_ttl`` (a cap the applier sets on the cache), and on
+reconnect the applier drops the whole cache. See :class:`Cluster`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import txredisapi
+from twisted.internet.defer import Deferred, DeferredList, succeed
+
+from stalroute.config import ClusterConfig
+from stalroute.logs import logger
+from stalroute.mapping import redact_url
+from stalroute.mapping.factory import InvalidStoreSetting
+from stalroute.mapping.redis import parse_redis_url, tls_options
+
+log = logger("stalroute.cluster")
+
+#: The one channel every instance publishes to and listens on.
+CHANNEL = "stalroute:changes"
+#: Change kinds and the arguments each carries (with their types).
+OPS: dict[str, dict[str, tuple[type, ...]]] = {
+    "mapping_put": {"identifier": (str,), "destination": (str,)},
+    "mapping_delete": {"identifier": (str,)},
+    "mappings_import": {},
+    "mappings_reload": {},
+    "invalidate": {"identifier": (str, type(None))},
+    "kick": {"identifier": (str, type(None)), "destination": (str, type(None))},
+    "delay": {"identifier": (str,), "seconds": (int, float)},
+    "reset_destination": {"name": (str,)},
+}
+#: Cap of the reconnection backoff to the coordinator, in seconds.
+RECONNECT_MAX_DELAY = 3.0
+#: Bound of one connection attempt and of one PUBLISH, in seconds.
+COMMAND_TIMEOUT = 5.0
+
+Argument = str | float | None
+
+
+class BadMessage(ValueError):
+    """A message on the channel that is not a change this version understands."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One state change, as published by instance ``node`` (its ``seq``-th)."""
+
+    node: int
+    seq: int
+    op: str
+    args: dict[str, Argument] = field(default_factory=dict)
+
+
+def encode(change: Change) -> str:
+    return json.dumps({"node": change.node, "seq": change.seq, "op": change.op, **change.args},
+                      separators=(",", ":"))
+
+
+def decode(message: str | bytes) -> Change:
+    """The change a message carries; BadMessage when it is not one."""
+    try:
+        document = json.loads(message)
+    except ValueError as exc:
+        raise BadMessage(f"not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise BadMessage("not a JSON object")
+    node, seq, op = document.pop("node", None), document.pop("seq", None), document.pop("op", None)
+    if type(node) is not int or type(seq) is not int:
+        raise BadMessage("node and seq must be integers")
+    if op not in OPS:
+        raise BadMessage(f"unknown op {op!r}")
+    expected = OPS[op]
+    if set(document) != set(expected):
+        raise BadMessage(f"{op} takes {', '.join(sorted(expected)) or 'no arguments'}")
+    for name, types in expected.items():
+        if not isinstance(document[name], types) or isinstance(document[name], bool):
+            raise BadMessage(f"{op}: bad {name}")
+    return Change(node, seq, op, document)
+
+
+class Coordinator(Protocol):
+    """A publish/subscribe bus shared by the instances."""
+
+    kind: str
+
+    @property
+    def connected(self) -> bool:
+        """Subscribed and able to publish: changes reach this instance and leave it."""
+
+    def start(self, on_message: Callable[[str | bytes], None],
+              on_connection: Callable[[bool], None]) -> None:
+        """Connect (and keep reconnecting); ``on_message`` gets every message on the
+        channel, ``on_connection`` every change of :attr:`connected`."""
+
+    def publish(self, message: str) -> Deferred[bool]:
+        """Send ``message`` to every subscriber; False when it could not be sent."""
+
+    def stop(self) -> Deferred[None]:
+        """Disconnect for good."""
+
+
+class Cluster:
+    """This instance's end of the bus: numbers and publishes its changes, hands the others'
+    to the applier (:meth:`attach`), and counts both."""
+
+    def __init__(self, node_id: int, coordinator: Coordinator | None) -> None:
+        self.node_id = node_id
+        self.coordinator = coordinator
+        self._seq = 0
+        self.published = 0
+        self.applied = 0
+        self._apply: Callable[[Change], None] = lambda change: None
+        self._on_connection: Callable[[bool], None] = lambda connected: None
+
+    @property
+    def connected(self) -> bool:
+        return self.coordinator is not None and self.coordinator.connected
+
+    def attach(self, apply: Callable[[Change], None],
+               on_connection: Callable[[bool], None]) -> None:
+        """Who applies remote changes and follows the bus state; told the state at once."""
+        self._apply, self._on_connection = apply, on_connection
+        if self.coordinator is not None:
+            on_connection(self.connected)
+
+    def start(self) -> None:
+        if self.coordinator is not None:
+            self.coordinator.start(self._received, self._connection_changed)
+
+    def stop(self) -> Deferred[None]:
+        return self.coordinator.stop() if self.coordinator is not None else succeed(None)
+
+    def publish(self, op: str, **args: Argument) -> None:
+        """Announce a change this instance has already applied (lost while disconnected)."""
+        if self.coordinator is None:
+            return
+        self._seq += 1
+        change = Change(self.node_id, self._seq, op, args)
+        self.coordinator.publish(encode(change)).addCallback(self._count_published)
+
+    def _count_published(self, sent: bool) -> None:
+        if sent:
+            self.published += 1
+
+    def _received(self, message: str | bytes) -> None:
+        try:
+            change = decode(message)
+        except BadMessage as exc:
+            log.warn("cluster: ignoring a message on {channel}: {problem}", channel=CHANNEL,
+                     problem=str(exc))
+            return
+        if change.node == self.node_id:
+            return
+        try:
+            self._apply(change)
+        except Exception:  # noqa: BLE001 - one bad change must not stop the subscriber
+            log.failure("cluster: applying {op} from node {node} failed", op=change.op,
+                        node=change.node)
+            return
+        self.applied += 1
+
+    def _connection_changed(self, connected: bool) -> None:
+        if connected:
+            log.info("cluster: connected to the {kind} coordinator", kind=self.kind)
+        else:
+            log.warn("cluster: lost the {kind} coordinator; cached routes live at most "
+                     "cluster.fallback_ttl until it is back", kind=self.kind)
+        self._on_connection(connected)
+
+    @property
+    def kind(self) -> str:
+        return self.coordinator.kind if self.coordinator is not None else "none"
+
+    def stats(self) -> dict[str, Any]:
+        if self.coordinator is None:
+            return {"coordinator": "none", "node_id": self.node_id}
+        return {"coordinator": self.kind, "node_id": self.node_id, "connected": self.connected,
+                "published": self.published, "applied": self.applied}
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+        self.factory.bus.received(message)
+
+
+class _SubscriberFactory(txredisapi.SubscriberFactory):
+    """One subscriber connection that subscribes on every (re)connection and reports its
+    state; txredisapi's pool slot reconnects with exponential backoff."""
+
+    protocol = _Subscriber
+    maxDelay = RECONNECT_MAX_DELAY
+
+    def __init__(self, bus: RedisCoordinator, password: str | None,
+                 username: str | None) -> None:
+        super().__init__(isLazy=True)
+        self.bus = bus
+        self.password, self.username = password, username
+        self.replyTimeout = COMMAND_TIMEOUT
+        self.deferred.addErrback(bus.gave_up)
+
+    def addConnection(self, conn: Any) -> None:
+        super().addConnection(conn)
+        if conn in self.pool:
+            d = conn.execute_command("SUBSCRIBE", CHANNEL, apply_timeout=False)
+            d.addCallbacks(lambda _: self.bus.subscribed(True),
+                           lambda _: conn.transport.loseConnection())
+
+    def delConnection(self, conn: Any) -> None:
+        super().delConnection(conn)
+        self.bus.subscribed(False)
+
+
+class _PublisherFactory(txredisapi.RedisFactory):
+    """The command connection ``PUBLISH`` goes out on; reports its state like the subscriber."""
+
+    maxDelay = RECONNECT_MAX_DELAY
+
+    def __init__(self, bus: RedisCoordinator, password: str | None,
+                 username: str | None) -> None:
+        super().__init__(None, None, 1, isLazy=True, password=password,
+                         replyTimeout=COMMAND_TIMEOUT, convertNumbers=False, username=username)
+        self.bus = bus
+        self.deferred.addErrback(bus.gave_up)
+
+    def addConnection(self, conn: Any) -> None:
+        super().addConnection(conn)
+        self.bus.update()
+
+    def delConnection(self, conn: Any) -> None:
+        super().delConnection(conn)
+        self.bus.update()
+
+
+class RedisCoordinator:
+    """Redis pub/sub: one subscriber connection, one command connection for ``PUBLISH``;
+    connected while both are up (a change published meanwhile would be lost)."""
+
+    kind = "redis"
+
+    def __init__(self, url: str) -> None:
+        try:
+            self._target = parse_redis_url(url)
+            self._tls = tls_options(self._target) if self._target.tls else False
+        except InvalidStoreSetting as exc:
+            raise InvalidStoreSetting(
+                "cluster.url: " + str(exc).removeprefix("mapping.redis.url: ")) from None
+        self.label = redact_url(url)
+        self._subscribed = False
+        self._connected = False
+        self._on_message: Callable[[str | bytes], None] = lambda message: None
+        self._on_connection: Callable[[bool], None] = lambda connected: None
+        self._subscriber: _SubscriberFactory | None = None
+        self._publisher: _PublisherFactory | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def start(self, on_message: Callable[[str | bytes], None],
+              on_connection: Callable[[bool], None]) -> None:
+        self._on_message, self._on_connection = on_message, on_connection
+        target = self._target
+        self._subscriber = _SubscriberFactory(self, target.password, target.username)
+        self._publisher = _PublisherFactory(self, target.password, target.username)
+        for factory in (self._subscriber, self._publisher):
+            factory.startConnecting(txredisapi._makeEndpoint(
+                target.host, target.port, COMMAND_TIMEOUT, self._tls))
+
+    def received(self, message: str | bytes) -> None:
+        self._on_message(message)
+
+    def subscribed(self, subscribed: bool) -> None:
+        self._subscribed = subscribed
+        self.update()
+
+    def update(self) -> None:
+        """Tell the cluster when both connections are up, or one went down."""
+        connected = (self._subscribed and self._publisher is not None
+                     and self._publisher.size > 0)
+        if connected != self._connected:
+            self._connected = connected
+            self._on_connection(connected)
+
+    def gave_up(self, failure: Any) -> None:
+        """txredisapi stops reconnecting after a refused AUTH; say so once."""
+        log.error("cluster: the coordinator {url} refused us: {reason}", url=self.label,
+                  reason=failure.getErrorMessage())
+
+    def publish(self, message: str) -> Deferred[bool]:
+        if self._publisher is None or self._publisher.size == 0:
+            return succeed(False)  # txredisapi would wait for a connection forever
+        d = self._publisher.handler.publish(CHANNEL, message)
+        d.addCallback(lambda _: True)
+        return d.addErrback(self._publish_failed)
+
+    def _publish_failed(self, failure: Any) -> bool:
+        log.warn("cluster: publishing to {url} failed: {reason}", url=self.label,
+                 reason=failure.getErrorMessage())
+        return False
+
+    def stop(self) -> Deferred[None]:
+        self._on_connection = lambda connected: None  # a shutdown is no outage
+        running = [part.disconnect() for part in (self._subscriber, self._publisher)
+                   if part is not None]
+        self._subscriber = self._publisher = None
+        return DeferredList(running, consumeErrors=True).addCallback(lambda _: None)
+
+
+def build_cluster(settings: ClusterConfig) -> Cluster:
+    """This instance's end of ``[cluster]``; InvalidStoreSetting for an unusable URL."""
+    coordinator: Coordinator | None = None
+    if settings.coordinator == "redis" and settings.url:
+        coordinator = RedisCoordinator(settings.url)
+    return Cluster(settings.node_id, coordinator)

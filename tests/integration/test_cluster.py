@@ -1,0 +1,142 @@
+"""A fleet over a Redis coordinator (SPEC §2.11): three stalroute processes (``node_id`` 1, 2,
+3, one shared mapping file, long cache lifetimes) in front of the Dovecot pair and one real
+Redis.
+
+An admin change made on one instance reaches the others: ``PUT /mappings`` alice → node2 and a
+kick on instance 1 end alice's sessions on all three, and her next login through instance 3
+lands on node2 although instance 3 had her route cached; a kick by destination on instance 2
+empties node1 on every instance. With Redis stopped, logins keep working, ``/stats`` says the
+bus is down and cached routes live at most ``fallback_ttl``; once Redis is back every instance
+reconnects, drops its route cache, and changes propagate again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import DovecotPair, StalrouteFactory, require_binary
+from tests.harness.pki import CertificateAuthority, IssuedCertificate
+from tests.harness.redis import RedisServer
+from tests.harness.stalroute import StalrouteProcess
+from tests.integration.test_admin import (
+    Admin, is_closed, lands_on, logged_in, node_of, proxy_config, wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+#: Short, so the test can watch it apply; the cache tiers are long, so only it can.
+FALLBACK_TTL = 2
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(require_binary("redis-server"))
+    try:
+        yield server.start()
+    finally:
+        server.close()
+
+
+Fleet = list[tuple[StalrouteProcess, Admin]]
+
+
+def bus(admin: Admin) -> dict[str, Any]:
+    return admin.ok("GET", "/stats")["cluster"]
+
+
+@pytest.fixture
+def fleet(stalroute: StalrouteFactory, pki: CertificateAuthority,
+          proxy_certificate: IssuedCertificate, dovecot_pair: DovecotPair,
+          redis_server: RedisServer, tmp_path: Path) -> Fleet:
+    redis_server.start()  # a test before may have left it stopped
+    shared = tmp_path / "shared-mappings.tsv"
+    shared.write_text("alice\tnode1\nbob\tnode1\n")
+    mapping = {"source": "file", "positive_ttl": "1h", "negative_ttl": "1h",
+               "file": {"path": str(shared)}}
+    members: Fleet = []
+    for node_id in (1, 2, 3):
+        config = proxy_config(pki, proxy_certificate, dovecot_pair, mapping=mapping)
+        config["cluster"] = {"node_id": node_id, "coordinator": "redis",
+                             "url": redis_server.url(), "fallback_ttl": f"{FALLBACK_TTL}s"}
+        proxy = stalroute(config)
+        members.append((proxy, Admin(proxy, pki)))
+    for _, admin in members:
+        wait_until(lambda: bus(admin)["connected"])
+    return members
+
+
+def all_closed(clients: list) -> Callable[[], bool]:
+    return lambda: all(is_closed(client) for client in clients)
+
+
+def test_admin_changes_reach_every_instance(fleet: Fleet, pki: CertificateAuthority,
+                                            users: dict[str, str]) -> None:
+    (one, admin1), (two, admin2), (three, admin3) = fleet
+    alices = [logged_in(proxy, pki, users, "alice") for proxy, _ in fleet]
+    bob = logged_in(three, pki, users, "bob")
+    assert [node_of(client, "alice") for client in alices] == ["node1"] * 3  # now cached
+
+    # The runbook, on instance 1 only.
+    admin1.ok("PUT", "/mappings?identifier=alice&destination=node2")
+    assert admin1.ok("POST", "/connections/kick?identifier=alice")["kicked"] == 1
+    wait_until(all_closed(alices))
+    assert not is_closed(bob)
+    assert lands_on(three, pki, users, "alice") == "node2"  # not instance 3's cached node1
+    assert lands_on(two, pki, users, "alice") == "node2"
+    assert bus(admin1)["published"] == 2
+    for admin in (admin2, admin3):
+        assert bus(admin) == {"coordinator": "redis", "node_id": bus(admin)["node_id"],
+                              "connected": True, "published": 0, "applied": 2}
+    assert "cluster: applied kick" in three.log_text()
+
+    # Draining node1, on instance 2: every instance's node1 sessions end.
+    bobs = [bob] + [logged_in(proxy, pki, users, "bob") for proxy in (one, two)]
+    alice = logged_in(one, pki, users, "alice")
+    admin2.ok("POST", "/connections/kick?destination=node1")
+    wait_until(all_closed(bobs))
+    for _, admin in fleet:
+        assert admin.ok("GET", "/connections?destination=node1")["connections"] == []
+    assert not is_closed(alice) and node_of(alice, "alice") == "node2"
+    alice.logout()
+
+    metrics = admin3.call("GET", "/metrics").body.decode()
+    assert "stalroute_cluster_connected 1.0" in metrics
+
+
+def test_logins_go_on_while_redis_is_down_and_caches_drop_on_reconnect(
+        fleet: Fleet, redis_server: RedisServer, pki: CertificateAuthority,
+        users: dict[str, str]) -> None:
+    (one, admin1), (two, admin2), (three, admin3) = fleet
+    assert lands_on(three, pki, users, "alice") == "node1"
+
+    redis_server.stop()
+    for proxy, admin in fleet:
+        wait_until(lambda: not bus(admin)["connected"])
+        assert "cluster: lost the redis coordinator" in proxy.log_text()
+        assert lands_on(proxy, pki, users, "alice") == "node1"
+    assert "stalroute_cluster_connected 0.0" in admin3.call("GET", "/metrics").body.decode()
+
+    # The cached route is served for fallback_ttl at most, then asked of the store again.
+    misses = admin3.ok("GET", "/stats")["cache_misses"]
+    assert lands_on(three, pki, users, "alice") == "node1"
+    assert admin3.ok("GET", "/stats")["cache_misses"] == misses
+    time.sleep(FALLBACK_TTL + 0.5)
+    assert lands_on(three, pki, users, "alice") == "node1"
+    assert admin3.ok("GET", "/stats")["cache_misses"] == misses + 1
+
+    redis_server.start()
+    for proxy, admin in fleet:
+        wait_until(lambda: bus(admin)["connected"], timeout=20)
+        assert admin.ok("GET", "/stats")["cache_entries"] == 0
+        assert "route cache dropped on connecting" in proxy.log_text()
+
+    # And changes propagate again.
+    assert lands_on(three, pki, users, "alice") == "node1"
+    admin2.ok("PUT", "/mappings?identifier=alice&destination=node2")
+    wait_until(lambda: bus(admin3)["applied"] >= 1)
+    assert lands_on(three, pki, users, "alice") == "node2"
