@@ -41,6 +41,8 @@ OPS: dict[str, dict[str, tuple[type, ...]]] = {
     "delay": {"identifier": (str,), "seconds": (int, float)},
     "reset_destination": {"name": (str,)},
 }
+#: Longest message decoded (a change is a few hundred bytes).
+MAX_MESSAGE = 16 * 1024
 #: Cap of the reconnection backoff to the coordinator, in seconds.
 RECONNECT_MAX_DELAY = 3.0
 #: Bound of one connection attempt and of one PUBLISH, in seconds.
@@ -70,9 +72,11 @@ def encode(change: Change) -> str:
 
 def decode(message: str | bytes) -> Change:
     """The change a message carries; BadMessage when it is not one."""
+    if len(message) > MAX_MESSAGE:
+        raise BadMessage(f"longer than {MAX_MESSAGE} bytes")
     try:
         document = json.loads(message)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise BadMessage(f"not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise BadMessage("not a JSON object")

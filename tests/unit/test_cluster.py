@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -65,6 +66,26 @@ def test_every_change_survives_encoding(change: Change) -> None:
 ])
 def test_a_message_that_is_no_change_is_refused(message: str, problem: str) -> None:
     with pytest.raises(BadMessage, match=problem):
+        decode(message)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=512), st.text(max_size=512),
+                 st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                              lambda inner: st.lists(inner) | st.dictionaries(st.text(max_size=8),
+                                                                              inner),
+                              max_leaves=20).map(json.dumps)))
+def test_any_message_decodes_to_a_change_or_is_refused(message: str | bytes) -> None:
+    try:
+        change = decode(message)
+    except BadMessage:
+        return
+    assert decode(encode(change)) == change
+
+
+@pytest.mark.parametrize("message", ["[" * 8_000 + "]" * 8_000, '"' + "x" * 20_000 + '"'])
+def test_deep_or_huge_messages_are_refused(message: str) -> None:
+    with pytest.raises(BadMessage):
         decode(message)
 
 
