@@ -13,11 +13,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from stalroute.config.reader import Context, Converter, Invalid, kind, show, suggest
 from stalroute.net import IPAddress, IPNetwork, parse_cidr
+
+T = TypeVar("T")
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
@@ -233,31 +236,32 @@ def min_version(value: Any, ctx: Context, key: str) -> str:
 # --- network -----------------------------------------------------------------------------
 
 
-def address(value: Any, ctx: Context, key: str) -> tuple[str, int]:
+def _parsed(value: Any, parse: Callable[[str], T], expected: str = "a string") -> T:
+    """``parse(value)`` for a string value; its ValueError (or the wrong type) as Invalid."""
     if not isinstance(value, str):
-        raise Invalid(f"must be a string ip:port, not {kind(value)}")
+        raise Invalid(f"must be {expected}, not {kind(value)}")
     try:
-        return parse_address(value)
+        return parse(value)
     except ValueError as exc:
         raise Invalid(str(exc)) from None
+
+
+def address(value: Any, ctx: Context, key: str) -> tuple[str, int]:
+    return _parsed(value, parse_address, "a string ip:port")
 
 
 def cidr(value: Any, ctx: Context, key: str) -> IPNetwork:
-    if not isinstance(value, str):
-        raise Invalid(f"must be a string, not {kind(value)}")
-    try:
-        return parse_cidr(value)
-    except ValueError as exc:
-        raise Invalid(str(exc)) from None
+    return _parsed(value, parse_cidr)
 
 
 def ip(value: Any, ctx: Context, key: str) -> IPAddress:
-    if not isinstance(value, str):
-        raise Invalid(f"must be a string, not {kind(value)}")
-    try:
-        return ipaddress.ip_address(value.strip("[]"))
-    except ValueError:
-        raise Invalid(f"{show(value)} is not an IP address") from None
+    def parse(text: str) -> IPAddress:
+        try:
+            return ipaddress.ip_address(text.strip("[]"))
+        except ValueError:
+            raise ValueError(f"{show(text)} is not an IP address") from None
+
+    return _parsed(value, parse)
 
 
 # --- containers and files ----------------------------------------------------------------
