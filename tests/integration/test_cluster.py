@@ -1,26 +1,29 @@
-"""A fleet over a Redis coordinator (SPEC §2.11): three stalroute processes (``node_id`` 1, 2,
-3, one shared mapping file, long cache lifetimes) in front of the Dovecot pair and one real
-Redis.
+"""A fleet over each coordinator (SPEC §2.11): three stalroute processes (``node_id`` 1, 2, 3,
+one shared mapping file, long cache lifetimes) in front of the Dovecot pair and one real Redis
+(pub/sub) or PostgreSQL (``LISTEN/NOTIFY``); every test runs once over each.
 
 An admin change made on one instance reaches the others: ``PUT /mappings`` alice → node2 and a
 kick on instance 1 end alice's sessions on all three, and her next login through instance 3
 lands on node2 although instance 3 had her route cached; a kick by destination on instance 2
-empties node1 on every instance. With Redis stopped, logins keep working, ``/stats`` says the
-bus is down and cached routes live at most ``fallback_ttl``; once Redis is back every instance
-reconnects, drops its route cache, and changes propagate again.
+empties node1 on every instance. With the coordinator stopped, logins keep working, ``/stats``
+says the bus is down and cached routes live at most ``fallback_ttl``; once it is back every
+instance reconnects, drops its route cache, and changes propagate again.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
-from tests.conftest import DovecotPair, StalrouteFactory, require_binary
+from tests.conftest import DovecotPair, StalrouteFactory, require_binary, unavailable
 from tests.harness.pki import CertificateAuthority, IssuedCertificate
+from tests.harness.postgres import PostgresServer, postgres_bindir
 from tests.harness.redis import RedisServer
 from tests.harness.stalroute import StalrouteProcess
 from tests.integration.test_admin import (
@@ -33,6 +36,14 @@ pytestmark = pytest.mark.integration
 FALLBACK_TTL = 2
 
 
+class Bus(Protocol):
+    """A coordinator server the test can stop and start again."""
+
+    def start(self) -> object: ...
+
+    def stop(self) -> None: ...
+
+
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer(require_binary("redis-server"))
@@ -40,6 +51,39 @@ def redis_server() -> Iterator[RedisServer]:
         yield server.start()
     finally:
         server.close()
+
+
+@pytest.fixture(scope="module")
+def postgres_server() -> Iterator[PostgresServer]:
+    bindir = postgres_bindir()
+    if bindir is None:
+        unavailable("PostgreSQL (initdb, postgres) is not installed (scripts/bootstrap)")
+    if os.geteuid() != 0:
+        unavailable("the PostgreSQL fixture runs as root (it switches to the postgres user)")
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        unavailable("there is no postgres user (the postgresql package creates it)")
+    server = PostgresServer(bindir, log_statements=True)
+    try:
+        server.start()
+        server.execute("CREATE ROLE fleet LOGIN")
+        server.execute("CREATE DATABASE fleet OWNER fleet")
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(params=["redis", "postgresql"])
+def coordinator(request: pytest.FixtureRequest) -> tuple[str, str, Bus]:
+    """The coordinator kind, its URL, and its server (running)."""
+    if request.param == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        redis.start()  # a test before may have left it stopped
+        return "redis", redis.url(), redis
+    postgres: PostgresServer = request.getfixturevalue("postgres_server")
+    postgres.start()
+    return "postgresql", f"postgresql://fleet@{postgres.host}:{postgres.port}/fleet", postgres
 
 
 Fleet = list[tuple[StalrouteProcess, Admin]]
@@ -52,8 +96,8 @@ def bus(admin: Admin) -> dict[str, Any]:
 @pytest.fixture
 def fleet(stalroute: StalrouteFactory, pki: CertificateAuthority,
           proxy_certificate: IssuedCertificate, dovecot_pair: DovecotPair,
-          redis_server: RedisServer, tmp_path: Path) -> Fleet:
-    redis_server.start()  # a test before may have left it stopped
+          coordinator: tuple[str, str, Bus], tmp_path: Path) -> Fleet:
+    kind, url, _ = coordinator
     shared = tmp_path / "shared-mappings.tsv"
     shared.write_text("alice\tnode1\nbob\tnode1\n")
     mapping = {"source": "file", "positive_ttl": "1h", "negative_ttl": "1h",
@@ -61,8 +105,8 @@ def fleet(stalroute: StalrouteFactory, pki: CertificateAuthority,
     members: Fleet = []
     for node_id in (1, 2, 3):
         config = proxy_config(pki, proxy_certificate, dovecot_pair, mapping=mapping)
-        config["cluster"] = {"node_id": node_id, "coordinator": "redis",
-                             "url": redis_server.url(), "fallback_ttl": f"{FALLBACK_TTL}s"}
+        config["cluster"] = {"node_id": node_id, "coordinator": kind, "url": url,
+                             "fallback_ttl": f"{FALLBACK_TTL}s"}
         proxy = stalroute(config)
         members.append((proxy, Admin(proxy, pki)))
     for _, admin in members:
@@ -74,7 +118,8 @@ def all_closed(clients: list) -> Callable[[], bool]:
     return lambda: all(is_closed(client) for client in clients)
 
 
-def test_admin_changes_reach_every_instance(fleet: Fleet, pki: CertificateAuthority,
+def test_admin_changes_reach_every_instance(fleet: Fleet, coordinator: tuple[str, str, Bus],
+                                            pki: CertificateAuthority,
                                             users: dict[str, str]) -> None:
     (one, admin1), (two, admin2), (three, admin3) = fleet
     alices = [logged_in(proxy, pki, users, "alice") for proxy, _ in fleet]
@@ -90,7 +135,7 @@ def test_admin_changes_reach_every_instance(fleet: Fleet, pki: CertificateAuthor
     assert lands_on(two, pki, users, "alice") == "node2"
     assert bus(admin1)["published"] == 2
     for admin in (admin2, admin3):
-        assert bus(admin) == {"coordinator": "redis", "node_id": bus(admin)["node_id"],
+        assert bus(admin) == {"coordinator": coordinator[0], "node_id": bus(admin)["node_id"],
                               "connected": True, "published": 0, "applied": 2}
     assert "cluster: applied kick" in three.log_text()
 
@@ -108,16 +153,17 @@ def test_admin_changes_reach_every_instance(fleet: Fleet, pki: CertificateAuthor
     assert "stalroute_cluster_connected 1.0" in metrics
 
 
-def test_logins_go_on_while_redis_is_down_and_caches_drop_on_reconnect(
-        fleet: Fleet, redis_server: RedisServer, pki: CertificateAuthority,
+def test_logins_go_on_while_the_coordinator_is_down_and_caches_drop_on_reconnect(
+        fleet: Fleet, coordinator: tuple[str, str, Bus], pki: CertificateAuthority,
         users: dict[str, str]) -> None:
     (one, admin1), (two, admin2), (three, admin3) = fleet
+    kind, _, server = coordinator
     assert lands_on(three, pki, users, "alice") == "node1"
 
-    redis_server.stop()
+    server.stop()
     for proxy, admin in fleet:
         wait_until(lambda: not bus(admin)["connected"])
-        assert "cluster: lost the redis coordinator" in proxy.log_text()
+        assert f"cluster: lost the {kind} coordinator" in proxy.log_text()
         assert lands_on(proxy, pki, users, "alice") == "node1"
     assert "stalroute_cluster_connected 0.0" in admin3.call("GET", "/metrics").body.decode()
 
@@ -129,7 +175,7 @@ def test_logins_go_on_while_redis_is_down_and_caches_drop_on_reconnect(
     assert lands_on(three, pki, users, "alice") == "node1"
     assert admin3.ok("GET", "/stats")["cache_misses"] == misses + 1
 
-    redis_server.start()
+    server.start()
     for proxy, admin in fleet:
         wait_until(lambda: bus(admin)["connected"], timeout=20)
         assert admin.ok("GET", "/stats")["cache_entries"] == 0
