@@ -8,6 +8,9 @@ mapping store is shared, so a remote mapping write only drops the cached route.
 Two buses: Redis pub/sub (:class:`RedisCoordinator`) and PostgreSQL ``LISTEN/NOTIFY``
 (:class:`PostgreSQLCoordinator`, channel :data:`PG_CHANNEL`).
 
+The same channel carries each instance's announces (:mod:`stalroute.membership`): they are
+not changes, and are counted apart (``announces_heard``).
+
 Messages published while the bus is down are lost: while it is down the routing cache serves
 an entry for at most ``cluster.fallback_ttl`` (a cap the applier sets on the cache), and on
 reconnect the applier drops the whole cache. See :class:`Cluster`.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import secrets
 import select
 import threading
 from collections.abc import Callable
@@ -30,14 +34,17 @@ import psycopg2.extensions
 import txredisapi
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import LoopingCall
 
-from stalroute.config import ClusterConfig
+from stalroute.config import ClusterConfig, Config
 from stalroute.logs import logger
 from stalroute.mapping import redact_url, scrub, url_secrets
 from stalroute.mapping.factory import InvalidStoreSetting
 from stalroute.mapping.redis import parse_redis_url, tls_options
 from stalroute.mapping.sql import postgresql_dsn
+from stalroute.membership import (HEARTBEAT, BadAnnounce, Member, Membership, decode_announce,
+                                  describe, encode_announce, is_announce)
 
 log = logger("stalroute.cluster")
 
@@ -87,8 +94,8 @@ def encode(change: Change) -> str:
                       separators=(",", ":"))
 
 
-def decode(message: str | bytes) -> Change:
-    """The change a message carries; BadMessage when it is not one."""
+def parse(message: str | bytes) -> dict[str, Any]:
+    """The JSON object a message carries; BadMessage when it is none."""
     if len(message) > MAX_MESSAGE:
         raise BadMessage(f"longer than {MAX_MESSAGE} bytes")
     try:
@@ -97,6 +104,16 @@ def decode(message: str | bytes) -> Change:
         raise BadMessage(f"not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise BadMessage("not a JSON object")
+    return document
+
+
+def decode(message: str | bytes) -> Change:
+    """The change a message carries; BadMessage when it is not one."""
+    return decode_change(parse(message))
+
+
+def decode_change(document: dict[str, Any]) -> Change:
+    """The change a parsed message carries; BadMessage when it is not one."""
     node, seq, op = document.pop("node", None), document.pop("seq", None), document.pop("op", None)
     if type(node) is not int or type(seq) is not int:
         raise BadMessage("node and seq must be integers")
@@ -134,34 +151,69 @@ class Coordinator(Protocol):
 
 class Cluster:
     """This instance's end of the bus: numbers and publishes its changes, hands the others'
-    to the applier (:meth:`attach`), and counts both."""
+    to the applier (:meth:`attach`), and counts both. It also announces this instance every
+    :data:`~stalroute.membership.HEARTBEAT` and keeps the :class:`Membership` it hears."""
 
-    def __init__(self, node_id: int, coordinator: Coordinator | None) -> None:
+    def __init__(self, node_id: int, coordinator: Coordinator | None,
+                 clock: IReactorTime = cast(IReactorTime, reactor),
+                 heartbeat: float = HEARTBEAT) -> None:
         self.node_id = node_id
         self.coordinator = coordinator
         self._seq = 0
         self.published = 0
         self.applied = 0
+        self.announces_heard = 0
+        #: Tells this process from another one given the same node_id.
+        self.token = secrets.token_hex(8)
+        self.started = clock.seconds()
+        self.membership = Membership(clock, heartbeat)
+        self._heartbeat = LoopingCall(self.announce)
+        self._heartbeat.clock = clock
         self._apply: Callable[[Change], None] = lambda change: None
         self._on_connection: Callable[[bool], None] = lambda connected: None
+        self._config: Callable[[], Config] | None = None
 
     @property
     def connected(self) -> bool:
         return self.coordinator is not None and self.coordinator.connected
 
     def attach(self, apply: Callable[[Change], None],
-               on_connection: Callable[[bool], None]) -> None:
-        """Who applies remote changes and follows the bus state; told the state at once."""
-        self._apply, self._on_connection = apply, on_connection
+               on_connection: Callable[[bool], None],
+               config: Callable[[], Config]) -> None:
+        """Who applies remote changes and follows the bus state (told the state at once),
+        and where this instance's current configuration is read for its announces."""
+        self._apply, self._on_connection, self._config = apply, on_connection, config
         if self.coordinator is not None:
             on_connection(self.connected)
 
     def start(self) -> None:
         if self.coordinator is not None:
             self.coordinator.start(self._received, self._connection_changed)
+            self._heartbeat.start(self.membership.heartbeat, now=False)  # connecting announces
 
     def stop(self) -> Deferred[None]:
+        if self._heartbeat.running:
+            self._heartbeat.stop()
         return self.coordinator.stop() if self.coordinator is not None else succeed(None)
+
+    def me(self) -> Member:
+        """This instance as it announces itself (under its current configuration)."""
+        if self._config is None:
+            raise RuntimeError("Cluster.attach was not called")
+        return describe(self._config(), self.token, self.started)
+
+    def announce(self) -> None:
+        """Tell the others this instance is alive (lost while disconnected)."""
+        if self.coordinator is not None and self.coordinator.connected:
+            self.coordinator.publish(encode_announce(self.me()))
+
+    def view(self) -> dict[str, Any]:
+        """``GET /cluster``: the live members and the problems among them."""
+        return self.membership.view(self.me())
+
+    def superseded(self) -> bool:
+        """Whether another live process with this node_id started before this one."""
+        return self.membership.superseded(self.me())
 
     def publish(self, op: str, **args: Argument) -> None:
         """Announce a change this instance has already applied (lost while disconnected)."""
@@ -177,8 +229,16 @@ class Cluster:
 
     def _received(self, message: str | bytes) -> None:
         try:
-            change = decode(message)
-        except BadMessage as exc:
+            document = parse(message)
+            if is_announce(document):
+                member = decode_announce(document)
+                self.membership.heard(member)
+                self.announces_heard += 1
+                if member.node_id == self.node_id and member.token != self.token:
+                    self.membership.duplicates(self.me())  # logs a new duplicate at once
+                return
+            change = decode_change(document)
+        except (BadMessage, BadAnnounce) as exc:
             log.warn("cluster: ignoring a message on {channel}: {problem}", channel=CHANNEL,
                      problem=str(exc))
             return
@@ -195,6 +255,7 @@ class Cluster:
     def _connection_changed(self, connected: bool) -> None:
         if connected:
             log.info("cluster: connected to the {kind} coordinator", kind=self.kind)
+            self.announce()
         else:
             log.warn("cluster: lost the {kind} coordinator; cached routes live at most "
                      "cluster.fallback_ttl until it is back", kind=self.kind)
@@ -208,7 +269,8 @@ class Cluster:
         if self.coordinator is None:
             return {"coordinator": "none", "node_id": self.node_id}
         return {"coordinator": self.kind, "node_id": self.node_id, "connected": self.connected,
-                "published": self.published, "applied": self.applied}
+                "published": self.published, "applied": self.applied,
+                "announces_heard": self.announces_heard}
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):

@@ -13,7 +13,7 @@ changes of the other instances.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -23,6 +23,7 @@ from stalroute.identity import normalize_identifier, redact
 from stalroute.inbound import ListenerFactory
 from stalroute.logs import logger
 from stalroute.mapping import ReadOnlyStore
+from stalroute.membership import Membership, describe
 from stalroute.runtime import Runtime
 
 log = logger("stalroute.admin")
@@ -61,7 +62,7 @@ class Control:
         #: changes stay on this instance).
         self._cluster = cluster
         if cluster is not None:
-            cluster.attach(self.apply, self._bus_changed)
+            cluster.attach(self.apply, self._bus_changed, lambda: self.runtime.config)
 
     @property
     def runtime(self) -> Runtime:
@@ -70,7 +71,18 @@ class Control:
     # health --------------------------------------------------------------------------
 
     async def readiness(self) -> Readiness:
-        return await readiness(self.runtime, self._proxy.reactor)
+        superseded = self._cluster is not None and self._cluster.superseded()
+        return await readiness(self.runtime, self._proxy.reactor, superseded)
+
+    # fleet ---------------------------------------------------------------------------
+
+    def cluster(self) -> dict[str, Any]:
+        """``GET /cluster``: the live members of the fleet (only this instance without a
+        coordinator) and the mismatches among them."""
+        if self._cluster is not None:
+            return self._cluster.view()
+        alone = describe(self.runtime.config, "local", 0.0)
+        return Membership(self._proxy.reactor).view(alone)
 
     # statistics ----------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Readiness (SPEC §9), the one definition behind the admin API's and the HTTP listeners'
-``/healthz/ready``: not ready while draining, while the mapping store does not answer, or
-while the default destination's circuit is open. Liveness only says the process answers."""
+``/healthz/ready``: not ready while draining, while the mapping store does not answer,
+while the default destination's circuit is open, or (admin API only: the fleet is known there)
+while another live process with this ``node_id`` started before this one. Liveness only says the process answers."""
 
 from __future__ import annotations
 
@@ -21,10 +22,14 @@ class Readiness:
     reasons: tuple[str, ...]
 
 
-async def readiness(runtime: Runtime, clock: IReactorTime) -> Readiness:
+async def readiness(runtime: Runtime, clock: IReactorTime,
+                    duplicate_node: bool = False) -> Readiness:
     reasons: list[str] = []
     if runtime.registry.draining:
         reasons.append("draining")
+    if duplicate_node:
+        reasons.append(f"node_id {runtime.config.cluster.node_id} is used by a process "
+                       "that started earlier")
     default = runtime.config.routing.default_destination
     if runtime.connector.breakers[default].state == "open":
         reasons.append(f"default destination {default} is marked down")

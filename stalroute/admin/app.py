@@ -351,6 +351,11 @@ class AdminAPI:
                 "admin": {"lockouts": self.lockout.lockouts,
                           "locked_addresses": self.lockout.locked()}}
 
+    @app.route("/cluster", methods=["GET"])
+    @_endpoint()
+    async def cluster(self, request):
+        return self.control.cluster()
+
     @app.route("/destinations", methods=["GET"])
     @_endpoint()
     async def destinations(self, request):

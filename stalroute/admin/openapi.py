@@ -115,6 +115,10 @@ SPEC: dict[str, Any] = {
             auth=False, tag="health")},
         "/stats": {"get": _op("Counters: listeners, sessions, cache, bans", {
             "200": _json("Statistics", _STATISTICS)})},
+        "/cluster": {"get": _op(
+            "The fleet's live members (only this instance without a coordinator) and the "
+            "mismatches among them: a node_id used twice, different server.hostname, "
+            "destinations or configuration digests", {"200": _json("Members and problems")})},
         "/destinations": {"get": _op("Destinations with their circuit state", {
             "200": _json("Destinations")})},
         "/destinations/reset": {"post": _op("Close a destination's circuit by hand", {

@@ -121,6 +121,21 @@ def render_stats(stats: dict[str, Any], args: argparse.Namespace) -> str:
     ])
 
 
+def render_cluster(document: dict[str, Any], args: argparse.Namespace) -> str:
+    rows = [{**m, "self": "*" if m["self"] else "",
+             "listeners": ",".join(f"{listener['name']}/{listener['protocol']}"
+                                   for listener in m["listeners"]),
+             "config_digest": m["config_digest"][:12],
+             "last_seen": f"{m['last_seen']:.1f}s ago"} for m in document["members"]]
+    table = format_table(rows, [
+        ("self", ""), ("node_id", "NODE"), ("hostname", "HOSTNAME"), ("version", "VERSION"),
+        ("workers", "WORKERS"), ("listeners", "LISTENERS"), ("config_digest", "CONFIG"),
+        ("last_seen", "LAST SEEN")])
+    problems = document["problems"]
+    return "\n".join([table, "", "problems: none" if not problems else "problems:",
+                      *(f"  - {problem}" for problem in problems)])
+
+
 def render_destinations(document: dict[str, Any], args: argparse.Namespace) -> str:
     rows = [{**d, "protocols": ",".join(d["protocols"]), "default": "yes" if d["default"]
              else ""} for d in document["destinations"]]
@@ -299,6 +314,8 @@ IDENTIFIER = arg("identifier", metavar="IDENTIFIER")
 SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("stats", "listeners, sessions, cache and ban counters",
                Request("GET", "/stats", render_stats)),
+    Subcommand("cluster", "the fleet's live members and the mismatches among them",
+               Request("GET", "/cluster", render_cluster)),
     Subcommand("destinations", "destinations and their circuit state", LIST_DESTINATIONS),
     Subcommand("destinations list", "list destinations (default)", LIST_DESTINATIONS),
     Subcommand("destinations reset", "close a destination's circuit by hand",

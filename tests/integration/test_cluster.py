@@ -8,6 +8,9 @@ lands on node2 although instance 3 had her route cached; a kick by destination o
 empties node1 on every instance. With the coordinator stopped, logins keep working, ``/stats``
 says the bus is down and cached routes live at most ``fallback_ttl``; once it is back every
 instance reconnects, drops its route cache, and changes propagate again.
+
+Membership: ``GET /cluster`` on any instance lists the three; a fourth process given node_id 1
+is named in the problems and is not ready, while the first node 1 stays ready.
 """
 
 from __future__ import annotations
@@ -94,20 +97,31 @@ def bus(admin: Admin) -> dict[str, Any]:
 
 
 @pytest.fixture
-def fleet(stalroute: StalrouteFactory, pki: CertificateAuthority,
-          proxy_certificate: IssuedCertificate, dovecot_pair: DovecotPair,
-          coordinator: tuple[str, str, Bus], tmp_path: Path) -> Fleet:
+def member_config(pki: CertificateAuthority, proxy_certificate: IssuedCertificate,
+                  dovecot_pair: DovecotPair, coordinator: tuple[str, str, Bus],
+                  tmp_path: Path) -> Callable[[int], dict[str, Any]]:
+    """The configuration of the fleet's instance ``node_id``."""
     kind, url, _ = coordinator
     shared = tmp_path / "shared-mappings.tsv"
     shared.write_text("alice\tnode1\nbob\tnode1\n")
     mapping = {"source": "file", "positive_ttl": "1h", "negative_ttl": "1h",
                "file": {"path": str(shared)}}
-    members: Fleet = []
-    for node_id in (1, 2, 3):
+
+    def build(node_id: int) -> dict[str, Any]:
         config = proxy_config(pki, proxy_certificate, dovecot_pair, mapping=mapping)
         config["cluster"] = {"node_id": node_id, "coordinator": kind, "url": url,
                              "fallback_ttl": f"{FALLBACK_TTL}s"}
-        proxy = stalroute(config)
+        return config
+
+    return build
+
+
+@pytest.fixture
+def fleet(stalroute: StalrouteFactory, pki: CertificateAuthority,
+          member_config: Callable[[int], dict[str, Any]]) -> Fleet:
+    members: Fleet = []
+    for node_id in (1, 2, 3):
+        proxy = stalroute(member_config(node_id))
         members.append((proxy, Admin(proxy, pki)))
     for _, admin in members:
         wait_until(lambda: bus(admin)["connected"])
@@ -136,7 +150,8 @@ def test_admin_changes_reach_every_instance(fleet: Fleet, coordinator: tuple[str
     assert bus(admin1)["published"] == 2
     for admin in (admin2, admin3):
         assert bus(admin) == {"coordinator": coordinator[0], "node_id": bus(admin)["node_id"],
-                              "connected": True, "published": 0, "applied": 2}
+                              "connected": True, "published": 0, "applied": 2,
+                              "announces_heard": bus(admin)["announces_heard"]}
     assert "cluster: applied kick" in three.log_text()
 
     # Draining node1, on instance 2: every instance's node1 sessions end.
@@ -186,3 +201,39 @@ def test_logins_go_on_while_the_coordinator_is_down_and_caches_drop_on_reconnect
     admin2.ok("PUT", "/mappings?identifier=alice&destination=node2")
     wait_until(lambda: bus(admin3)["applied"] >= 1)
     assert lands_on(three, pki, users, "alice") == "node2"
+    for _, admin in fleet:
+        wait_until(lambda: len(admin.ok("GET", "/cluster")["members"]) == 3)
+
+
+def node_ids(admin: Admin) -> list[int]:
+    return [member["node_id"] for member in admin.ok("GET", "/cluster")["members"]]
+
+
+def test_every_instance_lists_the_fleet_and_a_duplicate_node_id_is_not_ready(
+        fleet: Fleet, stalroute: StalrouteFactory, pki: CertificateAuthority,
+        member_config: Callable[[int], dict[str, Any]]) -> None:
+    (one, admin1), _, _ = fleet
+    for _, admin in fleet:  # a heartbeat (5 s) at most before all have heard all
+        wait_until(lambda: node_ids(admin) == [1, 2, 3])
+        view = admin.ok("GET", "/cluster")
+        assert view["problems"] == []
+        assert sum(member["self"] for member in view["members"]) == 1
+        member = view["members"][0]
+        assert member["hostname"] == "stalroute.test"
+        assert member["workers"] == 1 and member["version"]
+        assert {m["config_digest"] for m in view["members"]} == {member["config_digest"]}
+        assert [listener["name"] for listener in member["listeners"]]
+
+    duplicate = stalroute(member_config(1))
+    admin4 = Admin(duplicate, pki)
+    wait_until(lambda: bus(admin4)["connected"])
+    for admin in (admin1, admin4):
+        wait_until(lambda: node_ids(admin) == [1, 1, 2, 3])
+        problems = admin.ok("GET", "/cluster")["problems"]
+        assert len(problems) == 1 and "node_id 1 is used by 2 processes" in problems[0]
+    ready = admin4.call("GET", "/healthz/ready")
+    assert ready.status == 503
+    assert "node_id 1 is used by a process that started earlier" in ready.json["error"]
+    assert admin1.call("GET", "/healthz/ready").status == 200
+    for proxy in (one, duplicate):
+        wait_until(lambda: "also runs as node_id 1" in proxy.log_text())

@@ -155,7 +155,7 @@ class Instance:
         self.runtime = build_runtime(clock, self.config)
         self.runtime.router.store = store
         self.coordinator = MemoryCoordinator(bus)
-        self.cluster = Cluster(node_id, self.coordinator)
+        self.cluster = Cluster(node_id, self.coordinator, clock)
         proxy = SimpleNamespace(runtime=self.runtime, factories={}, reactor=clock,
                                 reload_config=list)
         self.control = Control(proxy, self.cluster)  # type: ignore[arg-type]
@@ -289,7 +289,7 @@ def test_bus_state_in_stats_and_metrics(fleet) -> None:
     one.control.invalidate()
     assert one.control.stats()["cluster"] == {
         "coordinator": "memory", "node_id": 1, "connected": True, "published": 1,
-        "applied": 0}
+        "applied": 0, "announces_heard": 2}  # its own and two's: announces are no changes
     assert two.control.stats()["cluster"]["applied"] == 1
 
     def samples(instance: Instance) -> dict[str, float]:
@@ -529,4 +529,4 @@ def test_a_postgresql_coordinator_is_built_for_coordinator_postgresql(tmp_path: 
     cluster = build_cluster(config.cluster)
     assert isinstance(cluster.coordinator, PostgreSQLCoordinator)
     assert cluster.stats() == {"coordinator": "postgresql", "node_id": 1, "connected": False,
-                               "published": 0, "applied": 0}
+                               "published": 0, "applied": 0, "announces_heard": 0}
