@@ -8,6 +8,7 @@ under ``CI=true``, where it fails: CI must never pass by skipping.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 from collections.abc import Callable, Iterator, Mapping
@@ -18,6 +19,7 @@ import pytest
 
 from tests.harness.dovecot import DovecotNode, start_seeded_nodes
 from tests.harness.pki import CertificateAuthority, IssuedCertificate
+from tests.harness.postgres import PostgresServer, postgres_bindir
 from tests.harness.processes import reap_all
 from tests.harness.stalroute import StalrouteProcess
 
@@ -47,6 +49,27 @@ def require_binary(name: str) -> str:
     if path is None:
         unavailable(f"{name} is not installed (scripts/bootstrap installs it)")
     return path
+
+
+def start_postgres(*, log_statements: bool = False) -> PostgresServer:
+    """A private PostgreSQL server, started (it runs as the ``postgres`` user, so as root);
+    :func:`unavailable` names what is missing. The caller closes it."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        unavailable("PostgreSQL (initdb, postgres) is not installed (scripts/bootstrap)")
+    if os.geteuid() != 0:
+        unavailable("the PostgreSQL fixture runs as root (it switches to the postgres user)")
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        unavailable("there is no postgres user (the postgresql package creates it)")
+    server = PostgresServer(bindir, log_statements=log_statements)
+    try:
+        server.start()
+    except BaseException:
+        server.close()
+        raise
+    return server
 
 
 class DovecotPair(NamedTuple):

@@ -16,7 +16,6 @@ import http.client
 import imaplib
 import json
 import os
-import pwd
 import subprocess
 import time
 from collections import Counter
@@ -27,12 +26,12 @@ from typing import Any
 import pytest
 
 from stalroute.admin.openapi import SPEC
-from tests.conftest import DovecotPair, StalrouteFactory, require_binary, unavailable
+from tests.conftest import DovecotPair, StalrouteFactory, require_binary, start_postgres
 from tests.harness.clients import SourceIMAP4_SSL, fetch_subject
 from tests.harness.dovecot import welcome_subject
 from tests.harness.pki import CertificateAuthority, IssuedCertificate
 from tests.harness.ports import LOOPBACK
-from tests.harness.postgres import PostgresServer, postgres_bindir
+from tests.harness.postgres import PostgresServer
 from tests.harness.redis import RedisServer
 from tests.harness.stalroute import (
     StalrouteProcess,
@@ -159,18 +158,8 @@ class RedisStore(Store):
 
 @pytest.fixture(scope="module")
 def postgres_server() -> Iterator[PostgresServer]:
-    bindir = postgres_bindir()
-    if bindir is None:
-        unavailable("PostgreSQL (initdb, postgres) is not installed (scripts/bootstrap)")
-    if os.geteuid() != 0:
-        unavailable("the PostgreSQL fixture runs as root (it switches to the postgres user)")
+    server = start_postgres()
     try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        unavailable("there is no postgres user (the postgresql package creates it)")
-    server = PostgresServer(bindir)
-    try:
-        server.start()
         server.execute("CREATE TABLE routes (login text PRIMARY KEY, destination text)")
         yield server
     finally:

@@ -15,8 +15,6 @@ is named in the problems and is not ready, while the first node 1 stays ready.
 
 from __future__ import annotations
 
-import os
-import pwd
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,9 +22,9 @@ from typing import Any, Protocol
 
 import pytest
 
-from tests.conftest import DovecotPair, StalrouteFactory, require_binary, unavailable
+from tests.conftest import DovecotPair, StalrouteFactory, require_binary, start_postgres
 from tests.harness.pki import CertificateAuthority, IssuedCertificate
-from tests.harness.postgres import PostgresServer, postgres_bindir
+from tests.harness.postgres import PostgresServer
 from tests.harness.redis import RedisServer
 from tests.harness.stalroute import StalrouteProcess
 from tests.integration.test_admin import (
@@ -58,18 +56,8 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def postgres_server() -> Iterator[PostgresServer]:
-    bindir = postgres_bindir()
-    if bindir is None:
-        unavailable("PostgreSQL (initdb, postgres) is not installed (scripts/bootstrap)")
-    if os.geteuid() != 0:
-        unavailable("the PostgreSQL fixture runs as root (it switches to the postgres user)")
+    server = start_postgres(log_statements=True)
     try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        unavailable("there is no postgres user (the postgresql package creates it)")
-    server = PostgresServer(bindir, log_statements=True)
-    try:
-        server.start()
         server.execute("CREATE ROLE fleet LOGIN")
         server.execute("CREATE DATABASE fleet OWNER fleet")
         yield server

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import imaplib
 import json
-import os
-import pwd
 import sqlite3
 import subprocess
 import sys
@@ -27,12 +25,12 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.conftest import DovecotPair, StalrouteFactory, require_binary, unavailable
+from tests.conftest import DovecotPair, StalrouteFactory, require_binary, start_postgres
 from tests.harness.clients import SourceIMAP4_SSL, fetch_subject
 from tests.harness.dovecot import welcome_subject
 from tests.harness.pki import CertificateAuthority, IssuedCertificate
 from tests.harness.ports import free_port
-from tests.harness.postgres import PostgresServer, postgres_bindir
+from tests.harness.postgres import PostgresServer
 from tests.harness.redis import RedisServer
 from tests.harness.stalroute import REPO_ROOT, StalrouteProcess, dump_toml, two_node_imap_config
 
@@ -186,18 +184,8 @@ class RedisBackend(Backend):
 
 @pytest.fixture(scope="module")
 def postgres_server() -> Iterator[PostgresServer]:
-    bindir = postgres_bindir()
-    if bindir is None:
-        unavailable("PostgreSQL (initdb, postgres) is not installed (scripts/bootstrap)")
-    if os.geteuid() != 0:
-        unavailable("the PostgreSQL fixture runs as root (it switches to the postgres user)")
+    server = start_postgres(log_statements=True)
     try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        unavailable("there is no postgres user (the postgresql package creates it)")
-    server = PostgresServer(bindir, log_statements=True)
-    try:
-        server.start()
         server.execute("CREATE TABLE routes (login text PRIMARY KEY, destination text)")
         yield server
     finally:
