@@ -1,15 +1,25 @@
 """State changes shared by the instances of a fleet over a coordinator (SPEC §2.11).
 
 Every change made through the admin API is applied locally at once, then published as one
-JSON message ``{"node": node_id, "seq": n, "op": ..., <arguments>}`` on :data:`CHANNEL`;
-every other instance applies it (an instance ignores its own messages by ``node``). The
-mapping store is shared, so a remote mapping write only drops the cached route.
+JSON message on the coordinator's channel (:mod:`stalroute.coordinators`)::
 
-Two buses: Redis pub/sub (:class:`RedisCoordinator`) and PostgreSQL ``LISTEN/NOTIFY``
-(:class:`PostgreSQLCoordinator`, channel :data:`PG_CHANNEL`).
+    {"node": node_id, "token": sender_token, "seq": n, "op": ..., <arguments>}
+
+``token`` names the sending process (:attr:`Cluster.token`, as in its announces): a process
+ignores its own changes by it. Every other one applies the change (the mapping store is
+shared, so a remote mapping write only drops the cached route) and, once the applier is done,
+acknowledges it on the same channel::
+
+    {"op": "ack", "node": acker_node_id, "token": acker_token, "to": sender_token, "seq": n}
+
+A process reads only the acks addressed to its token (``acks_heard``; an ack is never applied).
+:meth:`Cluster.publish` answers an :class:`Acknowledgement` once every member live when it
+published (:class:`~stalroute.membership.Membership`) has acked, or after :data:`ACK_TIMEOUT`
+naming the silent ones (laggards); while the bus is down, at once, naming every other member
+unreachable. "Applied by all" thus means no live instance routes by the old state any more.
 
 The same channel carries each instance's announces (:mod:`stalroute.membership`): they are
-not changes, and are counted apart (``announces_heard``).
+neither changes nor acks, and are counted apart (``announces_heard``).
 
 Messages published while the bus is down are lost: while it is down the routing cache serves
 an entry for at most ``cluster.fallback_ttl`` (a cap the applier sets on the cache), and on
@@ -19,41 +29,27 @@ reconnect the applier drops the whole cache. See :class:`Cluster`.
 from __future__ import annotations
 
 import json
-import os
-import queue
+import math
 import secrets
-import select
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from typing import Any, cast
 
-import psycopg2
-import psycopg2.extensions
-import txredisapi
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from stalroute.config import ClusterConfig, Config
+from stalroute.coordinators import (CHANNEL, Coordinator, PostgreSQLCoordinator,
+                                    RedisCoordinator)
 from stalroute.logs import logger
-from stalroute.mapping import redact_url, scrub, url_secrets
-from stalroute.mapping.factory import InvalidStoreSetting
-from stalroute.mapping.redis import parse_redis_url, tls_options
-from stalroute.mapping.sql import postgresql_dsn
 from stalroute.membership import (HEARTBEAT, BadAnnounce, Member, Membership, decode_announce,
-                                  describe, encode_announce, is_announce)
+                                  describe, encode_announce, is_announce, is_token)
 
 log = logger("stalroute.cluster")
 
-#: The one channel every instance publishes to and listens on.
-CHANNEL = "stalroute:changes"
-#: The same channel under PostgreSQL (a plain identifier: ``LISTEN`` takes no parameter).
-PG_CHANNEL = "stalroute_changes"
-#: PostgreSQL refuses a NOTIFY payload of 8000 bytes or more.
-MAX_NOTIFY_PAYLOAD = 7999
 #: Change kinds and the arguments each carries (with their types).
 OPS: dict[str, dict[str, tuple[type, ...]]] = {
     "mapping_put": {"identifier": (str,), "destination": (str,)},
@@ -67,10 +63,12 @@ OPS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 #: Longest message decoded (a change is a few hundred bytes).
 MAX_MESSAGE = 16 * 1024
-#: Cap of the reconnection backoff to the coordinator, in seconds.
-RECONNECT_MAX_DELAY = 3.0
-#: Bound of one connection attempt and of one PUBLISH, in seconds.
-COMMAND_TIMEOUT = 5.0
+#: The ``op`` of an acknowledgement (not a state change: never applied).
+ACK = "ack"
+#: Seconds a write waits for the other members' acknowledgements.
+ACK_TIMEOUT = 2.0
+#: Writes awaiting acknowledgements at most; a write beyond is answered at once.
+MAX_PENDING = 10_000
 
 Argument = str | float | None
 
@@ -81,25 +79,76 @@ class BadMessage(ValueError):
 
 @dataclass(frozen=True)
 class Change:
-    """One state change, as published by instance ``node`` (its ``seq``-th)."""
+    """One state change, as published by process ``token`` of instance ``node`` (its
+    ``seq``-th)."""
 
     node: int
+    token: str
     seq: int
     op: str
     args: dict[str, Argument] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Ack:
+    """Process ``token`` of instance ``node`` applied change ``seq`` of process ``to``."""
+
+    node: int
+    token: str
+    to: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Acknowledgement:
+    """Who applied one change: this instance counts as one member and has applied it."""
+
+    #: Members that applied it (this instance included).
+    applied: int
+    #: Members live when it was published (this instance included), plus any unexpected acker.
+    members: int
+    #: Node ids of live members that did not ack within :data:`ACK_TIMEOUT`.
+    laggards: tuple[int, ...] = ()
+    #: Node ids of live members it could not be sent to (bus down, publish failed).
+    unreachable: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The admin API's answer: ``laggards``/``unreachable`` only when there are some."""
+        answer: dict[str, Any] = {"applied": self.applied, "members": self.members}
+        if self.laggards:
+            answer["laggards"] = list(self.laggards)
+        if self.unreachable:
+            answer["unreachable"] = list(self.unreachable)
+        return answer
+
+
 def encode(change: Change) -> str:
-    return json.dumps({"node": change.node, "seq": change.seq, "op": change.op, **change.args},
-                      separators=(",", ":"))
+    return json.dumps({"node": change.node, "token": change.token, "seq": change.seq,
+                       "op": change.op, **change.args}, separators=(",", ":"))
+
+
+def encode_ack(ack: Ack) -> str:
+    return json.dumps({"op": ACK, "node": ack.node, "token": ack.token, "to": ack.to,
+                       "seq": ack.seq}, separators=(",", ":"))
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise BadMessage(f"{text} is out of range")
+    return number
+
+
+def _no_constant(name: str) -> float:
+    raise BadMessage(f"{name} is no number")
 
 
 def parse(message: str | bytes) -> dict[str, Any]:
-    """The JSON object a message carries; BadMessage when it is none."""
+    """The JSON object a message carries (finite numbers only); BadMessage when it is none."""
     if len(message) > MAX_MESSAGE:
         raise BadMessage(f"longer than {MAX_MESSAGE} bytes")
     try:
-        document = json.loads(message)
+        document = json.loads(message, parse_float=_finite, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise BadMessage(f"not JSON: {exc}") from None
     if not isinstance(document, dict):
@@ -107,17 +156,25 @@ def parse(message: str | bytes) -> dict[str, Any]:
     return document
 
 
-def decode(message: str | bytes) -> Change:
-    """The change a message carries; BadMessage when it is not one."""
-    return decode_change(parse(message))
+def decode_message(message: str | bytes) -> Change | Ack | Member:
+    """What a message on the channel carries; BadMessage (BadAnnounce for an announce) when
+    it is nothing this version reads."""
+    document = parse(message)
+    if is_announce(document):
+        return decode_announce(document)
+    if document.get("op") == ACK:
+        return decode_ack(document)
+    return decode_change(document)
 
 
 def decode_change(document: dict[str, Any]) -> Change:
     """The change a parsed message carries; BadMessage when it is not one."""
-    node, seq, op = document.pop("node", None), document.pop("seq", None), document.pop("op", None)
+    node, token, seq, op = (document.pop(key, None) for key in ("node", "token", "seq", "op"))
     if type(node) is not int or type(seq) is not int:
         raise BadMessage("node and seq must be integers")
-    if op not in OPS:
+    if not is_token(token):
+        raise BadMessage("token must be a short string")
+    if not isinstance(op, str) or op not in OPS:  # a list or an object is no key
         raise BadMessage(f"unknown op {op!r}")
     expected = OPS[op]
     if set(document) != set(expected):
@@ -125,33 +182,46 @@ def decode_change(document: dict[str, Any]) -> Change:
     for name, types in expected.items():
         if not isinstance(document[name], types) or isinstance(document[name], bool):
             raise BadMessage(f"{op}: bad {name}")
-    return Change(node, seq, op, document)
+    return Change(node, token, seq, op, document)
 
 
-class Coordinator(Protocol):
-    """A publish/subscribe bus shared by the instances."""
+def decode_ack(document: dict[str, Any]) -> Ack:
+    """The acknowledgement a parsed message carries; BadMessage when it is not one."""
+    if set(document) != {"op", "node", "token", "to", "seq"}:
+        raise BadMessage("an ack carries op, node, token, to and seq")
+    node, token, to, seq = (document[key] for key in ("node", "token", "to", "seq"))
+    if type(node) is not int or type(seq) is not int:
+        raise BadMessage("ack: node and seq must be integers")
+    if not is_token(token) or not is_token(to):
+        raise BadMessage("ack: token and to must be short strings")
+    return Ack(node, token, to, seq)
 
-    kind: str
 
-    @property
-    def connected(self) -> bool:
-        """Subscribed and able to publish: changes reach this instance and leave it."""
+@dataclass
+class _Pending:
+    """One published change awaiting the acknowledgements of the other members."""
 
-    def start(self, on_message: Callable[[str | bytes], None],
-              on_connection: Callable[[bool], None]) -> None:
-        """Connect (and keep reconnecting); ``on_message`` gets every message on the
-        channel, ``on_connection`` every change of :attr:`connected`."""
+    op: str
+    published: float
+    #: The members yet to ack, node_id by token.
+    waiting: dict[str, int]
+    timer: IDelayedCall
+    #: The members that acked, node_id by token.
+    acked: dict[str, int] = field(default_factory=dict)
+    answer: Deferred[Acknowledgement] = field(default_factory=Deferred)
 
-    def publish(self, message: str) -> Deferred[bool]:
-        """Send ``message`` to every subscriber; False when it could not be sent."""
-
-    def stop(self) -> Deferred[None]:
-        """Disconnect for good."""
+    def acknowledgement(self, sent: bool) -> Acknowledgement:
+        """So far; those yet to ack are laggards, or unreachable when it was not ``sent``."""
+        silent = tuple(sorted(self.waiting.values()))
+        return Acknowledgement(1 + len(self.acked), 1 + len(self.acked) + len(self.waiting),
+                               laggards=silent if sent else (),
+                               unreachable=() if sent else silent)
 
 
 class Cluster:
-    """This instance's end of the bus: numbers and publishes its changes, hands the others'
-    to the applier (:meth:`attach`), and counts both. It also announces this instance every
+    """This instance's end of the bus: numbers and publishes its changes and waits for their
+    acknowledgements, hands the others' changes to the applier (:meth:`attach`) and
+    acknowledges them, and counts all of it. It also announces this instance every
     :data:`~stalroute.membership.HEARTBEAT` and keeps the :class:`Membership` it hears."""
 
     def __init__(self, node_id: int, coordinator: Coordinator | None,
@@ -159,29 +229,40 @@ class Cluster:
                  heartbeat: float = HEARTBEAT) -> None:
         self.node_id = node_id
         self.coordinator = coordinator
+        self._clock = clock
         self._seq = 0
         self.published = 0
         self.applied = 0
         self.announces_heard = 0
+        self.acks_heard = 0
+        #: Round trip of the slowest ack of the last write every member acked (None: none yet).
+        self.ack_seconds: float | None = None
+        #: This process's writes awaiting acknowledgements, by seq.
+        self._pending: dict[int, _Pending] = {}
         #: Tells this process from another one given the same node_id.
         self.token = secrets.token_hex(8)
         self.started = clock.seconds()
         self.membership = Membership(clock, heartbeat)
         self._heartbeat = LoopingCall(self.announce)
         self._heartbeat.clock = clock
-        self._apply: Callable[[Change], None] = lambda change: None
+        self._apply: Callable[[Change], Deferred[None] | None] = lambda change: None
         self._on_connection: Callable[[bool], None] = lambda connected: None
         self._config: Callable[[], Config] | None = None
+        #: Told whenever :meth:`superseded` changes (checked at each heartbeat and announce).
+        self.on_superseded: Callable[[bool], None] = lambda superseded: None
+        self._superseded = False
 
     @property
     def connected(self) -> bool:
         return self.coordinator is not None and self.coordinator.connected
 
-    def attach(self, apply: Callable[[Change], None],
+    def attach(self, apply: Callable[[Change], Deferred[None] | None],
                on_connection: Callable[[bool], None],
                config: Callable[[], Config]) -> None:
-        """Who applies remote changes and follows the bus state (told the state at once),
-        and where this instance's current configuration is read for its announces."""
+        """Who applies remote changes (a change is acknowledged once ``apply`` returned, or
+        the Deferred it returned fired, without an error) and follows the bus state (told the
+        state at once), and where this instance's current configuration is read for its
+        announces."""
         self._apply, self._on_connection, self._config = apply, on_connection, config
         if self.coordinator is not None:
             on_connection(self.connected)
@@ -192,8 +273,11 @@ class Cluster:
             self._heartbeat.start(self.membership.heartbeat, now=False)  # connecting announces
 
     def stop(self) -> Deferred[None]:
+        """Disconnect; the writes still awaiting acknowledgements are answered (laggards)."""
         if self._heartbeat.running:
             self._heartbeat.stop()
+        while self._pending:
+            self._settle(next(iter(self._pending)))
         return self.coordinator.stop() if self.coordinator is not None else succeed(None)
 
     def me(self) -> Member:
@@ -206,6 +290,13 @@ class Cluster:
         """Tell the others this instance is alive (lost while disconnected)."""
         if self.coordinator is not None and self.coordinator.connected:
             self.coordinator.publish(encode_announce(self.me()))
+        self._check_superseded()
+
+    def _check_superseded(self) -> None:
+        superseded = self.superseded()
+        if superseded != self._superseded:
+            self._superseded = superseded
+            self.on_superseded(superseded)
 
     def view(self) -> dict[str, Any]:
         """``GET /cluster``: the live members and the problems among them."""
@@ -215,44 +306,112 @@ class Cluster:
         """Whether another live process with this node_id started before this one."""
         return self.membership.superseded(self.me())
 
-    def publish(self, op: str, **args: Argument) -> None:
-        """Announce a change this instance has already applied (lost while disconnected)."""
+    # --- this instance's changes ---------------------------------------------------------
+
+    def publish(self, op: str, **args: Argument) -> Deferred[Acknowledgement]:
+        """Announce a change this instance has already applied. Fires once every other live
+        member acknowledged it, or after :data:`ACK_TIMEOUT` naming the laggards; while the
+        bus is down (or when the coordinator could not send it), naming the others
+        unreachable. Never fails."""
         if self.coordinator is None:
-            return
+            return succeed(Acknowledgement(1, 1))
+        others = self.membership.others(self.token)
+        if not self.coordinator.connected:
+            return succeed(Acknowledgement(1, 1 + len(others),
+                                           unreachable=tuple(sorted(others.values()))))
         self._seq += 1
-        change = Change(self.node_id, self._seq, op, args)
-        self.coordinator.publish(encode(change)).addCallback(self._count_published)
+        seq = self._seq
+        message = encode(Change(self.node_id, self.token, seq, op, args))
+        if len(self._pending) >= MAX_PENDING:
+            log.error("cluster: {count} writes await acknowledgements already; not waiting for "
+                      "those of {op} #{seq}", count=len(self._pending), op=op, seq=seq)
+            self.coordinator.publish(message).addCallback(self._count_published)
+            return succeed(Acknowledgement(1, 1 + len(others),
+                                           laggards=tuple(sorted(others.values()))))
+        timer = self._clock.callLater(ACK_TIMEOUT, self._settle, seq)
+        pending = _Pending(op, self._clock.seconds(), others, timer)
+        self._pending[seq] = pending  # before publishing: the acks may come at once
+        self.coordinator.publish(message).addCallback(self._sent, seq)
+        return pending.answer
 
     def _count_published(self, sent: bool) -> None:
         if sent:
             self.published += 1
 
+    def _sent(self, sent: bool, seq: int) -> None:
+        """The coordinator's answer: settle a write it could not send, or one nobody else
+        has to acknowledge."""
+        self._count_published(sent)
+        pending = self._pending.get(seq)
+        if pending is not None and (not sent or not pending.waiting):
+            self._settle(seq, sent)
+
+    def _acked(self, ack: Ack) -> None:
+        if ack.to != self.token or ack.token == self.token:
+            return
+        self.acks_heard += 1
+        pending = self._pending.get(ack.seq)
+        if pending is None:
+            return  # settled already: a late ack, or a repeated one
+        pending.waiting.pop(ack.token, None)  # absent: a member this one had not heard of yet
+        pending.acked[ack.token] = ack.node
+        if not pending.waiting:
+            self._settle(ack.seq)
+
+    def _settle(self, seq: int, sent: bool = True) -> None:
+        """Answer write ``seq`` with who applied it: everyone acked, or the time is up, or it
+        was not sent, or this instance stops."""
+        pending = self._pending.pop(seq)
+        if pending.timer.active():
+            pending.timer.cancel()
+        answer = pending.acknowledgement(sent)
+        if answer.laggards:
+            log.warn("cluster: {op} #{seq} was not acknowledged by node {laggards} within "
+                     "{timeout}s", op=pending.op, seq=seq, timeout=ACK_TIMEOUT,
+                     laggards=", ".join(map(str, answer.laggards)))
+        elif sent and pending.acked:
+            self.ack_seconds = self._clock.seconds() - pending.published
+        pending.answer.callback(answer)
+
+    # --- the others' messages ------------------------------------------------------------
+
     def _received(self, message: str | bytes) -> None:
         try:
-            document = parse(message)
-            if is_announce(document):
-                member = decode_announce(document)
-                self.membership.heard(member)
-                self.announces_heard += 1
-                if member.node_id == self.node_id and member.token != self.token:
-                    self.membership.duplicates(self.me())  # logs a new duplicate at once
-                return
-            change = decode_change(document)
+            decoded = decode_message(message)
         except (BadMessage, BadAnnounce) as exc:
             log.warn("cluster: ignoring a message on {channel}: {problem}", channel=CHANNEL,
                      problem=str(exc))
             return
-        if change.node == self.node_id:
-            return
-        try:
-            self._apply(change)
-        except Exception:  # noqa: BLE001 - one bad change must not stop the subscriber
-            log.failure("cluster: applying {op} from node {node} failed", op=change.op,
-                        node=change.node)
-            return
+        if isinstance(decoded, Member):
+            self._heard(decoded)
+        elif isinstance(decoded, Ack):
+            self._acked(decoded)
+        elif decoded.token != self.token:
+            maybeDeferred(self._apply, decoded).addCallbacks(
+                self._applied, self._apply_failed, callbackArgs=(decoded,),
+                errbackArgs=(decoded,))
+
+    def _heard(self, member: Member) -> None:
+        self.membership.heard(member)
+        self.announces_heard += 1
+        if member.node_id == self.node_id and member.token != self.token:
+            self.membership.duplicates(self.me())  # logs a new duplicate at once
+            self._check_superseded()
+
+    def _applied(self, _: None, change: Change) -> None:
         self.applied += 1
+        if self.coordinator is not None and self.coordinator.connected:
+            self.coordinator.publish(encode_ack(Ack(self.node_id, self.token, change.token,
+                                                    change.seq)))
+
+    def _apply_failed(self, failure: Failure, change: Change) -> None:
+        """One bad change must not stop the subscriber; unacknowledged, it makes this
+        instance a laggard to the sender."""
+        log.failure("cluster: applying {op} #{seq} of node {node} failed", failure=failure,
+                    op=change.op, seq=change.seq, node=change.node)
 
     def _connection_changed(self, connected: bool) -> None:
+        self.membership.bus_state(connected)
         if connected:
             log.info("cluster: connected to the {kind} coordinator", kind=self.kind)
             self.announce()
@@ -270,317 +429,9 @@ class Cluster:
             return {"coordinator": "none", "node_id": self.node_id}
         return {"coordinator": self.kind, "node_id": self.node_id, "connected": self.connected,
                 "published": self.published, "applied": self.applied,
-                "announces_heard": self.announces_heard}
-
-
-class _Subscriber(txredisapi.SubscriberProtocol):
-    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
-        self.factory.bus.received(message)
-
-
-class _SubscriberFactory(txredisapi.SubscriberFactory):
-    """One subscriber connection that subscribes on every (re)connection and reports its
-    state; txredisapi's pool slot reconnects with exponential backoff."""
-
-    protocol = _Subscriber
-    maxDelay = RECONNECT_MAX_DELAY
-
-    def __init__(self, bus: RedisCoordinator, password: str | None,
-                 username: str | None) -> None:
-        super().__init__(isLazy=True)
-        self.bus = bus
-        self.password, self.username = password, username
-        self.replyTimeout = COMMAND_TIMEOUT
-        self.deferred.addErrback(bus.gave_up)
-
-    def addConnection(self, conn: Any) -> None:
-        super().addConnection(conn)
-        if conn in self.pool:
-            d = conn.execute_command("SUBSCRIBE", CHANNEL, apply_timeout=False)
-            d.addCallbacks(lambda _: self.bus.subscribed(True),
-                           lambda _: conn.transport.loseConnection())
-
-    def delConnection(self, conn: Any) -> None:
-        super().delConnection(conn)
-        self.bus.subscribed(False)
-
-
-class _PublisherFactory(txredisapi.RedisFactory):
-    """The command connection ``PUBLISH`` goes out on; reports its state like the subscriber."""
-
-    maxDelay = RECONNECT_MAX_DELAY
-
-    def __init__(self, bus: RedisCoordinator, password: str | None,
-                 username: str | None) -> None:
-        super().__init__(None, None, 1, isLazy=True, password=password,
-                         replyTimeout=COMMAND_TIMEOUT, convertNumbers=False, username=username)
-        self.bus = bus
-        self.deferred.addErrback(bus.gave_up)
-
-    def addConnection(self, conn: Any) -> None:
-        super().addConnection(conn)
-        self.bus.update()
-
-    def delConnection(self, conn: Any) -> None:
-        super().delConnection(conn)
-        self.bus.update()
-
-
-class RedisCoordinator:
-    """Redis pub/sub: one subscriber connection, one command connection for ``PUBLISH``;
-    connected while both are up (a change published meanwhile would be lost)."""
-
-    kind = "redis"
-
-    def __init__(self, url: str) -> None:
-        try:
-            self._target = parse_redis_url(url)
-            self._tls = tls_options(self._target) if self._target.tls else False
-        except InvalidStoreSetting as exc:
-            raise InvalidStoreSetting(
-                "cluster.url: " + str(exc).removeprefix("mapping.redis.url: ")) from None
-        self.label = redact_url(url)
-        self._subscribed = False
-        self._connected = False
-        self._on_message: Callable[[str | bytes], None] = lambda message: None
-        self._on_connection: Callable[[bool], None] = lambda connected: None
-        self._subscriber: _SubscriberFactory | None = None
-        self._publisher: _PublisherFactory | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
-
-    def start(self, on_message: Callable[[str | bytes], None],
-              on_connection: Callable[[bool], None]) -> None:
-        self._on_message, self._on_connection = on_message, on_connection
-        target = self._target
-        self._subscriber = _SubscriberFactory(self, target.password, target.username)
-        self._publisher = _PublisherFactory(self, target.password, target.username)
-        for factory in (self._subscriber, self._publisher):
-            factory.startConnecting(txredisapi._makeEndpoint(
-                target.host, target.port, COMMAND_TIMEOUT, self._tls))
-
-    def received(self, message: str | bytes) -> None:
-        self._on_message(message)
-
-    def subscribed(self, subscribed: bool) -> None:
-        self._subscribed = subscribed
-        self.update()
-
-    def update(self) -> None:
-        """Tell the cluster when both connections are up, or one went down."""
-        connected = (self._subscribed and self._publisher is not None
-                     and self._publisher.size > 0)
-        if connected != self._connected:
-            self._connected = connected
-            self._on_connection(connected)
-
-    def gave_up(self, failure: Any) -> None:
-        """txredisapi stops reconnecting after a refused AUTH; say so once."""
-        log.error("cluster: the coordinator {url} refused us: {reason}", url=self.label,
-                  reason=failure.getErrorMessage())
-
-    def publish(self, message: str) -> Deferred[bool]:
-        if self._publisher is None or self._publisher.size == 0:
-            return succeed(False)  # txredisapi would wait for a connection forever
-        d = self._publisher.handler.publish(CHANNEL, message)
-        d.addCallback(lambda _: True)
-        return d.addErrback(self._publish_failed)
-
-    def _publish_failed(self, failure: Any) -> bool:
-        log.warn("cluster: publishing to {url} failed: {reason}", url=self.label,
-                 reason=failure.getErrorMessage())
-        return False
-
-    def stop(self) -> Deferred[None]:
-        self._on_connection = lambda connected: None  # a shutdown is no outage
-        running = [part.disconnect() for part in (self._subscriber, self._publisher)
-                   if part is not None]
-        self._subscriber = self._publisher = None
-        return DeferredList(running, consumeErrors=True).addCallback(lambda _: None)
-
-
-#: libpq settings of the bus connection, so a server gone silent is noticed in ~11 s while
-#: idle (TCP keepalives) and in 10 s while a NOTIFY is unanswered (``tcp_user_timeout``).
-PG_LIVENESS = (("keepalives", "1"), ("keepalives_idle", "5"), ("keepalives_interval", "2"),
-               ("keepalives_count", "3"), ("tcp_user_timeout", "10000"))
-
-
-def listener_dsn(url: str) -> str:
-    """The libpq URI the bus connects with: ``url`` plus a connect timeout and
-    :data:`PG_LIVENESS` unless it sets them."""
-    parts = urlsplit(postgresql_dsn(url, COMMAND_TIMEOUT))
-    params = parse_qsl(parts.query, keep_blank_values=True)
-    present = {key for key, _ in params}
-    params += [(key, value) for key, value in PG_LIVENESS if key not in present]
-    return urlunsplit(parts._replace(query=urlencode(params, quote_via=quote)))
-
-
-class PostgreSQLCoordinator:
-    """PostgreSQL ``LISTEN/NOTIFY`` on one connection owned by one dedicated thread.
-
-    The thread connects (blocking, bounded by ``connect_timeout``), runs ``LISTEN``, then
-    waits in ``select()`` on the connection and on a wake-up pipe: readable connection ->
-    ``poll()`` and hand every notification to the reactor; wake-up -> send the queued
-    ``pg_notify`` calls on the same connection. A lost connection (``poll`` or a statement
-    raises) is reported, the queued messages answer False, and the thread reconnects with
-    backoff. Connected once ``LISTEN`` succeeded; every state change reaches the reactor
-    through ``callFromThread``, so the callbacks run there.
-    """
-
-    kind = "postgresql"
-
-    def __init__(self, url: str,
-                 reactor: IReactorFromThreads = cast(IReactorFromThreads, reactor)) -> None:
-        self._dsn = listener_dsn(url)
-        self._secrets = url_secrets(url)
-        try:
-            psycopg2.extensions.parse_dsn(self._dsn)
-        except psycopg2.ProgrammingError as exc:
-            raise InvalidStoreSetting(f"cluster.url: {scrub(str(exc), self._secrets)}") from None
-        self.label = redact_url(url)
-        self._reactor = reactor
-        self._connected = False
-        self._on_message: Callable[[str | bytes], None] = lambda message: None
-        self._on_connection: Callable[[bool], None] = lambda connected: None
-        self._outbox: queue.SimpleQueue[tuple[str, Deferred[bool]]] = queue.SimpleQueue()
-        self._stopping = threading.Event()
-        self._wake_read, self._wake_write = -1, -1
-        self._stopped: Deferred[None] | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
-
-    def start(self, on_message: Callable[[str | bytes], None],
-              on_connection: Callable[[bool], None]) -> None:
-        self._on_message, self._on_connection = on_message, on_connection
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_write, False)
-        self._stopped = Deferred()
-        threading.Thread(target=self._run, name="stalroute-cluster-postgresql",
-                         daemon=True).start()
-
-    def publish(self, message: str) -> Deferred[bool]:
-        size = len(message.encode())
-        if size > MAX_NOTIFY_PAYLOAD:
-            log.error("cluster: not publishing a change of {size} bytes (PostgreSQL NOTIFY "
-                      "takes at most {limit})", size=size, limit=MAX_NOTIFY_PAYLOAD)
-            return succeed(False)
-        if not self._connected:
-            return succeed(False)
-        sent: Deferred[bool] = Deferred()
-        self._outbox.put((message, sent))
-        self._wake()
-        return sent
-
-    def stop(self) -> Deferred[None]:
-        self._on_connection = lambda connected: None  # a shutdown is no outage
-        if self._stopped is None:  # never started, or stopped already
-            return succeed(None)
-        if self._stopping.is_set():
-            return self._stopped
-        self._stopping.set()
-        self._wake()
-        return self._stopped
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_write, b"!")
-        except BlockingIOError:
-            pass  # the pipe is full: the thread is woken already
-
-    # --- in the reactor thread, through callFromThread -------------------------------------
-
-    def _set_connected(self, connected: bool) -> None:
-        if connected != self._connected:
-            self._connected = connected
-            self._on_connection(connected)
-
-    def _finished(self) -> None:
-        self._connected = False
-        os.close(self._wake_read)
-        os.close(self._wake_write)
-        stopped, self._stopped = self._stopped, None
-        if stopped is not None:
-            stopped.callback(None)
-
-    # --- in the bus thread ------------------------------------------------------------------
-
-    def _run(self) -> None:
-        delay, failing = 0.1, False
-        while not self._stopping.is_set():
-            try:
-                connection = psycopg2.connect(self._dsn)
-            except psycopg2.Error as exc:
-                if not failing:
-                    self._reactor.callFromThread(
-                        log.warn, "cluster: cannot reach the coordinator {url}: {reason}",
-                        url=self.label, reason=scrub(str(exc), self._secrets))
-                failing = True
-                self._sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_DELAY)
-                continue
-            try:
-                connection.autocommit = True
-                with connection.cursor() as cursor:
-                    cursor.execute(f"LISTEN {PG_CHANNEL}")
-                self._answer_outbox(False)  # queued while the reactor still saw the last one
-                self._reactor.callFromThread(self._set_connected, True)
-                delay, failing = 0.1, False
-                self._serve(connection)
-            except psycopg2.Error as exc:
-                if not self._stopping.is_set():
-                    self._reactor.callFromThread(
-                        log.warn, "cluster: the connection to {url} failed: {reason}",
-                        url=self.label, reason=scrub(str(exc), self._secrets))
-            finally:
-                connection.close()
-                self._answer_outbox(False)
-                self._reactor.callFromThread(self._set_connected, False)
-            self._sleep(delay)
-        self._reactor.callFromThread(self._finished)
-
-    def _serve(self, connection: psycopg2.extensions.connection) -> None:
-        """Send what is queued, hand on what arrived, wait; until stopped or an error."""
-        socket = connection.fileno()
-        with connection.cursor() as cursor:
-            while not self._stopping.is_set():
-                self._send_outbox(cursor)
-                while connection.notifies:
-                    payload = connection.notifies.pop(0).payload
-                    self._reactor.callFromThread(self._on_message, payload)
-                readable, _, _ = select.select([socket, self._wake_read], [], [])
-                if self._wake_read in readable:
-                    os.read(self._wake_read, 4096)
-                if socket in readable:
-                    connection.poll()
-
-    def _send_outbox(self, cursor: psycopg2.extensions.cursor) -> None:
-        while True:
-            try:
-                message, sent = self._outbox.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                cursor.execute("SELECT pg_notify(%s, %s)", (PG_CHANNEL, message))
-            except psycopg2.Error:
-                self._reactor.callFromThread(sent.callback, False)
-                raise
-            self._reactor.callFromThread(sent.callback, True)
-
-    def _answer_outbox(self, sent: bool) -> None:
-        while True:
-            try:
-                _, answer = self._outbox.get_nowait()
-            except queue.Empty:
-                return
-            self._reactor.callFromThread(answer.callback, sent)
-
-    def _sleep(self, seconds: float) -> None:
-        """Wait before reconnecting; a stop ends the wait."""
-        self._stopping.wait(seconds)
+                "announces_heard": self.announces_heard, "acks_heard": self.acks_heard,
+                "members": 1 + len(self.membership.others(self.token)),
+                "pending_acks": len(self._pending), "ack_seconds": self.ack_seconds}
 
 
 def build_cluster(settings: ClusterConfig) -> Cluster:

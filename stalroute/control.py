@@ -5,25 +5,31 @@ works on the proxy's *current* runtime, so a config reload is picked up at once.
 whatever offers :class:`RunningProxy` (the proxy service; a stand-in in tests), so this module
 does not depend on how the proxy is assembled.
 
-In a fleet (``[cluster] coordinator``) every state change is applied here at once, then
-published on the :class:`~stalroute.cluster.Cluster` bus; :meth:`Control.apply` applies the
-changes of the other instances.
+Every state change (kick, invalidation, mapping write, delay, reset) is one *change*: applied in
+this process and, with ``server.workers``, in every worker process (:class:`LocalWorkers`),
+then published on the :class:`~stalroute.cluster.Cluster` bus when ``[cluster] coordinator`` is
+set; the answer waits for all of them (:class:`Done`). :meth:`Control.apply` applies the changes
+of the other instances, and :meth:`Control.apply_here` is what a worker runs for its supervisor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from stalroute.cluster import Argument, Change, Cluster
+from stalroute.cluster import Acknowledgement, Argument, Change, Cluster
 from stalroute.health import Readiness, readiness
 from stalroute.identity import normalize_identifier, redact
 from stalroute.inbound import ListenerFactory
 from stalroute.logs import logger
 from stalroute.mapping import ReadOnlyStore
 from stalroute.membership import Membership, describe
+from stalroute.reports import (Report, instance_connections, instance_destinations,
+                               instance_stats, measured_report)
 from stalroute.runtime import Runtime
 
 log = logger("stalroute.admin")
@@ -49,20 +55,66 @@ class RunningProxy(Protocol):
         a restart. Raises ConfigError or StartupError (the running configuration is kept)."""
 
 
+class LocalWorkers(Protocol):
+    """The worker processes of this instance (``server.workers``), seen from the supervisor."""
+
+    def apply(self, op: str, args: dict[str, Argument]) -> Deferred[int]:
+        """Apply a change in every running worker (the store was written by the supervisor
+        or another instance); fires with the sum of their counts."""
+
+    def reports(self) -> Deferred[list[Report]]:
+        """Every running worker's :meth:`Control.report`, tagged with ``worker`` and ``pid``."""
+
+    def reload(self) -> Deferred[None]:
+        """Make every running worker read the configuration file again."""
+
+    def serving(self) -> int:
+        """How many workers are running and connected."""
+
+    def bus_state(self, connected: bool) -> None:
+        """Tell every running worker whether the coordinator is connected."""
+
+    def superseded(self, superseded: bool) -> None:
+        """Tell every running worker whether another process holds this node_id."""
+
+
+#: Changes of the mapping store: routes are dropped, the store is shared (or re-read).
+STORE_CHANGES = frozenset({"mapping_put", "mapping_delete", "mappings_import",
+                           "mappings_reload"})
+
+
 class UnknownDestination(ValueError):
     """A mapping write names a destination the configuration does not declare."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """What one change did on this instance, and who in the fleet applied it."""
+
+    #: Sessions kicked or routes dropped on this instance (every worker of it).
+    count: int
+    #: Who applied it (None without a coordinator: this instance alone).
+    acknowledgement: Acknowledgement | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The admin answer's ``applied``/``members`` (and laggards) when a coordinator is set."""
+        return {} if self.acknowledgement is None else self.acknowledgement.as_dict()
 
 
 class Control:
     """What an operator can ask of, and do to, a running stalroute."""
 
-    def __init__(self, proxy: RunningProxy, cluster: Cluster | None = None) -> None:
+    def __init__(self, proxy: RunningProxy, cluster: Cluster | None = None,
+                 workers: LocalWorkers | None = None) -> None:
         self._proxy = proxy
         #: The bus this instance's changes go out on and the others' come in from (None:
         #: changes stay on this instance).
         self._cluster = cluster
+        #: The processes that serve this instance's listeners (None: this one).
+        self._workers = workers
         if cluster is not None:
             cluster.attach(self.apply, self._bus_changed, lambda: self.runtime.config)
+            cluster.on_superseded = self._superseded_changed
 
     @property
     def runtime(self) -> Runtime:
@@ -71,8 +123,18 @@ class Control:
     # health --------------------------------------------------------------------------
 
     async def readiness(self) -> Readiness:
-        superseded = self._cluster is not None and self._cluster.superseded()
-        return await readiness(self.runtime, self._proxy.reactor, superseded)
+        found = await readiness(self.runtime, self._proxy.reactor)
+        if self._workers is None:
+            return found
+        # The workers route: their circuits, not the supervisor's, say whether it is down.
+        reasons = list(found.reasons)
+        default = self.runtime.config.routing.default_destination
+        if any(row["name"] == default and row["circuit"] == "open"
+               for row in await self.instance_destinations()):
+            reasons.append(f"default destination {default} is marked down")
+        if not self._workers.serving():
+            reasons.append("no worker process is serving")
+        return Readiness(not reasons, tuple(reasons))
 
     # fleet ---------------------------------------------------------------------------
 
@@ -87,10 +149,10 @@ class Control:
     # statistics ----------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """The reference product's top-level keys (``cache_hits`` … ``active_connections``),
-        then stalroute's breakdown. Hits are answers the cache gave (positive and negative
-        tiers); misses are lookups that went to the store; a remembered store failure
-        (transient tier) is neither."""
+        """This process's figures: the reference product's top-level keys (``cache_hits`` …
+        ``active_connections``), then stalroute's breakdown. Hits are answers the cache gave
+        (positive and negative tiers); misses are lookups that went to the store; a remembered
+        store failure (transient tier) is neither."""
         runtime = self.runtime
         sessions = list(runtime.registry.sessions.values())
         spliced = runtime.registry.routed()
@@ -116,8 +178,32 @@ class Control:
             "cache": {"entries": len(runtime.router.cache), "counters": dict(counters)},
             "bans": runtime.bans.bans,
             "login_delays": len(runtime.delays.active()),
-            **({"cluster": self._cluster.stats()} if self._cluster is not None else {}),
         }
+
+    def report(self) -> Report:
+        """Everything the admin API shows of this process, as plain data (what a worker
+        sends its supervisor)."""
+        return {"stats": self.stats(), "connections": self.connections(),
+                "destinations": self.destinations(),
+                "measured": measured_report(self.runtime.metrics)}
+
+    def reports(self) -> Deferred[list[Report]]:
+        """The reports of the processes serving this instance: its workers, or this one."""
+        return self._workers.reports() if self._workers is not None else succeed([self.report()])
+
+    async def instance_stats(self) -> dict[str, Any]:
+        """``GET /stats``: every worker's figures summed (each listed under ``workers``), and
+        the bus's state."""
+        stats = instance_stats(await self.reports(), self._workers is not None)
+        if self._cluster is not None:
+            stats["cluster"] = self._cluster.stats()
+        return stats
+
+    async def instance_connections(self) -> list[dict[str, Any]]:
+        return instance_connections(await self.reports())
+
+    async def instance_destinations(self) -> list[dict[str, Any]]:
+        return instance_destinations(await self.reports())
 
     def destinations(self) -> list[dict]:
         runtime = self.runtime
@@ -131,14 +217,12 @@ class Control:
                  "default": name == runtime.config.routing.default_destination}
                 for name, destination in runtime.config.destinations.items()]
 
-    def reset_destination(self, name: str) -> bool:
-        breaker = self.runtime.connector.breakers.get(name)
-        if breaker is None:
-            return False
-        breaker.reset()
+    def reset_destination(self, name: str) -> Deferred[Done] | None:
+        """Close the circuit of ``name`` everywhere; None when no such destination exists."""
+        if name not in self.runtime.connector.breakers:
+            return None
         log.info("admin: circuit of destination {name} reset", name=name)
-        self._publish("reset_destination", name=name)
-        return True
+        return self._change("reset_destination", name=name)
 
     # mappings ------------------------------------------------------------------------
 
@@ -148,8 +232,9 @@ class Control:
     async def get_mapping(self, identifier: str) -> str | None:
         return await self.runtime.router.store.lookup(self.normalize(identifier))
 
-    async def put_mapping(self, identifier: str, destination: str) -> None:
-        """Write to the store, then drop the cached answer so the next login sees it."""
+    async def put_mapping(self, identifier: str, destination: str) -> Done:
+        """Write to the store, then drop the cached route everywhere, so that no login routed
+        after the answer sees the old one."""
         runtime = self.runtime
         if destination not in runtime.config.destinations:
             raise UnknownDestination(destination)
@@ -157,43 +242,38 @@ class Control:
             raise ReadOnlyStore("the mapping store is read-only")
         key = self.normalize(identifier)
         await runtime.router.store.upsert(key, destination)
-        runtime.router.cache.invalidate(key)
         log.info("admin: mapped {identifier} to {destination}", identifier=redact(key),
                  destination=destination)
-        self._publish("mapping_put", identifier=key, destination=destination)
+        return await self._change("mapping_put", identifier=key, destination=destination)
 
-    async def delete_mapping(self, identifier: str) -> bool:
+    async def delete_mapping(self, identifier: str) -> tuple[bool, Done]:
+        """Whether the mapping existed, and who dropped the cached route."""
         runtime = self.runtime
         if not runtime.router.store.writable:
             raise ReadOnlyStore("the mapping store is read-only")
         key = self.normalize(identifier)
         existed = await runtime.router.store.delete(key)
-        runtime.router.cache.invalidate(key)
         log.info("admin: mapping of {identifier} deleted", identifier=redact(key))
-        self._publish("mapping_delete", identifier=key)
-        return existed
+        return existed, await self._change("mapping_delete", identifier=key)
 
-    async def reload_mappings(self) -> int | None:
-        runtime = self.runtime
-        entries = await runtime.router.store.reload()
-        runtime.router.cache.invalidate()
+    async def reload_mappings(self) -> tuple[int | None, Done]:
+        """The entries now in the store (None when it cannot count them), and who reloaded."""
+        entries = await self.runtime.router.store.reload()
         log.info("admin: mappings reloaded ({entries} entries)", entries=entries)
-        self._publish("mappings_reload")
-        return entries
+        return entries, await self._change("mappings_reload")
 
-    def imported(self, keys: list[str]) -> None:
-        """A bulk import wrote ``keys``: drop their routes here, and every route elsewhere."""
+    def imported(self, keys: list[str]) -> Deferred[Done]:
+        """A bulk import wrote ``keys``: drop their routes here, and every route elsewhere
+        (a change carries no key list)."""
         for key in keys:
             self.runtime.router.cache.invalidate(key)
-        self._publish("mappings_import")
+        return self._change("mappings_import")
 
-    def invalidate(self, identifier: str | None = None) -> int:
+    def invalidate(self, identifier: str | None = None) -> Deferred[Done]:
         key = None if identifier is None else self.normalize(identifier)
-        dropped = self.runtime.router.cache.invalidate(key)
         log.info("admin: cache invalidated for {what}",
                  what="everything" if key is None else redact(key))
-        self._publish("invalidate", identifier=key)
-        return dropped
+        return self._change("invalidate", identifier=key)
 
     # sessions ------------------------------------------------------------------------
 
@@ -205,15 +285,19 @@ class Control:
                  "bytes_out": s.bytes_out, "age": round(now - s.started, 3)}
                 for s in self.runtime.registry.routed()]
 
-    def kick(self, identifier: str | None = None, destination: str | None = None) -> int:
+    def kick(self, identifier: str | None = None,
+             destination: str | None = None) -> Deferred[Done]:
         """Close the spliced sessions of an account and/or on a destination (drain a node)."""
         key = None if identifier is None else self.normalize(identifier)
-        count = self._kick(key, destination)
-        log.info("admin: kicked {count} sessions (identifier={identifier}, "
-                 "destination={destination})", count=count,
-                 identifier=redact(key) if key else "-", destination=destination or "-")
-        self._publish("kick", identifier=key, destination=destination)
-        return count
+        done = self._change("kick", identifier=key, destination=destination)
+
+        def logged(done: Done) -> Done:
+            log.info("admin: kicked {count} sessions (identifier={identifier}, "
+                     "destination={destination})", count=done.count,
+                     identifier=redact(key) if key else "-", destination=destination or "-")
+            return done
+
+        return done.addCallback(logged)
 
     def _kick(self, key: str | None, destination: str | None) -> int:
         victims = [s for s in self.runtime.registry.routed()
@@ -226,67 +310,115 @@ class Control:
                 log.failure("admin: kicking session {session} failed", session=session.id)
         return len(victims)
 
-    def delay(self, identifier: str, seconds: float) -> None:
+    def delay(self, identifier: str, seconds: float) -> Deferred[Done]:
         key = self.normalize(identifier)
-        self.runtime.delays.delay(key, seconds)
         log.info("admin: logins of {identifier} held for {seconds}s", identifier=redact(key),
                  seconds=seconds)
-        self._publish("delay", identifier=key, seconds=seconds)
+        return self._change("delay", identifier=key, seconds=seconds)
 
-    # the cluster ---------------------------------------------------------------------
+    # changes -------------------------------------------------------------------------
 
-    def _publish(self, op: str, **args: Argument) -> None:
-        if self._cluster is not None:
+    def _change(self, op: str, **args: Argument) -> Deferred[Done]:
+        """Apply a change made through this instance here, in its workers and (published) in
+        the rest of the fleet; fires once all of them applied it (or gave up waiting)."""
+        here = self.apply_here(op, args, remote=False)
+        workers = self._workers.apply(op, args) if self._workers is not None else succeed(0)
+        published: Deferred[Any] = (
             self._cluster.publish(op, **args)
+            if self._cluster is not None and self._cluster.coordinator is not None
+            else succeed(None))
+        done: Deferred[list[Any]] = gatherResults([here, workers, published],
+                                                  consumeErrors=True)
+        return done.addCallback(lambda results: Done(results[0] + results[1], results[2]))
 
-    def apply(self, change: Change) -> None:
-        """Apply a change another instance made and published. A mapping write is already in
-        the shared store: only the routes cached here are dropped (after re-reading a store
-        held in memory, the file)."""
-        runtime, args = self.runtime, change.args
-        if change.op in ("mapping_put", "mapping_delete"):
-            self._store_changed(_text(args["identifier"]))
-        elif change.op in ("mappings_import", "mappings_reload"):
-            self._store_changed(None)
-        elif change.op == "invalidate":
-            runtime.router.cache.invalidate(_optional(args["identifier"]))
-        elif change.op == "kick":
-            self._kick(_optional(args["identifier"]), _optional(args["destination"]))
-        elif change.op == "delay":
+    def apply(self, change: Change) -> Deferred[None]:
+        """Apply a change another instance made and published, here and in the workers; fires
+        once they all did (then the bus acknowledges it)."""
+        here = self.apply_here(change.op, change.args)
+        workers = (self._workers.apply(change.op, change.args) if self._workers is not None
+                   else succeed(0))
+        log.info("cluster: applied {op} #{seq} of node {node}", op=change.op, seq=change.seq,
+                 node=change.node)
+        return gatherResults([here, workers], consumeErrors=True).addCallback(lambda _: None)
+
+    def apply_here(self, op: str, args: Mapping[str, Argument],
+                   remote: bool = True) -> Deferred[int]:
+        """Apply one change in this process: the sessions kicked or routes dropped. ``remote``:
+        the mapping store was written by another process, so a store held in memory (the
+        file) is re-read before the route is dropped."""
+        runtime = self.runtime
+        count = 0
+        if op in STORE_CHANGES:
+            key = _optional(args.get("identifier"))
+            if remote:
+                return self._store_changed(key)
+            if op != "mappings_import":  # imported() dropped the imported keys' routes
+                count = runtime.router.cache.invalidate(key)
+        elif op == "invalidate":
+            count = runtime.router.cache.invalidate(_optional(args["identifier"]))
+        elif op == "kick":
+            count = self._kick(_optional(args["identifier"]), _optional(args["destination"]))
+        elif op == "delay":
             runtime.delays.delay(_text(args["identifier"]), _number(args["seconds"]))
-        elif change.op == "reset_destination":
+        elif op == "reset_destination":
             breaker = runtime.connector.breakers.get(_text(args["name"]))
             if breaker is not None:
                 breaker.reset()
-        log.info("cluster: applied {op} #{seq} of node {node}", op=change.op, seq=change.seq,
-                 node=change.node)
+        else:
+            raise ValueError(f"unknown change {op!r}")
+        return succeed(count)
 
-    def _store_changed(self, key: str | None) -> None:
+    def _store_changed(self, key: str | None) -> Deferred[int]:
         """Re-read the store (a no-op but for the file), then drop the route(s)."""
         runtime = self.runtime
         reloaded = runtime.router.store.reload()
         reloaded.addErrback(lambda failure: log.error(
             "cluster: re-reading the mapping store failed: {reason}",
             reason=failure.getErrorMessage()))
-        reloaded.addCallback(lambda _: runtime.router.cache.invalidate(key))
+        return reloaded.addCallback(lambda _: runtime.router.cache.invalidate(key))
 
     def _bus_changed(self, connected: bool) -> None:
         """While the bus is down changes may be missed: cap the age of cached routes; once it
-        is back, drop them all (they may be stale)."""
+        is back, drop them all (they may be stale). Workers follow (:meth:`bus_state`)."""
+        self.bus_state(connected)
+        if self._workers is not None:
+            self._workers.bus_state(connected)
+
+    def _superseded_changed(self, superseded: bool) -> None:
+        """Another process with this node_id started earlier (or left): not ready here, on
+        the admin API and the HTTP listeners alike, and in every worker."""
+        self.superseded(superseded)
+        if self._workers is not None:
+            self._workers.superseded(superseded)
+
+    def superseded(self, superseded: bool) -> None:
+        self.runtime.registry.superseded = superseded
+
+    def bus_state(self, connected: bool) -> int:
+        """Follow the bus state in this process; the routes dropped."""
         cache = self.runtime.router.cache
         if connected:
             cache.max_age = None
             dropped = cache.invalidate()
             log.info("cluster: route cache dropped on connecting to the coordinator "
                      "({dropped} entries)", dropped=dropped)
-        else:
-            cache.max_age = self.runtime.config.cluster.fallback_ttl
+            return dropped
+        cache.max_age = self.runtime.config.cluster.fallback_ttl
+        return 0
 
     # configuration -------------------------------------------------------------------
 
-    def reload_config(self) -> list[str]:
-        """See :meth:`RunningProxy.reload_config`."""
-        return self._proxy.reload_config()
+    async def reload_config(self) -> list[str]:
+        """Read the configuration file again here (see :meth:`RunningProxy.reload_config`),
+        then in every worker."""
+        needs_restart = self._proxy.reload_config()
+        if self._workers is not None:
+            await self._workers.reload()
+        return needs_restart
+
+    def cluster_state(self) -> dict[str, Any] | None:
+        """The bus's figures for ``/metrics`` (None without ``[cluster]``)."""
+        return None if self._cluster is None else self._cluster.stats()
 
 
 def _text(value: Argument) -> str:

@@ -1,7 +1,7 @@
 """Readiness (SPEC §9), the one definition behind the admin API's and the HTTP listeners'
 ``/healthz/ready``: not ready while draining, while the mapping store does not answer,
-while the default destination's circuit is open, or (admin API only: the fleet is known there)
-while another live process with this ``node_id`` started before this one. Liveness only says the process answers."""
+while the default destination's circuit is open, or while another live process with this
+``node_id`` started before this one. Liveness only says the process answers."""
 
 from __future__ import annotations
 
@@ -22,12 +22,11 @@ class Readiness:
     reasons: tuple[str, ...]
 
 
-async def readiness(runtime: Runtime, clock: IReactorTime,
-                    duplicate_node: bool = False) -> Readiness:
+async def readiness(runtime: Runtime, clock: IReactorTime) -> Readiness:
     reasons: list[str] = []
     if runtime.registry.draining:
         reasons.append("draining")
-    if duplicate_node:
+    if runtime.registry.superseded:
         reasons.append(f"node_id {runtime.config.cluster.node_id} is used by a process "
                        "that started earlier")
     default = runtime.config.routing.default_destination

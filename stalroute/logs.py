@@ -30,7 +30,7 @@ _observer = FilteringLogObserver(globalLogPublisher, [_predicate])
 #: (session context and the end-of-session figures). ``account`` is whatever the call passed,
 #: which is already the redacted label (:func:`stalroute.identity.redact`) the text line shows.
 CONTEXT_FIELDS = ("session", "listener", "protocol", "client", "account", "destination",
-                  "outcome", "status", "bytes_in", "bytes_out", "duration")
+                  "outcome", "status", "bytes_in", "bytes_out", "duration", "worker")
 
 
 def set_level(name: str) -> None:

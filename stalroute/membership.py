@@ -31,6 +31,8 @@ HEARTBEAT = 5.0
 EXPIRY_BEATS = 3
 #: The ``op`` of an announce (not a state change: never applied nor acknowledged).
 ANNOUNCE = "announce"
+#: Longest process token read (this version sends 16 hex digits).
+MAX_TOKEN = 64
 
 
 def _package_version() -> str:
@@ -113,6 +115,11 @@ def is_announce(document: object) -> bool:
     return isinstance(document, dict) and document.get("op") == ANNOUNCE
 
 
+def is_token(value: object) -> bool:
+    """Whether ``value`` can name a process: a short non-empty string."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_TOKEN
+
+
 def decode_announce(document: dict[str, Any]) -> Member:
     """The member an announce document describes; BadAnnounce when it is malformed."""
     try:
@@ -125,10 +132,12 @@ def decode_announce(document: dict[str, Any]) -> Member:
     except (KeyError, TypeError) as exc:
         raise BadAnnounce(f"announce without {exc}") from None
     if (type(member.node_id) is not int or type(member.workers) is not int
-            or not isinstance(member.token, str) or not isinstance(member.version, str)
+            or not is_token(member.token) or not isinstance(member.version, str)
             or not isinstance(member.started, (int, float)) or isinstance(member.started, bool)
             or not isinstance(member.hostname, (str, type(None)))
             or not isinstance(member.config_digest, str)
+            or not isinstance(document["listeners"], list)
+            or not isinstance(document["destinations"], list)
             or not all(isinstance(name, str) for name in member.destinations)
             or not all(isinstance(listener, dict) for listener in member.listeners)):
         raise BadAnnounce("announce with a field of the wrong type")
@@ -148,21 +157,44 @@ class Membership:
         self._seen: dict[str, tuple[Member, float]] = {}
         #: Tokens of the duplicates of our node_id already logged.
         self._reported: set[str] = set()
+        #: Until when silent members are kept: forever while the bus is down (nobody can be
+        #: heard, and a write must name them unreachable), one expiry window after it is back.
+        self._keep_until = 0.0
 
     def heard(self, member: Member) -> None:
         self._seen[member.token] = (member, self._clock.seconds())
 
-    def live(self, me: Member) -> list[tuple[Member, float]]:
-        """The members heard within :data:`EXPIRY_BEATS` heartbeats (``me`` always), by
-        node_id, with seconds since each was last heard; forgets the others."""
+    def bus_state(self, connected: bool) -> None:
+        """Keep every member while the bus is down; after it is back, forget those that do
+        not announce themselves within one expiry window."""
+        limit = EXPIRY_BEATS * self.heartbeat
+        self._keep_until = self._clock.seconds() + limit if connected else float("inf")
+
+    def _forget_silent(self) -> None:
+        """Forget the members not heard within :data:`EXPIRY_BEATS` heartbeats."""
         now = self._clock.seconds()
+        if now < self._keep_until:
+            return
         limit = EXPIRY_BEATS * self.heartbeat
         for token in [t for t, (_, seen) in self._seen.items() if now - seen > limit]:
             del self._seen[token]
+
+    def live(self, me: Member) -> list[tuple[Member, float]]:
+        """The members heard within :data:`EXPIRY_BEATS` heartbeats (``me`` always), by
+        node_id, with seconds since each was last heard; forgets the others."""
+        self._forget_silent()
+        now = self._clock.seconds()
         others = [(member, now - seen) for member, seen in self._seen.values()
                   if member.token != me.token]
         return sorted([(me, 0.0), *others],
                       key=lambda pair: (pair[0].node_id, _started_first(pair[0])))
+
+    def others(self, token: str) -> dict[str, int]:
+        """The node_id of every live member but the process ``token``, by token: those that
+        must acknowledge what that process publishes."""
+        self._forget_silent()
+        return {other: member.node_id for other, (member, _) in self._seen.items()
+                if other != token}
 
     def duplicates(self, me: Member) -> list[Member]:
         """Live members with ``me``'s node_id, another process; each logged once."""

@@ -89,6 +89,9 @@ class SessionRegistry:
     sessions: dict[str, RegisteredConnection] = field(default_factory=dict)
     #: Set once a shutdown drain begins (readiness turns false at once).
     draining: bool = False
+    #: Set while another live process with this ``node_id`` started before this one (kept by
+    #: the fleet's membership; readiness turns false).
+    superseded: bool = False
 
     def add(self, session: RegisteredConnection) -> None:
         self.sessions[session.id] = session

@@ -12,15 +12,15 @@ import signal
 import socket
 
 from twisted.application import service
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 
 from stalroute.cluster import Cluster, build_cluster
 from stalroute.config import Config, ConfigError, ListenerConfig, load_config
-from stalroute.control import Control
+from stalroute.control import Control, LocalWorkers
 from stalroute.http.connection import HTTPListenerFactory
 from stalroute.closing import CLOSE_GRACE
 from stalroute.inbound import ListenerFactory
@@ -67,19 +67,63 @@ def listener_after_reload(running: ListenerConfig, config: Config) -> ListenerCo
     return new if new is not None and new.protocol == running.protocol else running
 
 
-class ListeningPort(tcp.Port):
-    """A TCP port whose IPv6 socket can be made IPv6-only, so that ``0.0.0.0:993`` and
-    ``[::]:993`` bind side by side (a plain ``[::]`` socket would also take IPv4)."""
+def _reload_refused(failure: Failure) -> None:
+    if failure.check(ConfigError, StartupError):
+        exc = failure.value
+        problems = exc.problems if isinstance(exc, ConfigError) else [exc]
+        log.error("configuration reload refused, keeping the running one: {problems}",
+                  problems="; ".join(str(p) for p in problems))
+    else:  # a bug: logged as one event, the process goes on
+        log.failure("configuration reload failed: unexpected error", failure)
 
-    def __init__(self, *args, v6only: bool = False) -> None:
-        super().__init__(*args)
-        self._v6only = v6only
 
-    def createInternetSocket(self) -> socket.socket:
-        sock = super().createInternetSocket()
-        if self._v6only:
+#: Pending connections the kernel queues per listening socket.
+BACKLOG = 1024
+
+
+def bind_listeners(config: Config) -> dict[str, list[socket.socket]]:
+    """Bind every listener address: listening, non-blocking sockets by listener name. An IPv6
+    socket is made IPv6-only where the same port is bound on IPv4 too, so ``0.0.0.0:993`` and
+    ``[::]:993`` bind side by side. StartupError names the first address that cannot be bound
+    (the sockets bound before it are closed)."""
+    ipv4_ports = {port for listener in config.listeners.values()
+                  for host, port in listener.bind if ":" not in host}
+    bound: dict[str, list[socket.socket]] = {}
+    for name, listener in config.listeners.items():
+        for host, port in listener.bind:
+            try:
+                sock = _listening_socket(host, port, v6only=":" in host and port in ipv4_ports)
+            except OSError as exc:
+                for sockets in bound.values():
+                    for opened in sockets:
+                        opened.close()
+                raise bind_refused(f"listener.{name}", host, port,
+                                   CannotListenError(host, port, exc)) from None
+            bound.setdefault(name, []).append(sock)
+    return bound
+
+
+def _listening_socket(host: str, port: int, *, v6only: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0,
+                                 socket.AI_NUMERICHOST)[0][4]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if v6only:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        return sock
+        sock.bind(address)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def log_listening(name: str, sock: socket.socket) -> None:
+    host, port = sock.getsockname()[:2]
+    log.info("listener {name} on {host}:{port}", name=name, host=host, port=port)
 
 
 class ProxyService(service.Service):
@@ -90,21 +134,36 @@ class ProxyService(service.Service):
         set_level(config.server.log_level)
         for warning in config.warnings:
             log.warn("configuration: {warning}", warning=str(warning))
-        self.runtime: Runtime = build_runtime(reactor, config)
+        self.runtime: Runtime = build_runtime(reactor, self.shaped(config))
         try:
             #: This instance's end of the fleet's bus (``[cluster]``); it outlives reloads.
-            self.cluster: Cluster = build_cluster(config.cluster)
+            self.cluster: Cluster = self._cluster_for(config)
         except InvalidStoreSetting as exc:
             raise StartupError(str(exc)) from exc
         #: The operations on this proxy; it also applies what the other instances publish.
-        self.control = Control(self, self.cluster)
+        self.control = Control(self, self.cluster, self.workers)
         #: The connection factory of each listener, by the name it was started with.
         self.factories: dict[str, ListenerFactory] = {}
         self._ports: list[IListeningPort] = []
 
+    # What the supervisor and the worker processes of ``server.workers`` do differently.
+
+    #: The worker processes this service runs its listeners in (None: this process serves).
+    workers: LocalWorkers | None = None
+
+    def shaped(self, config: Config) -> Config:
+        """The configuration this process runs (a worker's share of the limits)."""
+        return config
+
+    def _cluster_for(self, config: Config) -> Cluster:
+        return build_cluster(config.cluster)
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._reload_on_signal))
+
     def startService(self) -> None:
         super().startService()
-        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._reload_on_signal))
+        self._install_signals()
         try:
             self._listen()
         except StartupError as exc:
@@ -112,30 +171,24 @@ class ProxyService(service.Service):
         config = self.runtime.config
         self.runtime.capabilities.start(self.reactor, config)  # answers come in later
         self.cluster.start()
+        self._log_started()
+
+    def _log_started(self) -> None:
+        config = self.runtime.config
         log.info("stalroute started: {listeners} listeners, {destinations} destinations",
                  listeners=len(config.listeners), destinations=len(config.destinations))
 
     def _listen(self) -> None:
-        """Bind every listener address; StartupError names the first one that cannot be
-        bound."""
-        config = self.runtime.config
-        ipv4_ports = {port for listener in config.listeners.values()
-                      for host, port in listener.bind if ":" not in host}
-        for name, listener in config.listeners.items():
-            factory = self._factory_for(name, listener.protocol)
+        """Bind every listener address and serve it here; StartupError names the first one
+        that cannot be bound."""
+        for name, sockets in bind_listeners(self.runtime.config).items():
+            factory = self._factory_for(name, self.runtime.config.listeners[name].protocol)
             self.factories[name] = factory
-            for host, port in listener.bind:
-                listening = ListeningPort(port, factory, 1024, host, self.reactor,
-                                          v6only=":" in host and port in ipv4_ports)
-                # Synchronous, so that a port we cannot bind stops startup instead of a log line.
-                try:
-                    listening.startListening()
-                except CannotListenError as exc:
-                    raise bind_refused(f"listener.{name}", host, port, exc) from None
-                address = listening.getHost()
-                log.info("listener {name} on {host}:{port}", name=name, host=address.host,
-                         port=address.port)
-                self._ports.append(listening)
+            for sock in sockets:
+                log_listening(name, sock)
+                self._ports.append(self.reactor.adoptStreamPort(sock.fileno(), sock.family,
+                                                                factory))
+                sock.close()  # the port serves a duplicate of it
 
     def _factory_for(self, name: str, protocol: str) -> ListenerFactory:
         """The connection factory of one listener: the shared session pipeline for the
@@ -155,7 +208,7 @@ class ProxyService(service.Service):
         path = old.config.source_path
         if path is None:
             raise StartupError("the configuration was not read from a file: nothing to reload")
-        new = build_runtime(self.reactor, load_config(path), previous=old)
+        new = build_runtime(self.reactor, self.shaped(load_config(path)), previous=old)
         self.runtime = new
         for factory in self.factories.values():
             factory.runtime = new
@@ -177,14 +230,7 @@ class ProxyService(service.Service):
             old.router.store.close()
 
     def _reload_on_signal(self) -> None:
-        try:
-            self.reload_config()
-        except (ConfigError, StartupError) as exc:
-            problems = exc.problems if isinstance(exc, ConfigError) else [exc]
-            log.error("configuration reload refused, keeping the running one: {problems}",
-                      problems="; ".join(str(p) for p in problems))
-        except Exception:  # noqa: BLE001 - a bug: logged as one event, the process goes on
-            log.failure("configuration reload failed: unexpected error")
+        Deferred.fromCoroutine(self.control.reload_config()).addErrback(_reload_refused)
 
     def stopService(self) -> Deferred[None]:
         """Graceful drain: stop accepting, let sessions finish up to ``shutdown_grace``, then

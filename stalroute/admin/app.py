@@ -151,7 +151,6 @@ class AdminAPI:
         self._token = TokenCheck(token)
         self.lockout = lockout
         self._started = clock.seconds()
-        self._metrics = metrics_registry(control, lambda: (lockout.lockouts, lockout.locked()))
 
     def resource(self):
         return self.app.resource()
@@ -346,7 +345,7 @@ class AdminAPI:
     @app.route("/stats", methods=["GET"])
     @_endpoint()
     async def stats(self, request):
-        return {**self.control.stats(), "version": VERSION,
+        return {**await self.control.instance_stats(), "version": VERSION,
                 "uptime": round(self._clock.seconds() - self._started, 3),
                 "admin": {"lockouts": self.lockout.lockouts,
                           "locked_addresses": self.lockout.locked()}}
@@ -359,20 +358,24 @@ class AdminAPI:
     @app.route("/destinations", methods=["GET"])
     @_endpoint()
     async def destinations(self, request):
-        return {"destinations": self.control.destinations()}
+        return {"destinations": await self.control.instance_destinations()}
 
     @app.route("/destinations/reset", methods=["POST"])
     @_endpoint()
     async def destinations_reset(self, request):
         name = self._required(self._params(request, body=True), "destination")
-        if not self.control.reset_destination(name):
+        reset = self.control.reset_destination(name)
+        if reset is None:
             raise ApiError(404, f"no destination named {name!r}")
-        return {"destination": name, "circuit": "closed"}
+        return {"destination": name, "circuit": "closed", **(await reset).fields()}
 
     @app.route("/metrics", methods=["GET"])
     @_endpoint(quiet=True)
     async def metrics(self, request):
-        return Reply(200, raw=render(self._metrics), content_type=CONTENT_TYPE_LATEST)
+        registry = metrics_registry(await self.control.reports(),
+                                    self.control.cluster_state(),
+                                    (self.lockout.lockouts, self.lockout.locked()))
+        return Reply(200, raw=render(registry), content_type=CONTENT_TYPE_LATEST)
 
     @app.route("/openapi.json", methods=["GET"])
     @_endpoint(quiet=True)
@@ -398,21 +401,22 @@ class AdminAPI:
         params = self._params(request, body=True)
         identifier = self.control.normalize(self._required(params, "identifier"))
         destination = self._required(params, "destination")
-        await self.control.put_mapping(identifier, destination)
-        return {"identifier": identifier, "destination": destination}
+        done = await self.control.put_mapping(identifier, destination)
+        return {"identifier": identifier, "destination": destination, **done.fields()}
 
     @app.route("/mappings", methods=["DELETE"])
     @_endpoint()
     async def mappings_delete(self, request):
         identifier = self.control.normalize(
             self._required(self._params(request, body=True), "identifier"))
-        existed = await self.control.delete_mapping(identifier)
-        return {"identifier": identifier, "deleted": bool(existed)}
+        existed, done = await self.control.delete_mapping(identifier)
+        return {"identifier": identifier, "deleted": bool(existed), **done.fields()}
 
     @app.route("/mappings/reload", methods=["POST"])
     @_endpoint()
     async def mappings_reload(self, request):
-        return {"entries": await self.control.reload_mappings()}
+        entries, done = await self.control.reload_mappings()
+        return {"entries": entries, **done.fields()}
 
     @app.route("/mappings/export", methods=["GET"])
     @_endpoint()
@@ -473,13 +477,14 @@ class AdminAPI:
     async def cache_invalidate(self, request):
         identifier = self._params(request, body=True).get("identifier") or None
         key = None if identifier is None else self.control.normalize(identifier)
-        return {"identifier": key, "invalidated": self.control.invalidate(key)}
+        done = await self.control.invalidate(key)
+        return {"identifier": key, "invalidated": done.count, **done.fields()}
 
     @app.route("/connections", methods=["GET"])
     @_endpoint()
     async def connections(self, request):
         params = self._params(request)
-        sessions = self.control.connections()
+        sessions = await self.control.instance_connections()
         if params.get("identifier"):
             key = self.control.normalize(params["identifier"])
             sessions = [s for s in sessions if s["identifier"] == key]
@@ -500,10 +505,11 @@ class AdminAPI:
         if (destination is not None
                 and destination not in self.control.runtime.config.destinations
                 and not any(s["destination"] == destination
-                            for s in self.control.connections())):
+                            for s in await self.control.instance_connections())):
             raise ApiError(404, f"no destination named {destination!r}")
-        kicked = self.control.kick(identifier=identifier, destination=destination)
-        return {"identifier": identifier, "destination": destination, "kicked": kicked}
+        done = await self.control.kick(identifier=identifier, destination=destination)
+        return {"identifier": identifier, "destination": destination, "kicked": done.count,
+                **done.fields()}
 
     @app.route("/connections/delay", methods=["POST"])
     @_endpoint()
@@ -517,15 +523,15 @@ class AdminAPI:
             raise ApiError(400, "seconds must be a number") from None
         if not math.isfinite(seconds) or not 0 <= seconds <= MAX_DELAY:
             raise ApiError(400, f"seconds must be between 0 and {MAX_DELAY}")
-        self.control.delay(identifier, seconds)
-        return {"identifier": identifier, "seconds": seconds}
+        done = await self.control.delay(identifier, seconds)
+        return {"identifier": identifier, "seconds": seconds, **done.fields()}
 
     # --- configuration ------------------------------------------------------------------
 
     @app.route("/config/reload", methods=["POST"])
     @_endpoint()
     async def config_reload(self, request):
-        return {"reloaded": True, "restart_required": list(self.control.reload_config())}
+        return {"reloaded": True, "restart_required": await self.control.reload_config()}
 
 
 def _log_target(request) -> str:

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 from twisted.internet.task import deferLater
 
 from stalroute.admin.bulk import BadRow, Row, read_records
+from stalroute.control import Done
 from stalroute.identity import InvalidIdentifier
 from stalroute.logs import logger
 from stalroute.mapping import ReadOnlyStore
@@ -40,6 +41,8 @@ class Importer:
         self.rows = self.imported = self.unchanged = self.duplicates = 0
         self.rejected: list[dict[str, Any]] = []
         self.rejected_count = 0
+        #: The batch the fewest members applied: the import answers with its ``applied``.
+        self.least_applied: Done | None = None
 
     def _check(self, record: Row | BadRow) -> tuple[str, str] | BadRow:
         if isinstance(record, BadRow):
@@ -90,7 +93,8 @@ class Importer:
         summary = {"rows": self.rows, "imported": self.imported, "unchanged": self.unchanged,
                    "rejected_count": self.rejected_count, "rejected": self.rejected,
                    "duplicates": self.duplicates, "dry_run": dry_run,
-                   "seconds": round(time.monotonic() - started, 3)}
+                   "seconds": round(time.monotonic() - started, 3),
+                   **(self.least_applied.fields() if self.least_applied else {})}
         log.info("admin: mappings import{dry}: {rows} rows, {imported} written, {unchanged} "
                  "unchanged, {rejected} rejected in {seconds}s",
                  dry=" (dry run)" if dry_run else "", rows=self.rows, imported=self.imported,
@@ -109,10 +113,16 @@ class Importer:
         changed = [(key, batch[key]) for key, now in zip(keys, current) if now != batch[key]]
         if changed:
             await store.upsert_many(changed)
-            self._control.imported([key for key, _ in changed])
+            done = await self._control.imported([key for key, _ in changed])
+            if self.least_applied is None or _applied(done) < _applied(self.least_applied):
+                self.least_applied = done
         self.imported += len(changed)
         self.unchanged += len(batch) - len(changed)
         await self._breathe()
+
+
+def _applied(done: Done) -> int:
+    return done.fields().get("applied", 0)
 
 
 async def export_entries(control) -> list[tuple[str, str]]:

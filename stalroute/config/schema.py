@@ -77,7 +77,8 @@ class ServerConfig:
     log_level: str = setting(conv.choice(*LOG_LEVELS), "info")
     #: ``json``: one flat JSON object per line (:func:`stalroute.logs.event_as_json`).
     log_format: str = setting(conv.choice("text", "json"), "text")
-    workers: int = setting(conv.integer(1, 1024), 1)
+    #: Worker processes (:mod:`stalroute.supervisor`); 0 = one per CPU core.
+    workers: int = setting(conv.integer(0, 1024), 1)
     #: Accepted for the reference format; stalroute's parallelism is ``workers``.
     threads: int = setting(conv.integer(0), 0)
 

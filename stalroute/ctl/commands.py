@@ -71,11 +71,24 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
+def render_acknowledgement(document: Any) -> str | None:
+    """Who in the fleet applied a write, when its answer says (``applied`` of ``members``,
+    with the laggards and the members it could not reach); None for any other answer."""
+    if not isinstance(document, dict) or "applied" not in document or "members" not in document:
+        return None
+    parts = [f"applied by {document['applied']} of {document['members']} members"]
+    parts += [f"{key}: " + ", ".join(f"node {node}" for node in document[key])
+              for key in ("laggards", "unreachable") if document.get(key)]
+    return "; ".join(parts)
+
+
 def emit(args: argparse.Namespace, document: Any, readable: str) -> None:
+    """Print the answer: its JSON, or ``readable`` followed by who applied a write."""
     if args.json:
         print(json.dumps(document, indent=2, ensure_ascii=False))
-    else:
-        print(readable)
+        return
+    acknowledgement = render_acknowledgement(document)
+    print(readable if acknowledgement is None else f"{readable}\n{acknowledgement}")
 
 
 # --- one request, one answer --------------------------------------------------------------

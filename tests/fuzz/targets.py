@@ -17,6 +17,7 @@ import base64
 import copy
 import datetime
 import io
+import json
 import math
 import re
 import tomllib
@@ -34,6 +35,7 @@ from stalroute.admin.bulk import (
     detect_format,
     read_records,
 )
+from stalroute.cluster import Ack, BadMessage, Change, decode_message, encode, encode_ack
 from stalroute.config import ConfigError, HTTPExtractConfig, HTTPRouteConfig, parse_config
 from stalroute.http.headers import (
     Forwarding,
@@ -61,6 +63,7 @@ from stalroute.identity import (
     routing_identifier,
 )
 from stalroute.mapping.file import MappingFileError, parse_mapping_lines
+from stalroute.membership import BadAnnounce, Member, encode_announce
 from stalroute.proxyproto import (
     V1_MAX_LENGTH,
     V1_PREFIX,
@@ -392,6 +395,67 @@ def fuzz_config(data: bytes) -> None:
     assert config.listeners is not None
 
 
+# --- the cluster bus -------------------------------------------------------------------------
+
+#: One message of each kind a bus carries, for the mutations to start from.
+_BUS_MESSAGES = [
+    encode(Change(1, "0123456789abcdef", 7, "delay", {"identifier": "alice", "seconds": 2.5})),
+    encode(Change(1, "0123456789abcdef", 8, "kick", {"identifier": None, "destination": "n"})),
+    encode_ack(Ack(2, "fedcba9876543210", "0123456789abcdef", 7)),
+    encode_announce(Member(3, "00112233", 1.5e9, "mx.test", "1.0", 2,
+                           ({"name": "imaps", "protocol": "imap", "bind": ["[::]:993"]},),
+                           ("main",), "ab" * 32)),
+]
+
+
+def _json_value(inp: Input, depth: int = 0) -> Any:
+    kind = inp.byte() % (8 if depth < 2 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return inp.flag()
+    if kind == 2:
+        return int.from_bytes(inp.take(inp.byte() % 10), "big", signed=True)
+    if kind == 3:
+        return inp.choice([0.0, -1.5, 2.5, 1e308, 1e-320])
+    if kind == 4:
+        return inp.sized(24).decode("utf-8", "replace")
+    if kind == 5:
+        return inp.choice(["announce", "ack", "delay", "kick", "", "0123456789abcdef", "x" * 65])
+    if kind == 6:
+        return [_json_value(inp, depth + 1) for _ in range(inp.byte() % 4)]
+    return {inp.sized(8).decode("utf-8", "replace"): _json_value(inp, depth + 1)
+            for _ in range(inp.byte() % 3)}
+
+
+def fuzz_cluster_message(data: bytes) -> None:
+    """The bus message decoder (changes, acks, announces), on raw bytes or on a well-formed
+    message with fields replaced, added or removed: only BadMessage or BadAnnounce; what it
+    accepts encodes back to the same."""
+    inp = Input(data)
+    if inp.flag():
+        message: str | bytes = inp.rest()
+    else:
+        document = json.loads(inp.choice(_BUS_MESSAGES))
+        for _ in range(1 + inp.byte() % 3):
+            key = inp.choice([*document, inp.sized(8).decode("utf-8", "replace")])
+            if inp.byte() % 4 == 0:
+                document.pop(key, None)
+            else:
+                document[key] = _json_value(inp)
+        message = json.dumps(document)
+    try:
+        decoded = decode_message(message)
+    except (BadMessage, BadAnnounce):
+        return
+    if isinstance(decoded, Change):
+        assert decoded.op != "ack" and decode_message(encode(decoded)) == decoded
+    elif isinstance(decoded, Ack):
+        assert decode_message(encode_ack(decoded)) == decoded
+    else:
+        assert decode_message(encode_announce(decoded)) == decoded
+
+
 _PREAUTH_SETTINGS = bytes([0, 0, 1, 0, 0, 0]) + bytes(8) + b"\x01"
 _BACKEND_SETTINGS = bytes([0, 1, 0, 0, 0]) + bytes(8)
 #: Starting inputs for atheris: typical sessions, so mutations begin deep in each parser.
@@ -428,6 +492,7 @@ SEEDS: dict[str, list[bytes]] = {
     "bulk_import": [b"\x00\x00" + b'[{"identifier": "a@b", "destination": "main"}, ["c", "d"]]',
                     b"\x00\x00alice@example.com\tmain\n# comment\n"],
     "mapping_file": [b"\x00alice@example.com main\n# x\nbob new # trailing\n"],
+    "cluster_message": [b"\x00" + bytes([index]) + b"\x01\x00" for index in range(4)],
     "lines": [b"\x02\x01\x00\x00\x00\x00a LOGIN {3}\r\nabc \"q\\\"x\"\r\n250-a\r\n250 b\r\n"],
 }
 

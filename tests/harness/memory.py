@@ -29,6 +29,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.test import iosim
 from zope.interface import directlyProvides
 
+from stalroute.control import Control, Done
+
 
 class _Wire:
     """What the TLS layer writes to: the fake transport beneath it, bypassing TLS."""
@@ -188,3 +190,13 @@ def lose(protocol: IProtocol, transport: StringTransport, clean: bool = True) ->
         return
     transport.lost = True  # type: ignore[attr-defined]
     protocol.connectionLost(Failure(ConnectionDone() if clean else ConnectionLost()))
+
+
+def kicked(control: Control, **who: str) -> int:
+    """The sessions a kick closed in this process (the change settles at once without a
+    coordinator or workers)."""
+    done = control.kick(**who)
+    results: list[Done] = []
+    done.addCallback(results.append)
+    (result,) = results
+    return result.count

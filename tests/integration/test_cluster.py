@@ -35,6 +35,8 @@ pytestmark = pytest.mark.integration
 
 #: Short, so the test can watch it apply; the cache tiers are long, so only it can.
 FALLBACK_TTL = 2
+#: ``server.workers`` of every instance of the fleet.
+WORKERS = 1
 
 
 class Bus(Protocol):
@@ -99,16 +101,23 @@ def member_config(pki: CertificateAuthority, proxy_certificate: IssuedCertificat
         config = proxy_config(pki, proxy_certificate, dovecot_pair, mapping=mapping)
         config["cluster"] = {"node_id": node_id, "coordinator": kind, "url": url,
                              "fallback_ttl": f"{FALLBACK_TTL}s"}
+        config["server"]["workers"] = WORKERS
         return config
 
     return build
 
 
 @pytest.fixture
+def fleet_size() -> int:
+    """How many instances ``fleet`` starts (node ids 1 to N); a test may parametrize it."""
+    return 3
+
+
+@pytest.fixture
 def fleet(stalroute: StalrouteFactory, pki: CertificateAuthority,
-          member_config: Callable[[int], dict[str, Any]]) -> Fleet:
+          member_config: Callable[[int], dict[str, Any]], fleet_size: int) -> Fleet:
     members: Fleet = []
-    for node_id in (1, 2, 3):
+    for node_id in range(1, fleet_size + 1):
         proxy = stalroute(member_config(node_id))
         members.append((proxy, Admin(proxy, pki)))
     for _, admin in members:
@@ -137,9 +146,8 @@ def test_admin_changes_reach_every_instance(fleet: Fleet, coordinator: tuple[str
     assert lands_on(two, pki, users, "alice") == "node2"
     assert bus(admin1)["published"] == 2
     for admin in (admin2, admin3):
-        assert bus(admin) == {"coordinator": coordinator[0], "node_id": bus(admin)["node_id"],
-                              "connected": True, "published": 0, "applied": 2,
-                              "announces_heard": bus(admin)["announces_heard"]}
+        assert bus(admin).items() >= {"coordinator": coordinator[0], "connected": True,
+                                      "published": 0, "applied": 2, "pending_acks": 0}.items()
     assert "cluster: applied kick" in three.log_text()
 
     # Draining node1, on instance 2: every instance's node1 sessions end.
@@ -208,7 +216,7 @@ def test_every_instance_lists_the_fleet_and_a_duplicate_node_id_is_not_ready(
         assert sum(member["self"] for member in view["members"]) == 1
         member = view["members"][0]
         assert member["hostname"] == "stalroute.test"
-        assert member["workers"] == 1 and member["version"]
+        assert member["workers"] == WORKERS and member["version"]
         assert {m["config_digest"] for m in view["members"]} == {member["config_digest"]}
         assert [listener["name"] for listener in member["listeners"]]
 

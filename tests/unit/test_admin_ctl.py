@@ -199,6 +199,45 @@ def test_duration() -> None:
         "5s", "1m05s", "3h02m", "2d01h00m"]
 
 
+class Answering:
+    """A client whose every request is answered ``document``."""
+
+    def __init__(self, document: dict) -> None:
+        self.document = document
+
+    def call(self, method: str, path: str, params: object = None,
+             accept: tuple[int, ...] = ()) -> tuple[int, dict]:
+        return 200, self.document
+
+
+@pytest.mark.parametrize(("fleet", "told"), [
+    ({}, []),  # no coordinator: the answer says nothing of a fleet
+    ({"applied": 3, "members": 3}, ["applied by 3 of 3 members"]),
+    ({"applied": 2, "members": 3, "laggards": [2]},
+     ["applied by 2 of 3 members; laggards: node 2"]),
+    ({"applied": 1, "members": 3, "unreachable": [2, 3]},
+     ["applied by 1 of 3 members; unreachable: node 2, node 3"]),
+])
+@pytest.mark.parametrize(("argv", "answer", "first"), [
+    (["mappings", "put", "alice", "node2"], {"identifier": "alice", "destination": "node2"},
+     "alice → node2"),
+    (["kick", "--identifier", "alice"], {"identifier": "alice", "destination": None,
+                                         "kicked": 2}, "kicked 2 sessions of alice"),
+    (["delay", "alice", "30"], {"identifier": "alice", "seconds": 30}, "logins of alice held"),
+])
+def test_a_write_says_who_in_the_fleet_applied_it(capsys, fleet: dict, told: list[str],
+                                                  argv: list[str], answer: dict,
+                                                  first: str) -> None:
+    args = parse(*argv)
+    assert args.ctl_action(Answering({**answer, **fleet}), args) == client.EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(first) and lines[1:] == told
+
+    args = parse(*argv, "--json")
+    args.ctl_action(Answering({**answer, **fleet}), args)
+    assert json.loads(capsys.readouterr().out) == {**answer, **fleet}
+
+
 class FakeTTY(io.StringIO):
     def __init__(self, tty: bool) -> None:
         super().__init__()

@@ -1,23 +1,19 @@
 """The cluster bus in-process: message encoding and decoding, and two instances (real
 :class:`~stalroute.control.Control` over runtimes built on a Clock) joined by an in-memory
-coordinator, so every admin change made on one is applied on the other; the PostgreSQL
-coordinator's thread over fake connections. Both coordinators against real servers and three
-processes are ``tests/integration/test_cluster.py``.
+coordinator, so every admin change made on one is applied on the other. The acknowledgements
+of the writes are ``test_cluster_acks.py``, the coordinators ``test_coordinators.py``; both
+coordinators against real servers and three processes are ``tests/integration/test_cluster.py``.
 """
 
 from __future__ import annotations
 
 import json
-import queue
-import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
-import psycopg2
 from hypothesis import given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, succeed
@@ -25,27 +21,43 @@ from twisted.internet.task import Clock
 
 from stalroute.admin.metrics import metrics_registry, render
 from stalroute.cluster import (
-    CHANNEL, MAX_NOTIFY_PAYLOAD, PG_CHANNEL, BadMessage, Change, Cluster,
-    PostgreSQLCoordinator, RedisCoordinator, build_cluster, decode, encode, listener_dsn,
+    Ack, Acknowledgement, BadMessage, Change, Cluster, build_cluster, decode_message, encode,
+    encode_ack,
 )
 from stalroute.config import ConfigError, parse_config
 from stalroute.control import Control
-from stalroute.mapping.factory import InvalidStoreSetting
+from stalroute.coordinators import PostgreSQLCoordinator
+from stalroute.membership import BadAnnounce
 from stalroute.runtime import build_runtime
 from stalroute.service import settings_needing_restart
 from tests.unit.test_admin_app import MemoryStore, document
 
+T = TypeVar("T")
+
+
+def fired(answer: Deferred[T]) -> T | None:
+    """What ``answer`` fired with, None while it has not."""
+    results: list[T] = []
+
+    def seen(result: T) -> T:
+        results.append(result)
+        return result
+
+    answer.addCallback(seen)
+    return results[0] if results else None
+
+
 CHANGES = [
-    Change(1, 1, "mapping_put", {"identifier": "alice", "destination": "node2"}),
-    Change(1, 2, "mapping_delete", {"identifier": "alice"}),
-    Change(1, 3, "mappings_import", {}),
-    Change(1, 4, "mappings_reload", {}),
-    Change(1, 5, "invalidate", {"identifier": None}),
-    Change(1, 6, "invalidate", {"identifier": "alice"}),
-    Change(1, 7, "kick", {"identifier": "alice", "destination": None}),
-    Change(1, 8, "kick", {"identifier": None, "destination": "node1"}),
-    Change(1, 9, "delay", {"identifier": "alice", "seconds": 2.5}),
-    Change(1, 10, "reset_destination", {"name": "node1"}),
+    Change(1, "t1", 1, "mapping_put", {"identifier": "alice", "destination": "node2"}),
+    Change(1, "t1", 2, "mapping_delete", {"identifier": "alice"}),
+    Change(1, "t1", 3, "mappings_import", {}),
+    Change(1, "t1", 4, "mappings_reload", {}),
+    Change(1, "t1", 5, "invalidate", {"identifier": None}),
+    Change(1, "t1", 6, "invalidate", {"identifier": "alice"}),
+    Change(1, "t1", 7, "kick", {"identifier": "alice", "destination": None}),
+    Change(1, "t1", 8, "kick", {"identifier": None, "destination": "node1"}),
+    Change(1, "t1", 9, "delay", {"identifier": "alice", "seconds": 2.5}),
+    Change(1, "t1", 10, "reset_destination", {"name": "node1"}),
 ]
 
 
@@ -53,26 +65,51 @@ CHANGES = [
 def test_every_change_survives_encoding(change: Change) -> None:
     message = encode(change)
     assert json.loads(message)["node"] == 1 and json.loads(message)["op"] == change.op
-    assert decode(message) == change
-    assert decode(message.encode()) == change
+    assert decode_message(message) == change
+    assert decode_message(message.encode()) == change
+
+
+def test_an_ack_survives_encoding() -> None:
+    ack = Ack(2, "t2", "t1", 7)
+    assert json.loads(encode_ack(ack)) == {"op": "ack", "node": 2, "token": "t2", "to": "t1",
+                                           "seq": 7}
+    assert decode_message(encode_ack(ack)) == ack
 
 
 @pytest.mark.parametrize("message, problem", [
     ("{", "not JSON"),
     ("[1]", "not a JSON object"),
-    ('{"seq": 1, "op": "mappings_reload"}', "integers"),
-    ('{"node": true, "seq": 1, "op": "mappings_reload"}', "integers"),
-    ('{"node": 1, "seq": "1", "op": "mappings_reload"}', "integers"),
-    ('{"node": 1, "seq": 1, "op": "format_disk"}', "unknown op"),
-    ('{"node": 1, "seq": 1, "op": "mappings_reload", "x": 1}', "no arguments"),
-    ('{"node": 1, "seq": 1, "op": "mapping_delete"}', "takes identifier"),
-    ('{"node": 1, "seq": 1, "op": "mapping_delete", "identifier": 3}', "bad identifier"),
-    ('{"node": 1, "seq": 1, "op": "delay", "identifier": "a", "seconds": true}', "bad seconds"),
-    ('{"node": 1, "seq": 1, "op": "delay", "identifier": "a", "seconds": "1"}', "bad seconds"),
+    ('{"token": "t", "seq": 1, "op": "mappings_reload"}', "integers"),
+    ('{"node": true, "token": "t", "seq": 1, "op": "mappings_reload"}', "integers"),
+    ('{"node": 1, "token": "t", "seq": "1", "op": "mappings_reload"}', "integers"),
+    ('{"node": 1, "seq": 1, "op": "mappings_reload"}', "token"),
+    ('{"node": 1, "token": "", "seq": 1, "op": "mappings_reload"}', "token"),
+    ('{"node": 1, "token": 5, "seq": 1, "op": "mappings_reload"}', "token"),
+    ('{"node": 1, "token": "%s", "seq": 1, "op": "mappings_reload"}' % ("t" * 65), "token"),
+    ('{"node": 1, "token": "t", "seq": 1, "op": "format_disk"}', "unknown op"),
+    ('{"node": 1, "token": "t", "seq": 1, "op": []}', "unknown op"),
+    ('{"node": 1, "token": "t", "seq": 1, "op": "mappings_reload", "x": 1}', "no arguments"),
+    ('{"node": 1, "token": "t", "seq": 1, "op": "mapping_delete"}', "takes identifier"),
+    ('{"node": 1, "token": "t", "seq": 1, "op": "mapping_delete", "identifier": 3}',
+     "bad identifier"),
+    ('{"node": 1, "token": "t", "seq": 1, "op": "delay", "identifier": "a", "seconds": true}',
+     "bad seconds"),
+    ('{"node": 1, "token": "t", "seq": 1, "op": "delay", "identifier": "a", "seconds": "1"}',
+     "bad seconds"),
+    ('{"node": 1, "token": "t", "seq": 1, "op": "delay", "identifier": "a", "seconds": NaN}',
+     "not JSON"),
+    ('{"node": 1, "token": "t", "seq": 1, "op": "delay", "identifier": "a", "seconds": 1e999}',
+     "not JSON"),
+    ('{"op": "ack", "node": 2, "token": "t2", "to": "t1"}', "an ack carries"),
+    ('{"op": "ack", "node": 2, "token": "t2", "to": "t1", "seq": 1, "x": 0}', "an ack carries"),
+    ('{"op": "ack", "node": "2", "token": "t2", "to": "t1", "seq": 1}', "integers"),
+    ('{"op": "ack", "node": 2, "token": "t2", "to": "t1", "seq": false}', "integers"),
+    ('{"op": "ack", "node": 2, "token": "t2", "to": null, "seq": 1}', "short strings"),
+    ('{"op": "ack", "node": 2, "token": [], "to": "t1", "seq": 1}', "short strings"),
 ])
-def test_a_message_that_is_no_change_is_refused(message: str, problem: str) -> None:
+def test_a_message_that_is_no_change_nor_ack_is_refused(message: str, problem: str) -> None:
     with pytest.raises(BadMessage, match=problem):
-        decode(message)
+        decode_message(message)
 
 
 @settings(max_examples=500, deadline=None)
@@ -81,18 +118,20 @@ def test_a_message_that_is_no_change_is_refused(message: str, problem: str) -> N
                               lambda inner: st.lists(inner) | st.dictionaries(st.text(max_size=8),
                                                                               inner),
                               max_leaves=20).map(json.dumps)))
-def test_any_message_decodes_to_a_change_or_is_refused(message: str | bytes) -> None:
+def test_any_message_decodes_to_a_change_or_an_ack_or_is_refused(message: str | bytes) -> None:
     try:
-        change = decode(message)
-    except BadMessage:
+        decoded = decode_message(message)
+    except (BadMessage, BadAnnounce):
         return
-    assert decode(encode(change)) == change
+    assert isinstance(decoded, (Change, Ack))  # no announce is made of such small leaves
+    encoded = encode(decoded) if isinstance(decoded, Change) else encode_ack(decoded)
+    assert decode_message(encoded) == decoded
 
 
 @pytest.mark.parametrize("message", ["[" * 8_000 + "]" * 8_000, '"' + "x" * 20_000 + '"'])
 def test_deep_or_huge_messages_are_refused(message: str) -> None:
     with pytest.raises(BadMessage):
-        decode(message)
+        decode_message(message)
 
 
 class MemoryCoordinator:
@@ -219,7 +258,9 @@ def test_kicks_end_sessions_on_every_instance(fleet) -> None:
     bob_two = two.open("2-b", "bob", "node1")
     carol_two = two.open("2-c", "carol", "node2")
 
-    assert one.control.kick(identifier="alice") == 1  # the local count
+    kicked = fired(one.control.kick(identifier="alice"))
+    assert kicked is not None and kicked.count == 1  # the local count
+    assert kicked.fields() == {"applied": 2, "members": 2}
     assert alice_one.closed == alice_two.closed == "kicked" and bob_two.closed is None
 
     two.control.kick(destination="node1")
@@ -237,16 +278,17 @@ def test_delays_and_circuit_resets_reach_the_other_instances(fleet) -> None:
         breaker.failed("10.0.0.1", connect_stage=True)
         remote.failed("10.0.0.1", connect_stage=True)
     assert remote.state == "open"
-    assert two.control.reset_destination("node1")
+    assert two.control.reset_destination("node1") is not None
     assert breaker.state == "closed"
-    assert two.control.reset_destination("nowhere") is False
+    assert two.control.reset_destination("nowhere") is None
 
 
 def test_a_bad_message_is_logged_and_skipped(fleet) -> None:
     one, two = fleet
     two.coordinator._on_message("not json")
     # A destination this instance does not declare is no error.
-    two.coordinator._on_message(encode(Change(9, 1, "reset_destination", {"name": "nowhere"})))
+    two.coordinator._on_message(encode(Change(9, "t9", 1, "reset_destination",
+                                              {"name": "nowhere"})))
     assert two.cluster.applied == 1
     one.control.invalidate()
     assert two.cluster.applied == 2
@@ -287,19 +329,25 @@ def test_a_publish_while_disconnected_is_not_counted(fleet) -> None:
 def test_bus_state_in_stats_and_metrics(fleet) -> None:
     one, two = fleet
     one.control.invalidate()
-    assert one.control.stats()["cluster"] == {
+    assert one.control.cluster_state() == {
         "coordinator": "memory", "node_id": 1, "connected": True, "published": 1,
-        "applied": 0, "announces_heard": 2}  # its own and two's: announces are no changes
-    assert two.control.stats()["cluster"]["applied"] == 1
+        "applied": 0, "announces_heard": 2,  # its own and two's: announces are no changes
+        "acks_heard": 1, "members": 2, "pending_acks": 0, "ack_seconds": 0.0}
+    # two started later: it has not heard one announce yet, and acks go to their sender only
+    remote = two.cluster.stats()
+    assert (remote["applied"], remote["announces_heard"], remote["acks_heard"],
+            remote["members"]) == (1, 1, 0, 1)
 
     def samples(instance: Instance) -> dict[str, float]:
-        text = render(metrics_registry(instance.control)).decode()
+        registry = metrics_registry([instance.control.report()],
+                                    instance.control.cluster_state())
+        text = render(registry).decode()
         return {sample.name: sample.value for family in text_string_to_metric_families(text)
                 for sample in family.samples if sample.name.startswith("stalroute_cluster")}
 
-    assert samples(two) == {"stalroute_cluster_connected": 1.0,
-                            "stalroute_cluster_published_total": 0.0,
-                            "stalroute_cluster_applied_total": 1.0}
+    assert samples(two).items() >= {"stalroute_cluster_connected": 1.0,
+                                    "stalroute_cluster_published_total": 0.0,
+                                    "stalroute_cluster_applied_total": 1.0}.items()
     two.coordinator.set_connected(False)
     assert samples(two)["stalroute_cluster_connected"] == 0.0
 
@@ -311,9 +359,12 @@ def test_an_instance_without_coordinator_has_no_bus_metrics(tmp_path: Path) -> N
     proxy = SimpleNamespace(runtime=build_runtime(Clock(), config), factories={},
                             reactor=Clock(), reload_config=list)
     control = Control(proxy, cluster)  # type: ignore[arg-type]
-    control.invalidate()
-    assert control.stats()["cluster"] == {"coordinator": "none", "node_id": 1}
-    assert b"stalroute_cluster" not in render(metrics_registry(control))
+    done = fired(control.invalidate())
+    assert done is not None and done.fields() == {}  # this instance alone: nothing to say
+    assert control.cluster_state() == {"coordinator": "none", "node_id": 1}
+    assert fired(cluster.publish("invalidate", identifier=None)) == Acknowledgement(1, 1)
+    registry = metrics_registry([control.report()], control.cluster_state())
+    assert b"stalroute_cluster" not in render(registry)
 
 
 def cluster_config(tmp_path: Path, **cluster: Any):
@@ -341,192 +392,12 @@ def test_a_new_bus_or_node_id_needs_a_restart_a_new_fallback_ttl_does_not(
         "cluster.node_id", "cluster.url"]
 
 
-def test_the_redis_coordinator_refuses_an_unusable_url_under_its_own_key() -> None:
-    with pytest.raises(InvalidStoreSetting, match=r"^cluster\.url: the database must be"):
-        RedisCoordinator("redis://127.0.0.1/zero")
-    coordinator = RedisCoordinator("redis://:secret@127.0.0.1:1")
-    assert "secret" not in coordinator.label
-    published: list[bool] = []
-    coordinator.publish("{}").addCallback(published.append)  # not started: not sent
-    assert published == [False] and not coordinator.connected
-    assert CHANNEL == "stalroute:changes"
-
-
-# --- the PostgreSQL coordinator -------------------------------------------------------------
-
-
-class ReactorThread:
-    """Stands in for the reactor: what the bus thread hands over runs in the test's thread."""
-
-    def __init__(self) -> None:
-        self.calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple, dict]] = (
-            queue.SimpleQueue())
-
-    def callFromThread(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self.calls.put((call, args, kwargs))
-
-    def run_until(self, condition: Callable[[], bool], timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, "the bus thread did not get there"
-            try:
-                call, args, kwargs = self.calls.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            call(*args, **kwargs)
-
-
-class FakeConnection:
-    """A psycopg2 connection whose server end is a socket pair: a line written there is a
-    notification, closing it is the server going away."""
-
-    def __init__(self) -> None:
-        self.ours, self.server = socket.socketpair()
-        self.notifies: list[SimpleNamespace] = []
-        self.executed: list[tuple[str, Any]] = []
-        self.autocommit = False
-        self.closed = False
-
-    def fileno(self) -> int:
-        return self.ours.fileno()
-
-    def cursor(self) -> FakeConnection:
-        return self
-
-    def __enter__(self) -> FakeConnection:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        pass
-
-    def execute(self, sql: str, params: Any = None) -> None:
-        assert self.autocommit  # LISTEN and NOTIFY act at once, outside a transaction
-        self.executed.append((sql, params))
-
-    def poll(self) -> None:
-        data = self.ours.recv(4096)
-        if not data:
-            raise psycopg2.OperationalError("server closed the connection unexpectedly")
-        self.notifies += [SimpleNamespace(payload=line) for line in data.decode().split()]
-
-    def close(self) -> None:
-        self.closed = True
-        self.ours.close()
-
-
-@pytest.fixture
-def postgresql_bus(monkeypatch: pytest.MonkeyPatch):
-    """A started PostgreSQLCoordinator on fake connections (handed out in turn; none left:
-    refused), what it delivered, and its reactor stand-in."""
-    connections: list[FakeConnection] = []
-    dsns: list[str] = []
-
-    def connect(dsn: str) -> FakeConnection:
-        dsns.append(dsn)
-        if not connections:
-            raise psycopg2.OperationalError("connection refused")
-        return connections.pop(0)
-
-    monkeypatch.setattr(psycopg2, "connect", connect)
-    reactor = ReactorThread()
-    coordinator = PostgreSQLCoordinator("postgresql://bus:secret@db.example/fleet",
-                                        reactor=reactor)  # type: ignore[arg-type]
-    messages: list[str | bytes] = []
-    states: list[bool] = []
-    state = SimpleNamespace(coordinator=coordinator, connections=connections, dsns=dsns,
-                            reactor=reactor, messages=messages, states=states)
-    yield state
-    stopped: list[None] = []
-    coordinator.stop().addCallback(stopped.append)
-    reactor.run_until(lambda: stopped == [None])
-    assert all(connection.closed for connection in connections)
-
-
-def test_the_postgresql_bus_listens_hands_on_notifications_and_publishes(
-        postgresql_bus) -> None:
-    bus = postgresql_bus
-    connection = FakeConnection()
-    bus.connections.append(connection)
-    bus.coordinator.start(bus.messages.append, bus.states.append)
-    bus.reactor.run_until(lambda: bus.states == [True])
-    assert bus.coordinator.connected
-    assert connection.executed == [(f"LISTEN {PG_CHANNEL}", None)]
-    assert "connect_timeout=" in bus.dsns[0] and "keepalives_idle=" in bus.dsns[0]
-
-    connection.server.sendall(b'{"a":1}\n{"b":2}\n')
-    bus.reactor.run_until(lambda: len(bus.messages) == 2)
-    assert bus.messages == ['{"a":1}', '{"b":2}']
-
-    sent: list[bool] = []
-    bus.coordinator.publish('{"c":3}').addCallback(sent.append)
-    bus.reactor.run_until(lambda: sent == [True])
-    assert connection.executed[-1] == ("SELECT pg_notify(%s, %s)", (PG_CHANNEL, '{"c":3}'))
-    bus.connections.append(connection)  # the fixture checks it is closed
-
-
-def test_the_postgresql_bus_reports_a_lost_server_and_reconnects(postgresql_bus) -> None:
-    bus = postgresql_bus
-    first, second = FakeConnection(), FakeConnection()
-    bus.connections.append(first)
-    bus.coordinator.start(bus.messages.append, bus.states.append)
-    bus.reactor.run_until(lambda: bus.states == [True])
-
-    bus.connections.append(second)  # after one refused attempt or none
-    first.server.close()
-    bus.reactor.run_until(lambda: bus.states == [True, False])
-    assert first.closed
-    sent: list[bool] = []
-    bus.coordinator.publish("{}").addCallback(sent.append)
-    assert sent == [False]  # not connected: not sent, not queued
-
-    bus.reactor.run_until(lambda: bus.states == [True, False, True])
-    assert second.executed == [(f"LISTEN {PG_CHANNEL}", None)]
-    second.server.sendall(b"after\n")
-    bus.reactor.run_until(lambda: bus.messages == ["after"])
-    bus.connections += [first, second]
-
-
-def test_the_postgresql_bus_retries_an_unreachable_server_until_stopped(
-        postgresql_bus) -> None:
-    bus = postgresql_bus
-    bus.coordinator.start(bus.messages.append, bus.states.append)
-    bus.reactor.run_until(lambda: len(bus.dsns) >= 3)  # backoff from 0.1 s
-    assert bus.states == [] and not bus.coordinator.connected
-
-
-def test_the_postgresql_bus_refuses_a_payload_notify_cannot_carry() -> None:
-    coordinator = PostgreSQLCoordinator("postgresql://bus:secret@127.0.0.1:1/fleet")
-    assert "secret" not in coordinator.label
-    published: list[bool] = []
-    coordinator.publish("x" * (MAX_NOTIFY_PAYLOAD + 1)).addCallback(published.append)
-    coordinator._connected = True  # as if connected: the size alone refuses it
-    coordinator.publish("é" * (MAX_NOTIFY_PAYLOAD // 2 + 1)).addCallback(published.append)
-    coordinator._connected = False
-    coordinator.publish("{}").addCallback(published.append)  # not started: not sent
-    assert published == [False, False, False]
-    stopped: list[None] = []
-    coordinator.stop().addCallback(stopped.append)
-    assert stopped == [None]
-
-
-def test_the_postgresql_coordinator_refuses_an_unusable_url_under_its_own_key() -> None:
-    with pytest.raises(InvalidStoreSetting,
-                       match=r'^cluster\.url: invalid dsn.*"colour"') as caught:
-        PostgreSQLCoordinator("postgresql://bus:secret@127.0.0.1/fleet?colour=blue")
-    assert "secret" not in str(caught.value)
-
-
-def test_the_listener_dsn_keeps_what_the_url_sets() -> None:
-    dsn = listener_dsn("postgresql://bus@db/fleet?keepalives_idle=60&connect_timeout=2")
-    assert "keepalives_idle=60" in dsn and "keepalives_idle=5" not in dsn
-    assert "connect_timeout=2" in dsn and "keepalives_count=3" in dsn
-    assert "tcp_user_timeout=10000" in dsn
-
-
 def test_a_postgresql_coordinator_is_built_for_coordinator_postgresql(tmp_path: Path) -> None:
     config = cluster_config(tmp_path, coordinator="postgresql",
                             url="postgresql://bus@127.0.0.1:1/fleet")
     cluster = build_cluster(config.cluster)
     assert isinstance(cluster.coordinator, PostgreSQLCoordinator)
     assert cluster.stats() == {"coordinator": "postgresql", "node_id": 1, "connected": False,
-                               "published": 0, "applied": 0, "announces_heard": 0}
+                               "published": 0, "applied": 0, "announces_heard": 0,
+                               "acks_heard": 0, "members": 1, "pending_acks": 0,
+                               "ack_seconds": None}

@@ -534,7 +534,7 @@ ERROR_CASES = [
         (("cluster.coordinator", "redis"), ("cluster.url", "postgresql://db/x")),
         'cluster.url: coordinator = "redis" needs a redis:// URL',
     ),
-    ((("server.workers", 0),), "server.workers: must be at least 1"),
+    ((("server.workers", -1),), "server.workers: must be at least 0"),
     ((("server.log_level", "verbose"),), 'server.log_level: "verbose" is not one of'),
     (
         (("server.hostname", "mail example"),),
@@ -1560,7 +1560,7 @@ def test_check_prints_every_problem(base_dir: Path, capsys: pytest.CaptureFixtur
     path = base_dir / "stalroute.toml"
     path.write_text(
         MINIMAL_TOML.replace('"127.0.0.1:1993"', '"127.0.0.1"')
-        + "\n[server]\nworkers = 0\nshutdown_grace = 5\n"
+        + "\n[server]\nworkers = -1\nshutdown_grace = 5\n"
     )
     assert main(["check", str(path)]) == 1
     out, _ = capsys.readouterr()
@@ -1569,7 +1569,7 @@ def test_check_prints_every_problem(base_dir: Path, capsys: pytest.CaptureFixtur
             'server.shutdown_grace: must be a duration string with a unit (ms s m h d), e.g. "5s"; '
             "a bare number is ambiguous"
         ),
-        "server.workers: must be at least 1, not 0",
+        "server.workers: must be at least 0, not -1",
         'listener.imap.bind[0]: "127.0.0.1" is not an address (ip:port or [v6]:port)',
     ]
 
@@ -1651,11 +1651,11 @@ def test_check_skip_files_validates_a_config_for_another_host(
     assert out == f"OK: {path} (1 listeners, 1 destinations; files not checked)\n"
     assert err == ""
 
-    path.write_text(elsewhere + '\n[capabilities.pop3]\nbanner = "héllo"\n[server]\nworkers = 0\n',
+    path.write_text(elsewhere + '\n[capabilities.pop3]\nbanner = "héllo"\n[server]\nworkers = -1\n',
                     encoding="utf-8")
     assert main(["check", "--skip-files", str(path)]) == 1
     assert capsys.readouterr().out.splitlines() == [
-        "server.workers: must be at least 1, not 0",
+        "server.workers: must be at least 0, not -1",
         'capabilities.pop3.banner: "héllo" is not printable ASCII text (characters 32 to 126; '
         "no accents or tabs)",
     ]

@@ -108,7 +108,7 @@ def test_a_removed_or_renamed_listener_keeps_its_settings(served: ServiceHarness
     stats = served.control.stats()
     assert {name: s["protocol"] for name, s in stats["listeners"].items()} == {
         "imaps": "imap", "pop3s": "pop3"}
-    exposition = render(metrics_registry(served.control)).decode()
+    exposition = render(metrics_registry([served.control.report()], None)).decode()
     families = {f.name for f in text_string_to_metric_families(exposition)}
     assert "stalroute_listener_active_connections" in families
 

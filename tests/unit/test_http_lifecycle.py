@@ -27,7 +27,7 @@ from stalroute.http.connection import HTTPConnection, HTTPListenerFactory
 from stalroute.inbound import ConnectionState
 from stalroute.runtime import Runtime, build_runtime
 from stalroute.service import listener_after_reload
-from tests.harness.memory import accept, complete_connect, lose
+from tests.harness.memory import accept, complete_connect, kicked, lose
 
 BRIDGE_IDLE = 600.0
 RELAY_IDLE = 60.0
@@ -144,8 +144,8 @@ def test_a_kick_ends_an_sse_stream_of_the_account(web):
                          b"Transfer-Encoding: chunked\r\n\r\n6\r\ndata:1\r\n")
     assert b"data:1" in client.value()
     assert [c["identifier"] for c in web.control.connections()] == ["alice"]
-    assert web.control.kick(identifier="bob") == 0
-    assert web.control.kick(identifier="alice") == 1
+    assert kicked(web.control, identifier="bob") == 0
+    assert kicked(web.control, identifier="alice") == 1
     assert client.disconnecting and server.disconnecting
     web.reactor.advance(CLOSE_GRACE)  # neither side answered the close: aborted
     lose(connection, client)
@@ -296,7 +296,7 @@ def test_a_connection_from_before_a_reload_is_still_kicked_and_counted(web, erro
     web.reload()
     assert connection.runtime is old and web.factory.runtime is not old
     assert [c["id"] for c in web.control.connections()] == [connection.id]
-    assert web.control.kick(identifier="alice") == 1
+    assert kicked(web.control, identifier="alice") == 1
     lose(connection, client)
     lose(backend, server)
     web.assert_empty()

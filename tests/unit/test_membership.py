@@ -82,7 +82,8 @@ def test_an_announce_survives_encoding(tmp_path: Path, clock: Clock, bus) -> Non
 
 
 @pytest.mark.parametrize("change", [{"node": "1"}, {"workers": None}, {"destinations": [1]},
-                                    {"started": True}])
+                                    {"started": True}, {"destinations": "node1"},
+                                    {"listeners": {}}, {"token": ""}, {"token": "t" * 65}])
 def test_a_malformed_announce_is_refused_and_skipped(tmp_path: Path, clock: Clock, bus,
                                                      change: dict[str, Any]) -> None:
     one = Member(1, tmp_path, clock, bus)
@@ -118,6 +119,23 @@ def test_a_member_silent_for_three_heartbeats_is_dropped(tmp_path: Path, clock: 
     assert [m["node_id"] for m in one.view()["members"]] == [1, 2]
     assert one.view()["members"][1]["last_seen"] == EXPIRY_BEATS * HEARTBEAT
     clock.advance(1)
+    assert [m["node_id"] for m in one.view()["members"]] == [1]
+
+
+def test_while_the_bus_is_down_the_members_last_heard_are_kept(tmp_path: Path, clock: Clock,
+                                                                bus) -> None:
+    """A write made while cut off must name the others unreachable, however long the outage;
+    once the bus is back, a member that does not announce itself again is forgotten."""
+    one, two = Member(1, tmp_path, clock, bus), Member(2, tmp_path, clock, bus)
+    one.coordinator.set_connected(False)
+    two.cluster.stop()
+    clock.advance(10 * EXPIRY_BEATS * HEARTBEAT)
+    assert [m["node_id"] for m in one.view()["members"]] == [1, 2]
+    answers: list = []
+    one.cluster.publish("invalidate", identifier=None).addCallback(answers.append)
+    assert answers[0].as_dict() == {"applied": 1, "members": 2, "unreachable": [2]}
+    one.coordinator.set_connected(True)
+    clock.advance(EXPIRY_BEATS * HEARTBEAT + 1)
     assert [m["node_id"] for m in one.view()["members"]] == [1]
 
 

@@ -26,7 +26,7 @@ from stalroute.protocols import PROTOCOLS
 from stalroute.runtime import Runtime, build_runtime
 from stalroute.service import listener_after_reload
 from stalroute.session import ClientSession, SessionFactory
-from tests.harness.memory import accept, complete_connect, lose
+from tests.harness.memory import accept, complete_connect, kicked, lose
 
 OLD_PORT, NEW_PORT = 1143, 2143
 GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready\r\n"
@@ -184,7 +184,7 @@ def test_a_kick_after_a_reload_reaches_a_session_of_the_old_runtime(proxy, error
     session, client = advance_to(proxy, stage)
     proxy.reload_config(default="node2")
     finish_login(proxy, session, stage)
-    assert proxy.control.kick(identifier="alice") == 1
+    assert kicked(proxy.control, identifier="alice") == 1
     assert client.disconnecting and session.outcome == "kicked"
     proxy.end_everything()
     proxy.assert_empty()

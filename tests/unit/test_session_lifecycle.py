@@ -23,7 +23,7 @@ from stalroute.inbound import ConnectionState
 from stalroute.protocols import PROTOCOLS
 from stalroute.runtime import build_runtime
 from stalroute.session import ClientSession, MAX_PENDING_INPUT, SessionFactory
-from tests.harness.memory import accept, complete_connect, lose
+from tests.harness.memory import accept, complete_connect, kicked, lose
 
 PREAUTH_TIMEOUT = 30.0
 BACKEND_TIMEOUT = 10.0
@@ -160,7 +160,7 @@ def test_a_kick_that_fails_on_one_session_still_kicks_the_others(pipeline, error
         raise AttributeError("'Server' object has no attribute 'protocol'")
 
     first.close = broken  # type: ignore[method-assign]
-    assert pipeline.control.kick(identifier="alice") == 2
+    assert kicked(pipeline.control, identifier="alice") == 2
     assert client2.disconnecting and second.outcome == "kicked"
     assert len(errors) == 1
 

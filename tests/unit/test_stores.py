@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from stalroute.control import Done
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -922,7 +923,12 @@ def test_a_large_import_reads_and_writes_in_batches() -> None:
     router = SimpleNamespace(store=store)
     runtime = SimpleNamespace(router=router, config=SimpleNamespace(
         destinations={"node1": None, "node2": None}))
-    control = SimpleNamespace(runtime=runtime, normalize=str.lower, imported=invalidated.extend)
+
+    def imported(keys: list[str]) -> Deferred[Done]:
+        invalidated.extend(keys)
+        return succeed(Done(len(keys)))
+
+    control = SimpleNamespace(runtime=runtime, normalize=str.lower, imported=imported)
     rows = 100_000
     body = io.BytesIO(b"".join(b"User%d\tnode1\n" % n for n in range(rows)))
     clock = Clock()

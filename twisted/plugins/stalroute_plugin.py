@@ -44,10 +44,12 @@ class StalrouteServiceMaker:
         from stalroute.logs import service_for_twistd
         from stalroute.runtime import StartupError
         from stalroute.service import ProxyService
+        from stalroute.supervisor import SupervisorService, worker_count
 
         try:
             config = load_config(options["config"], env=os.environ)
-            proxy = ProxyService(reactor, config)
+            proxy = (SupervisorService(reactor, config) if worker_count(config) > 1
+                     else ProxyService(reactor, config))
             services = MultiService()
             if config.admin:
                 AdminService(reactor, proxy.control, config.admin).setServiceParent(services)
