@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from twisted.logger import LogEvent
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from tests.harness.memory import logged_errors
 
@@ -16,3 +16,16 @@ def errors() -> Iterator[list[LogEvent]]:
     error in a garbage-collected Deferred...): the glue tests expect none."""
     with logged_errors() as events:
         yield events
+
+
+@pytest.fixture
+def logged() -> Iterator[list[str]]:
+    """The text of every log event while the test runs."""
+    events: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        events.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)

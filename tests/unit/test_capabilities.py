@@ -7,14 +7,12 @@ checked against what a real backend says, sans-IO.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
 
 from stalroute import capabilities
 from stalroute.backend import BackendUnavailable
@@ -348,19 +346,6 @@ def probes(monkeypatch: pytest.MonkeyPatch) -> FakeProbes:
     fake = FakeProbes()
     monkeypatch.setattr(capabilities, "probe", fake)
     return fake
-
-
-@pytest.fixture
-def logged() -> Iterator[list[str]]:
-    """The text of every log event while the test runs."""
-    events: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        events.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 IMAP_ONLY = {"node1": ("imap",), "node2": ("imap",)}

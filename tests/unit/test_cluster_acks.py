@@ -7,14 +7,13 @@ members while the bus is down; no timer outlives a test.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
 
 from stalroute.cluster import (
     ACK_TIMEOUT, MAX_PENDING, Ack, Acknowledgement, Change, Cluster, encode_ack,
@@ -66,19 +65,6 @@ def peers(tmp_path: Path, clock: Clock):
     for peer in trio:
         peer.cluster.stop()
     assert clock.getDelayedCalls() == []
-
-
-@pytest.fixture
-def logged() -> Iterator[list[str]]:
-    """The text of every log event while the test runs."""
-    events: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        events.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 def never(change: Change) -> Deferred[None]:
