@@ -52,6 +52,7 @@ class Channel(Int32StringReceiver):
         self._on_lost = on_lost
         self._next_id = 0
         self._waiting: dict[int, Deferred[Any]] = {}
+        self._closing = False
 
     def call(self, name: str, **args: Any) -> Deferred[Any]:
         """Ask the other end to run ``name``; fires with its result, or fails with
@@ -59,9 +60,15 @@ class Channel(Int32StringReceiver):
         if not self.connected:
             raise ChannelClosed(f"{name}: the channel is closed")
         self._next_id += 1
-        answer: Deferred[Any] = Deferred()
-        self._waiting[self._next_id] = answer
-        self._send({"id": self._next_id, "call": name, "args": args})
+        call_id = self._next_id
+
+        def forget(_: Deferred[Any]) -> None:
+            # Cancelled (a timeout): the answer, if it ever comes, finds no one waiting.
+            self._waiting.pop(call_id, None)
+
+        answer: Deferred[Any] = Deferred(forget)
+        self._waiting[call_id] = answer
+        self._send({"id": call_id, "call": name, "args": args})
         return answer
 
     def event(self, name: str, **fields: Any) -> None:
@@ -72,19 +79,31 @@ class Channel(Int32StringReceiver):
     def _send(self, message: dict[str, Any]) -> None:
         self.sendString(json.dumps(message, separators=(",", ":")).encode())
 
+    def dataReceived(self, data: bytes) -> None:
+        if not self._closing:  # nothing more is read once this end chose to close
+            super().dataReceived(data)
+
     def stringReceived(self, string: bytes) -> None:
+        if self._closing:
+            return  # what followed, in the same read, a message that closed the channel
         try:
             message = json.loads(string)
-        except ValueError:
+        except (ValueError, RecursionError):
+            message = None
+        if not isinstance(message, dict):
             log.error("workers: an unreadable message on the channel; closing it")
             self._close()
             return
         if "event" in message:
-            self._on_event(message)
+            try:
+                self._on_event(message)
+            except Exception:
+                log.failure("workers: an event on the channel could not be handled")
         elif "call" in message:
-            self._answer(message["id"], message["call"], message.get("args") or {})
+            self._answer(message.get("id"), message["call"], message.get("args") or {})
         else:
-            waiting = self._waiting.pop(message.get("id"), None)
+            call_id = message.get("id")
+            waiting = self._waiting.pop(call_id, None) if isinstance(call_id, int) else None
             if waiting is None:
                 return  # answered after the caller gave up
             if "error" in message:
@@ -92,12 +111,13 @@ class Channel(Int32StringReceiver):
             else:
                 waiting.callback(message.get("result"))
 
-    def _answer(self, call_id: int, name: str, args: dict[str, Any]) -> None:
-        handler = self._handlers.get(name)
+    def _answer(self, call_id: Any, name: Any, args: Any) -> None:
+        handler = self._handlers.get(name) if isinstance(name, str) else None
         if handler is None:
             self._send({"id": call_id, "error": f"unknown call {name!r}"})
             return
-        answered = maybeDeferred(handler, **args)
+        # Arguments that do not fit the handler (or are no object) fail the call, not us.
+        answered = maybeDeferred(lambda: handler(**args))
 
         def reply(result: Any) -> None:
             if self.connected:
@@ -108,7 +128,8 @@ class Channel(Int32StringReceiver):
             if self.connected:
                 self._send({"id": call_id, "error": failure.getErrorMessage()})
 
-        answered.addCallbacks(reply, failed)
+        # A result that cannot be sent (not JSON) is answered as a failure too.
+        answered.addCallback(reply).addErrback(failed)
 
     def lengthLimitExceeded(self, length: int) -> None:
         log.error("workers: a message of {length} bytes on the channel; closing it",
@@ -116,6 +137,7 @@ class Channel(Int32StringReceiver):
         self._close()
 
     def _close(self) -> None:
+        self._closing = True
         if self.transport is not None:
             self.transport.loseConnection()
 

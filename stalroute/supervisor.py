@@ -62,7 +62,7 @@ class WorkerProcess(ProcessProtocol):
         self.index = index
         self.started = pool.reactor.seconds()
         self.channel = Channel({}, self._log_event, self._channel_lost)
-        self._output = b""
+        self._output: dict[int, bytes] = {}  # a partial line per descriptor (stdout, stderr)
 
     @property
     def serving(self) -> bool:
@@ -74,11 +74,11 @@ class WorkerProcess(ProcessProtocol):
 
     def _log_event(self, message: dict[str, Any]) -> None:
         """Write a worker's log event into the instance's log, as if it were our own."""
-        fields = message.get("fields") or {}
+        fields = {str(key): value for key, value in (message.get("fields") or {}).items()}
         Logger(namespace=str(message.get("namespace")), observer=globalLogPublisher).emit(
             LogLevel.levelWithName(message.get("level", "info")), "{text}",
-            text=message.get("text", ""), log_system=f"worker {self.index}",
-            **{str(key): value for key, value in fields.items()}, worker=self.index)
+            **{**fields, "text": message.get("text", ""), "log_system": f"worker {self.index}",
+               "worker": self.index})
 
     def tell(self, name: str, **args: Any) -> None:
         """Call ``name`` without waiting for the answer (a failure is logged)."""
@@ -101,11 +101,11 @@ class WorkerProcess(ProcessProtocol):
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         """Lines a worker wrote outside its log (a crash before its log was set up)."""
-        self._output += data
-        *lines, self._output = self._output.split(b"\n")
-        if len(self._output) > MAX_OUTPUT_LINE:
-            lines.append(self._output)
-            self._output = b""
+        *lines, partial = (self._output.get(childFD, b"") + data).split(b"\n")
+        if len(partial) > MAX_OUTPUT_LINE:
+            lines.append(partial)
+            partial = b""
+        self._output[childFD] = partial
         for line in lines:
             if line.strip():
                 log.error("workers: worker {index}: {line}", index=self.index,

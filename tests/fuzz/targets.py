@@ -20,12 +20,17 @@ import io
 import json
 import math
 import re
+import struct
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import h11
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from stalroute.admin.bulk import (
     FORMATS,
@@ -35,6 +40,7 @@ from stalroute.admin.bulk import (
     detect_format,
     read_records,
 )
+from stalroute.channel import CallFailed, Channel, ChannelClosed
 from stalroute.cluster import Ack, BadMessage, Change, decode_message, encode, encode_ack
 from stalroute.config import ConfigError, HTTPExtractConfig, HTTPRouteConfig, parse_config
 from stalroute.http.headers import (
@@ -456,6 +462,122 @@ def fuzz_cluster_message(data: bytes) -> None:
         assert decode_message(encode_announce(decoded)) == decoded
 
 
+# --- the supervisor–worker channel -----------------------------------------------------------
+
+#: The channel's longest message in the target, so that over-long ones are within reach.
+_CHANNEL_LIMIT = 512
+#: One message of each kind the channel carries: calls of the handlers below, answers to the
+#: target's own calls (1 is waiting, 2 was cancelled), an event.
+_CHANNEL_MESSAGES: list[dict[str, Any]] = [
+    {"id": 1, "call": "apply", "args": {"op": "kick", "args": {"identifier": "alice"}}},
+    {"id": 2, "call": "report", "args": {}},
+    {"id": 3, "call": "reload"},
+    {"id": 1, "result": {"stats": {"bans": 0}, "worker": 1}},
+    {"id": 2, "error": "no such destination"},
+    {"event": "log", "namespace": "stalroute.workers", "level": "info", "text": "serving",
+     "fields": {"worker": 1}},
+]
+
+
+def _channel_frames(inp: Input) -> bytes:
+    """Frames of well-formed messages with fields replaced, added or removed; now and then a
+    frame of raw bytes or a length over the limit."""
+    frames = []
+    for _ in range(1 + inp.byte() % 6):
+        kind = inp.byte() % 8
+        if kind == 0:
+            frames.append(struct.pack("!I", _CHANNEL_LIMIT + 1 + inp.number(1 << 16)))
+            continue
+        if kind == 1:
+            payload = inp.sized(80)
+        else:
+            message = copy.deepcopy(inp.choice(_CHANNEL_MESSAGES))
+            for _ in range(inp.byte() % 3):
+                key = inp.choice([*message, "id", "call", "args", "result", "error", "event",
+                                  inp.sized(8).decode("utf-8", "replace")])
+                if inp.byte() % 4 == 0:
+                    message.pop(key, None)
+                else:
+                    message[key] = _json_value(inp)
+            payload = json.dumps(message).encode()
+        frames.append(struct.pack("!I", len(payload)) + payload)
+    return b"".join(frames)
+
+
+def _written_messages(data: bytes) -> list[dict[str, Any]]:
+    """What a channel wrote: whole frames, each a JSON object."""
+    messages = []
+    while data:
+        (length,) = struct.unpack("!I", data[:4])
+        assert len(data) >= 4 + length
+        message = json.loads(data[4:4 + length])
+        assert isinstance(message, dict)
+        messages.append(message)
+        data = data[4 + length:]
+    return messages
+
+
+def _channel_run(pieces: list[bytes]) -> tuple[bytes, list[str], list[str]]:
+    """A channel that made two calls (the second then cancelled, as by a timeout), fed
+    ``pieces``, then lost: what it wrote, what it handled and how its calls settled."""
+    transport = StringTransport()
+    handled: list[str] = []  # what the handlers were called for, "!" once closing
+    late: Deferred[int] = Deferred()
+
+    def handler(name: str) -> Callable[..., Any]:
+        def handle(**args: Any) -> Any:
+            handled.append(name + "!" * transport.disconnecting)
+            if name == "apply":
+                return len(args["op"]) + len(args["args"])  # garbage arguments raise
+            return late if name == "reload" else {"stats": [1]}
+        return handle
+
+    def on_event(message: dict[str, Any]) -> None:
+        handled.append("event" + "!" * transport.disconnecting)
+
+    lost: list[None] = []
+    channel = Channel({name: handler(name) for name in ("apply", "report", "reload")},
+                      on_event, lambda: lost.append(None))
+    channel.MAX_LENGTH = _CHANNEL_LIMIT
+    channel.makeConnection(transport)
+    outcomes: list[list[Any]] = [[], []]
+    calls = [channel.call("report"), channel.call("report")]
+    for call, outcome in zip(calls, outcomes):
+        call.addBoth(outcome.append)
+    calls[1].cancel()
+    for piece in pieces:
+        channel.dataReceived(piece)
+    late.callback(1)  # "reload" answers late, perhaps once the channel is closing
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert len(lost) == 1
+    settled = []
+    for outcome in outcomes:
+        [value] = outcome  # each call settled exactly once
+        if isinstance(value, Failure):
+            assert value.check(CallFailed, ChannelClosed, CancelledError), value
+            settled.append(f"{type(value.value).__name__}: {value.getErrorMessage()}")
+        else:
+            settled.append(json.dumps(value))
+    assert not any(what.endswith("!") for what in handled), handled
+    written = _written_messages(transport.value())
+    assert [message.get("call") for message in written[:2]] == ["report", "report"]
+    for answer in written[2:]:
+        assert len(answer) == 2 and "id" in answer and ("result" in answer or "error" in answer)
+    return transport.value(), handled, settled
+
+
+def fuzz_channel(data: bytes) -> None:
+    """The supervisor–worker channel fed framed JSON (calls, answers, events with fields
+    replaced, added or removed), or raw bytes, cut anywhere: nothing raises out of
+    ``dataReceived``; what it cannot read (not a JSON object, too long) closes it, and nothing
+    is handled after; handlers given garbage fail their call only; every call settles once;
+    the same run however the bytes are cut."""
+    inp = Input(data)
+    payload = inp.rest() if inp.flag() else _channel_frames(inp)
+    pieces = chunks(Input(data[::-1]), payload, _CHANNEL_LIMIT)
+    assert _channel_run([b"".join(pieces)]) == _channel_run(pieces)
+
+
 _PREAUTH_SETTINGS = bytes([0, 0, 1, 0, 0, 0]) + bytes(8) + b"\x01"
 _BACKEND_SETTINGS = bytes([0, 1, 0, 0, 0]) + bytes(8)
 #: Starting inputs for atheris: typical sessions, so mutations begin deep in each parser.
@@ -493,6 +615,10 @@ SEEDS: dict[str, list[bytes]] = {
                     b"\x00\x00alice@example.com\tmain\n# comment\n"],
     "mapping_file": [b"\x00alice@example.com main\n# x\nbob new # trailing\n"],
     "cluster_message": [b"\x00" + bytes([index]) + b"\x01\x00" for index in range(4)],
+    "channel": [b"\x00\x05" + b"".join(bytes([2, index, 0]) for index in range(6)),
+                b"\x01" + b"".join(struct.pack("!I", len(message)) + message for message in (
+                    b'{"id":7,"call":"apply","args":{"op":"kick","args":{}}}',
+                    b'{"event":"log","text":"x"}', b'{"id":1,"result":null}', b"[1]"))],
     "lines": [b"\x02\x01\x00\x00\x00\x00a LOGIN {3}\r\nabc \"q\\\"x\"\r\n250-a\r\n250 b\r\n"],
 }
 
