@@ -392,8 +392,11 @@ class Cluster:
                 errbackArgs=(decoded,))
 
     def _heard(self, member: Member) -> None:
+        newcomer = not self.membership.knows(member.token) and member.token != self.token
         self.membership.heard(member)
         self.announces_heard += 1
+        if newcomer:  # it cannot know us before our next heartbeat: tell it now
+            self.announce()
         if member.node_id == self.node_id and member.token != self.token:
             self.membership.duplicates(self.me())  # logs a new duplicate at once
             self._check_superseded()

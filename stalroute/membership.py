@@ -161,6 +161,9 @@ class Membership:
         #: heard, and a write must name them unreachable), one expiry window after it is back.
         self._keep_until = 0.0
 
+    def knows(self, token: str) -> bool:
+        return token in self._seen
+
     def heard(self, member: Member) -> None:
         self._seen[member.token] = (member, self._clock.seconds())
 

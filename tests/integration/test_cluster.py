@@ -1,6 +1,7 @@
-"""A fleet over each coordinator (SPEC §2.11): three stalroute processes (``node_id`` 1, 2, 3,
-one shared mapping file, long cache lifetimes) in front of the Dovecot pair and one real Redis
-(pub/sub) or PostgreSQL (``LISTEN/NOTIFY``); every test runs once over each.
+"""A fleet over each coordinator (SPEC §2.11): three stalroute instances (``node_id`` 1, 2, 3,
+``WORKERS`` worker processes each, one shared mapping file, long cache lifetimes) in front of
+the Dovecot pair and one real Redis (pub/sub) or PostgreSQL (``LISTEN/NOTIFY``); every test
+runs once over each.
 
 An admin change made on one instance reaches the others: ``PUT /mappings`` alice → node2 and a
 kick on instance 1 end alice's sessions on all three, and her next login through instance 3
@@ -35,7 +36,8 @@ pytestmark = pytest.mark.integration
 
 #: Short, so the test can watch it apply; the cache tiers are long, so only it can.
 FALLBACK_TTL = 2
-#: ``server.workers`` of every instance of the fleet.
+#: ``server.workers`` of every instance of the fleet. One: the cache assertions below count
+#: the misses of one route cache, and every worker has its own.
 WORKERS = 1
 
 
@@ -89,7 +91,7 @@ def bus(admin: Admin) -> dict[str, Any]:
 @pytest.fixture
 def member_config(pki: CertificateAuthority, proxy_certificate: IssuedCertificate,
                   dovecot_pair: DovecotPair, coordinator: tuple[str, str, Bus],
-                  tmp_path: Path) -> Callable[[int], dict[str, Any]]:
+                  fleet_workers: int, tmp_path: Path) -> Callable[[int], dict[str, Any]]:
     """The configuration of the fleet's instance ``node_id``."""
     kind, url, _ = coordinator
     shared = tmp_path / "shared-mappings.tsv"
@@ -101,10 +103,16 @@ def member_config(pki: CertificateAuthority, proxy_certificate: IssuedCertificat
         config = proxy_config(pki, proxy_certificate, dovecot_pair, mapping=mapping)
         config["cluster"] = {"node_id": node_id, "coordinator": kind, "url": url,
                              "fallback_ttl": f"{FALLBACK_TTL}s"}
-        config["server"]["workers"] = WORKERS
+        config["server"]["workers"] = fleet_workers
         return config
 
     return build
+
+
+@pytest.fixture
+def fleet_workers() -> int:
+    """``server.workers`` of each instance; another module may override this fixture."""
+    return WORKERS
 
 
 @pytest.fixture

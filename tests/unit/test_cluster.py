@@ -331,12 +331,13 @@ def test_bus_state_in_stats_and_metrics(fleet) -> None:
     one.control.invalidate()
     assert one.control.cluster_state() == {
         "coordinator": "memory", "node_id": 1, "connected": True, "published": 1,
-        "applied": 0, "announces_heard": 2,  # its own and two's: announces are no changes
+        # Its own two (the second answers newcomer two) and two's two: no changes.
+        "applied": 0, "announces_heard": 4,
         "acks_heard": 1, "members": 2, "pending_acks": 0, "ack_seconds": 0.0}
-    # two started later: it has not heard one announce yet, and acks go to their sender only
+    # Acks go to their sender only.
     remote = two.cluster.stats()
     assert (remote["applied"], remote["announces_heard"], remote["acks_heard"],
-            remote["members"]) == (1, 1, 0, 1)
+            remote["members"]) == (1, 3, 0, 2)
 
     def samples(instance: Instance) -> dict[str, float]:
         registry = metrics_registry([instance.control.report()],
