@@ -73,12 +73,16 @@ class WorkerProcess(ProcessProtocol):
         return answer.addTimeout(CALL_TIMEOUT, self.pool.reactor)
 
     def _log_event(self, message: dict[str, Any]) -> None:
-        """Write a worker's log event into the instance's log, as if it were our own."""
+        """Write a worker's log event into the instance's log, as if it were our own; the
+        text log shows ``[namespace#level worker N]`` where a single process shows
+        ``[namespace#level]``."""
         fields = {str(key): value for key, value in (message.get("fields") or {}).items()}
-        Logger(namespace=str(message.get("namespace")), observer=globalLogPublisher).emit(
-            LogLevel.levelWithName(message.get("level", "info")), "{text}",
-            **{**fields, "text": message.get("text", ""), "log_system": f"worker {self.index}",
-               "worker": self.index})
+        namespace = str(message.get("namespace"))
+        level = LogLevel.levelWithName(message.get("level", "info"))
+        Logger(namespace=namespace, observer=globalLogPublisher).emit(
+            level, "{text}", **{**fields, "text": message.get("text", ""),
+                                "log_system": f"{namespace}#{level.name} worker {self.index}",
+                                "worker": self.index})
 
     def tell(self, name: str, **args: Any) -> None:
         """Call ``name`` without waiting for the answer (a failure is logged)."""

@@ -392,4 +392,4 @@ def test_a_workers_log_event_is_written_as_the_instances_own() -> None:
     assert event["log_level"] == LogLevel.warn
     assert formatEvent(event) == "imap session s1 ended ({braces} stay as they are)"
     assert (event["session"], event["account"], event["bytes_in"]) == ("s1", "a***e", 10)
-    assert (event["worker"], event["log_system"]) == (3, "worker 3")
+    assert (event["worker"], event["log_system"]) == (3, "stalroute.session#warn worker 3")
