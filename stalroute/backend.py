@@ -19,9 +19,7 @@ from twisted.internet import defer
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import (
-    IDelayedCall, IHandshakeListener, IOpenSSLClientConnectionCreator, IReactorTime,
-)
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -37,7 +35,7 @@ from stalroute.protocols.base import (
     BackendStartTLS, ForwardingInfo, LoginFailed, LoginSucceeded,
 )
 from stalroute.sasl import Credentials
-from stalroute.tls import TLSDetails, backend_tls
+from stalroute.tls import ResumingClientTLS, TLSDetails, backend_tls, tls_connection
 from stalroute.transport import StreamTransport
 
 RETRY_DELAY = 0.2
@@ -108,7 +106,7 @@ class BackendLeg(Protocol):
     transport: StreamTransport  # type: ignore[assignment]
 
     def __init__(self, clock: IReactorTime, dialogue: BackendDialogue, tls_mode: str,
-                 preamble: bytes, tls: IOpenSSLClientConnectionCreator | None) -> None:
+                 preamble: bytes, tls: ResumingClientTLS | None) -> None:
         self._clock = clock
         self.dialogue = dialogue
         self._tls_mode = tls_mode
@@ -174,6 +172,9 @@ class BackendLeg(Protocol):
                 self._starttls_pending = True
                 self.transport.startTLS(self._tls)
             elif isinstance(event, BackendReady):
+                connection = tls_connection(self.transport)
+                if self._tls is not None and connection is not None:
+                    self._tls.remember(connection)
                 self._settle(self)
             elif isinstance(event, (LoginSucceeded, LoginFailed)):
                 self._settle(event)
@@ -252,8 +253,12 @@ class BackendConnector:
     def __init__(self, reactor, config: Config) -> None:
         self._reactor = reactor
         self._config = config
-        self._tls = {name: backend_tls(dest) for name, dest in config.destinations.items()
-                     if any(p.tls != "plain" for p in dest.protocols.values())}
+        tls = {name: backend_tls(dest) for name, dest in config.destinations.items()
+               if any(leg.tls != "plain" for leg in dest.protocols.values())}
+        #: The client TLS of each destination's TLS ports (each resumes its own sessions).
+        self._tls = {(name, leg.port): ResumingClientTLS(tls[name])
+                     for name, dest in config.destinations.items()
+                     for leg in dest.protocols.values() if leg.tls != "plain"}
         self._sources: dict[tuple[str, int], Iterator[str]] = {}
         server = config.server
         self.breakers = {name: CircuitBreaker(reactor, server.host_down_threshold,
@@ -317,7 +322,7 @@ class BackendConnector:
         for attempt in range(attempts):
             address = addresses[attempt % len(addresses)]
             leg = BackendLeg(self._reactor, dialogue, leg_config.tls, preamble,
-                             self._tls.get(destination.name))
+                             self._tls.get((destination.name, leg_config.port)))
             try:
                 await self._endpoint(destination, address, leg_config.port).connect(_OneLeg(leg))
             except _RETRYABLE as exc:

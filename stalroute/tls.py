@@ -7,6 +7,11 @@ certificate, then a self-signed certificate generated at startup.
 Backend (SPEC §6): verification against the system store or ``tls_ca_file`` with the name
 checked by service_identity; or a SHA-256 pin of the leaf; or no verification; optional client
 certificate; TLS 1.2 at least.
+
+Both legs resume TLS sessions, so most handshakes skip the certificate and the key exchange's
+signature: clients get session tickets (the keys live as long as the runtime: a reload or a
+restart makes returning clients do one full handshake), and each backend leg offers the session
+of the last leg to the same destination and port (:class:`ResumingClientTLS`).
 """
 
 from __future__ import annotations
@@ -45,11 +50,16 @@ class TLSDetails:
     server_name: str | None
 
 
+def tls_connection(transport: object) -> SSL.Connection | None:
+    """The OpenSSL connection of a transport that started TLS (None for a plain one)."""
+    return transport.getHandle() if getattr(transport, "TLS", False) else None  # type: ignore[attr-defined]
+
+
 def tls_details(transport) -> TLSDetails | None:
     """The negotiated TLS parameters of a transport after its handshake, if it uses TLS."""
-    if not getattr(transport, "TLS", False):
+    connection = tls_connection(transport)
+    if connection is None:
         return None
-    connection: SSL.Connection = transport.getHandle()
     server_name = connection.get_servername()
     return TLSDetails(connection.get_protocol_version_name(), connection.get_cipher_name(),
                       server_name.decode("idna") if server_name else None)
@@ -141,7 +151,8 @@ class ServerTLS:
         cert, key, chain = material
         return _TunedOptions(self._tune, self._settings.ignore_client_order,
                              privateKey=key, certificate=cert, extraCertChain=chain,
-                             raiseMinimumTo=_MIN_VERSION[self._settings.min_version], **kwargs)
+                             raiseMinimumTo=_MIN_VERSION[self._settings.min_version],
+                             enableSessionTickets=True, **kwargs)
 
     def _tune(self, context: SSL.Context) -> None:
         # Twisted's ALPN callback aborts the handshake of any client that offers ALPN when
@@ -200,7 +211,8 @@ class _UnverifiedClientTLS:
             kwargs = {"privateKey": client_certificate.privateKey.original,
                       "certificate": client_certificate.original}
         self._context = ssl.CertificateOptions(
-            raiseMinimumTo=ssl.TLSVersion.TLSv1_2, **kwargs).getContext()
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2, enableSessionTickets=True,
+            **kwargs).getContext()
         if pin is not None:
             def leaf_is_pinned(_conn, cert, _errno, depth, _ok) -> bool:
                 return depth > 0 or pin_digest(cert) == pin
@@ -233,4 +245,29 @@ def backend_tls(destination: DestinationConfig) -> IOpenSSLClientConnectionCreat
         trust_root = ssl.platformTrust()
     return ssl.optionsForClientTLS(
         server_name, trustRoot=trust_root, clientCertificate=client_certificate,
-        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
+        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2,
+                                 "enableSessionTickets": True})
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ResumingClientTLS:
+    """The client TLS of the legs to one backend port, offering the session of the last leg
+    that reached it. The backend resumes it (no certificate, no signature) or makes a new
+    one; a resumed session carries the certificate verified when it was made."""
+
+    def __init__(self, tls: IOpenSSLClientConnectionCreator) -> None:
+        self._tls = tls
+        self._session: SSL.Session | None = None
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = self._tls.clientConnectionForTLS(tlsProtocol)
+        if self._session is not None:
+            connection.set_session(self._session)
+        return connection
+
+    def remember(self, connection: SSL.Connection) -> None:
+        """Keep the session of a leg whose backend answered (TLS 1.3 tickets come after the
+        handshake, before the backend's first words)."""
+        session = connection.get_session()
+        if session is not None:
+            self._session = session
