@@ -1,15 +1,23 @@
-"""What the benchmarks share: login-rate measurement, progress notes, result tables."""
+"""What the benchmarks share: login-rate measurement, progress notes, result tables, an RSA-2048
+test certificate."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from tests.harness.pki import CertificateAuthority
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.harness.pki import CertificateAuthority, IssuedCertificate
 
 #: The header of a "through stalroute versus direct" table.
 COMPARISON = ("metric", "direct", "stalroute", "ratio")
@@ -93,3 +101,37 @@ def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                         for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
+
+
+def issue_rsa_certificate(ca: CertificateAuthority, name: str, dns_names: Sequence[str],
+                          ip_addresses: Sequence[str]) -> IssuedCertificate:
+    """An RSA-2048 server certificate signed by ``ca`` (whose own leaves are EC P-256): the
+    handshake cost of the key type most production certificates have, the same for every
+    server a benchmark compares."""
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_path.read_bytes())
+    ca_key = serialization.load_pem_private_key((ca.directory / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.UTC)
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = ca.directory / f"{name}.pem", ca.directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return IssuedCertificate(name, cert_path, key_path, cert.fingerprint(hashes.SHA256()).hex())

@@ -16,7 +16,14 @@ production shape for nginx: a PROXY v2 header (nginx ``listen ... proxy_protocol
 not dominate. The client is raw sockets in ``--clients`` processes (no HTTP library cost).
 
 Run: ``.venv/bin/python bench/http_bench.py [--seconds 5 --clients 2]`` (about 25 s).
-On a small machine the client, nginx and stalroute share the cores: read the ratio column.
+On a small machine the client, nginx and stalroute share the cores: read the ratio column,
+and stalroute's CPU per request (its process's user + system time over the phase, from
+``/proc``), which does not depend on how the cores are shared.
+
+``--profile FILE`` runs stalroute under cProfile (twistd ``--profile``): the profile is written
+to ``FILE`` when stalroute stops, and its top functions by own and cumulative time are printed
+(cProfile slows stalroute down: read the req/s of a profiled run as relative only).
+``--keep-alive-only`` skips the phase with a new connection per request.
 
 Reading the numbers: nginx answering a ``return 200`` in C is the ceiling, not the goal.
 Through stalroute every request is parsed and re-serialised by h11 twice (client leg and
@@ -32,6 +39,8 @@ from __future__ import annotations
 import argparse
 import base64
 import multiprocessing
+import os
+import pstats
 import re
 import socket
 import sys
@@ -50,12 +59,30 @@ USER = "bench@example.org"
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)")
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` and its reaped children, from /proc."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # state ppid ... utime at 11
+    return sum(int(value) for value in fields[11:15]) / _TICKS
+
+
 @dataclass(frozen=True)
 class Result:
     requests: int
     seconds: float
     latencies: list[float]
     failures: int = 0
+    #: CPU seconds the measured server used meanwhile (None: not measured).
+    cpu: float | None = None
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        if self.cpu is None or not self.requests:
+            return float("nan")
+        return 1000 * self.cpu / self.requests
 
     @property
     def per_second(self) -> float:
@@ -140,15 +167,19 @@ def client(address: tuple[str, int], keepalive: bool, seconds: float, queue) -> 
     queue.put((count, latencies[:: max(1, len(latencies) // 2000)], error, failures))
 
 
-def measure(address: tuple[str, int], keepalive: bool, seconds: float, clients: int) -> Result:
+def measure(address: tuple[str, int], keepalive: bool, seconds: float, clients: int,
+            server_pid: int | None = None) -> Result:
+    """``clients`` processes for ``seconds``; with ``server_pid``, that process's CPU too."""
     queue: multiprocessing.Queue = multiprocessing.Queue()
     processes = [multiprocessing.Process(target=client, args=(address, keepalive, seconds, queue))
                  for _ in range(clients)]
+    cpu_before = cpu_seconds(server_pid) if server_pid is not None else None
     started = time.monotonic()
     for process in processes:
         process.start()
     results = [queue.get(timeout=seconds + 60) for _ in processes]
     elapsed = time.monotonic() - started
+    cpu = cpu_seconds(server_pid) - cpu_before if server_pid is not None else None
     for process in processes:
         process.join()
     errors = [r[2] for r in results if r[2]]
@@ -156,7 +187,7 @@ def measure(address: tuple[str, int], keepalive: bool, seconds: float, clients: 
         raise RuntimeError(f"client failed against {address}: {errors[0]}")
     return Result(sum(r[0] for r in results), elapsed,
                   [lat for _, sample, _, _ in results for lat in sample],
-                  sum(r[3] for r in results))
+                  sum(r[3] for r in results), cpu)
 
 
 def proxy_config(node: NginxNode, port: int) -> dict:
@@ -173,43 +204,68 @@ def proxy_config(node: NginxNode, port: int) -> dict:
     }
 
 
+def profile_options(path: Path | None) -> list[str]:
+    """twistd options that write a cProfile of the whole run to ``path`` when it stops."""
+    if path is None:
+        return []
+    return [f"--profile={path}", "--profiler=cprofile", "--savestats"]
+
+
+def print_profile(path: Path, top: int = 25) -> None:
+    """The ``top`` functions by own time, then by cumulative time."""
+    stats = pstats.Stats(str(path))
+    stats.strip_dirs()
+    for order in ("tottime", "cumtime"):
+        print(f"\nstalroute profile ({path}), top {top} by {order}:")
+        stats.sort_stats(order).print_stats(top)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per phase")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--keep-alive-only", action="store_true",
+                        help="skip the phase with a new connection per request")
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="write a cProfile of stalroute to FILE and print its top costs")
     args = parser.parse_args()
+    profile = args.profile.resolve() if args.profile is not None else None
 
     with tempfile.TemporaryDirectory(prefix="stalroute-http-bench-") as scratch, \
             NginxNode("bench", parent_dir=Path(scratch)) as node:
         proxy = StalrouteProcess(proxy_config(node, free_port()), Path(scratch) / "stalroute",
-                                 mappings={USER: "nginx"})
+                                 mappings={USER: "nginx"},
+                                 twistd_options=profile_options(profile))
         with proxy:
             direct = (LOOPBACK, node.port)
             routed = proxy.listener("web")
             rows = []
-            for keepalive in (True, False):
+            for keepalive in (True,) if args.keep_alive_only else (True, False):
                 label = "keep-alive" if keepalive else "new connection per request"
                 measure(direct, keepalive, 0.5, 1)  # warm-up
                 measure(routed, keepalive, 0.5, 1)
                 base = measure(direct, keepalive, args.seconds, args.clients)
-                through = measure(routed, keepalive, args.seconds, args.clients)
+                through = measure(routed, keepalive, args.seconds, args.clients, proxy.pid)
                 rows.append((label, base, through))
             rss = proxy.rss_kb()
 
     print(f"\nHTTP: {args.clients} client processes, {args.seconds:.0f} s per phase, "
           f"GET /jmap/session with Basic auth (nginx answers 100-odd bytes)\n")
     print(f"{'phase':<28} {'direct req/s':>13} {'stalroute req/s':>16} {'ratio':>6} "
-          f"{'p50 ms (d/s)':>14} {'p95 ms (d/s)':>14}")
+          f"{'p50 ms (d/s)':>14} {'p95 ms (d/s)':>14} {'stalroute CPU ms/req':>21}")
     for label, base, through in rows:
         ratio = through.per_second / base.per_second if base.per_second else float("nan")
         print(f"{label:<28} {base.per_second:>13.0f} {through.per_second:>16.0f} {ratio:>6.2f} "
               f"{base.percentile(0.5):>6.2f}/{through.percentile(0.5):<7.2f} "
-              f"{base.percentile(0.95):>6.2f}/{through.percentile(0.95):<7.2f}")
+              f"{base.percentile(0.95):>6.2f}/{through.percentile(0.95):<7.2f} "
+              f"{through.cpu_ms_per_request:>21.3f}")
     failed = [(label, b.failures, t.failures) for label, b, t in rows if b.failures or t.failures]
     for label, direct_failures, routed_failures in failed:
         print(f"{label}: failed and retried: direct {direct_failures}, "
               f"stalroute {routed_failures}")
     print(f"\nstalroute RSS after the run: {rss / 1024:.1f} MiB (one process, log_level=warn)")
+    if profile is not None:
+        print_profile(profile)
 
 
 if __name__ == "__main__":

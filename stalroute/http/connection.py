@@ -91,6 +91,8 @@ class HTTPConnection(HTTPServerConnection):
         self.tunnel: Tunnel | None = None
         #: The routing (or retry) in flight, cancelled when the connection ends.
         self._dispatching: Deferred[None] | None = None
+        #: How requests announce this client, by the destination's ``forwarded`` setting.
+        self._forwardings: dict[bool, Forwarding] = {}
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -227,12 +229,9 @@ class HTTPConnection(HTTPServerConnection):
         if not ex.has_body:
             ex.replayable = True
         self._set_answering(backend)
-        forwarding = Forwarding(client_ip=self.client[0],
-                                proto="https" if self.listener.tls == "implicit" else "http",
-                                trust=self.listener.forwarded == "trust",
-                                append=backend.destination.forwarded)
         try:
-            backend.send(ex.backend_request(backend.destination, forwarding))
+            backend.send(ex.backend_request(backend.destination,
+                                            self._forwarding(backend.destination.forwarded)))
             if ex.buffer:
                 backend.send(h11.Data(data=bytes(ex.buffer)))
             if ex.request_complete:
@@ -244,6 +243,15 @@ class HTTPConnection(HTTPServerConnection):
             return
         self.resume_reading("routing")
         self._pump()
+
+    def _forwarding(self, append: bool) -> Forwarding:
+        forwarding = self._forwardings.get(append)
+        if forwarding is None:
+            forwarding = self._forwardings[append] = Forwarding(
+                client_ip=self.client[0],
+                proto="https" if self.listener.tls == "implicit" else "http",
+                trust=self.listener.forwarded == "trust", append=append)
+        return forwarding
 
     # the response side ------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 
 import h11
+from twisted.logger import LogLevel
 
 from stalroute.config import DestinationConfig
 from stalroute.http.headers import (
@@ -14,7 +15,7 @@ from stalroute.http.headers import (
 from stalroute.http.pool import BackendConnection
 from stalroute.http.routes import Route, normalize_path, split_target
 from stalroute.identity import redact
-from stalroute.logs import logger
+from stalroute.logs import enabled, logger
 from stalroute.stats import Metrics
 
 log = logger("stalroute.http")
@@ -135,6 +136,8 @@ class Exchange:
             return
         self.logged = True
         metrics.sessions[("http", self.destination or "-", self.outcome)] += 1
+        if not enabled(LogLevel.info, log.namespace):
+            return
         path = self.path or "/"
         account = "-"
         if self.account:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -266,8 +267,10 @@ def _unmapped(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
+@functools.lru_cache(maxsize=4096)
 def forwarded_node(ip: str) -> bytes:
-    """``for=`` node of RFC 7239: IPv4 bare, IPv6 bracketed and quoted."""
+    """``for=`` node of RFC 7239: IPv4 bare, IPv6 bracketed and quoted (remembered per
+    address: every request of a keep-alive connection names the same client)."""
     address = _unmapped(ip)
     if address is None:
         return b'"_unknown"'
@@ -294,6 +297,7 @@ def forwarded_element(client_ip: str, proto: str, host: bytes | None) -> bytes:
     return b";".join(parts)
 
 
+@functools.lru_cache(maxsize=4096)
 def _xff_value(ip: str) -> bytes:
     address = _unmapped(ip)
     return str(address).encode() if address is not None else b"unknown"

@@ -96,6 +96,9 @@ def normalize_path(path: str) -> str:
     the root is the empty string)."""
     if path == "*":
         return ""
+    if (path[:1] == "/" and path[-1] != "/" and "//" not in path and "/." not in path
+            and "%" not in path and path.isascii()):
+        return path  # already normal: the usual case, worth skipping the work below
     segments: list[str] = []
     for segment in _percent_decode(path).split("/"):
         if segment in ("", "."):

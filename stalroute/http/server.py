@@ -281,7 +281,10 @@ class HTTPServerConnection(InboundConnection):
                 self.resume_reading("pipeline")
                 return
             if event is h11.PAUSED:
-                self.pause_reading("pipeline")
+                # Only once the next request's bytes are here: a client waiting for its
+                # response (the usual case) costs no pause and resume of the transport.
+                if self.h11.trailing_data[0]:
+                    self.pause_reading("pipeline")
                 return
             if isinstance(event, h11.Data):
                 self._on_request_data(event)

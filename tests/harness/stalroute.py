@@ -23,7 +23,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +228,9 @@ class StalrouteProcess:
         *,
         mappings: Mapping[str, str] | None = None,
         python: str = sys.executable,
+        twistd_options: Sequence[str] = (),
     ) -> None:
+        """``twistd_options`` go before the plugin name (e.g. a benchmark's ``--profile``)."""
         self.workdir = workdir
         self.config = copy.deepcopy(dict(config))
         self.config_path = workdir / "stalroute.toml"
@@ -250,6 +252,7 @@ class StalrouteProcess:
                 "-n",
                 "--pidfile=",
                 f"--logfile={self.log.path}",
+                *twistd_options,
                 "stalroute",
                 "--config",
                 self.config_path,

@@ -168,6 +168,24 @@ def test_a_client_that_does_not_read_gets_no_next_response_and_is_not_read(web):
     web.assert_empty()
 
 
+def test_reading_pauses_for_a_pipelined_request_only(web):
+    """A client waiting for its response costs no pause of its transport; bytes of a next
+    request that arrive meanwhile stop the reading until the response is out."""
+    connection, client, backend, server = kept_alive(web)
+    connection.dataReceived(PLAIN)
+    assert client.producerState == "producing"
+    connection.dataReceived(PLAIN)  # pipelined behind the one being answered
+    assert client.producerState == "paused"
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    assert client.producerState == "producing"  # the pipelined one went to the backend
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    assert client.value().count(b"HTTP/1.1 200 OK") == 3 and connection.exchange is None
+    connection.close("done")
+    lose(connection, client)
+    lose(backend, server)
+    web.assert_empty()
+
+
 # -- the situations a connection may be in when its endings begin -------------------------
 
 

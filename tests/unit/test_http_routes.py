@@ -128,6 +128,26 @@ def test_normalized_paths_are_canonical(raw: str) -> None:
     assert path == "" or path.startswith("/")
 
 
+def _resolved(path: str) -> str:
+    """Dot segments resolved and empty ones dropped, step by step (no percent-escapes)."""
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            segments = segments[:-1]
+        elif segment not in ("", "."):
+            segments.append(segment)
+    return "".join("/" + segment for segment in segments)
+
+
+@given(st.text(alphabet="/.a-~", max_size=30))
+@example("/jmap/session")
+@example("/.well-known/x")
+@example("/a/b.")
+def test_paths_without_escapes_normalize_by_their_segments(raw: str) -> None:
+    """Including the paths returned as they are (already normal), the usual case."""
+    assert normalize_path(raw) == ("" if raw == "*" else _resolved(raw))
+
+
 def test_first_match_wins() -> None:
     table = RouteTable([
         route("/auth/token", destination="new"),
