@@ -36,7 +36,7 @@ from stalroute.protocols.base import (
 )
 from stalroute.sasl import Credentials
 from stalroute.tls import ResumingClientTLS, TLSDetails, backend_tls, tls_connection
-from stalroute.transport import StreamTransport
+from stalroute.transport import StreamTransport, no_delay
 
 RETRY_DELAY = 0.2
 
@@ -144,6 +144,7 @@ class BackendLeg(Protocol):
             self.transport.abortConnection()
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         if self._preamble:
             self.transport.write(self._preamble)
         if self._tls_mode == "implicit":

@@ -30,7 +30,7 @@ from stalroute.net import ip_in_networks
 from stalroute.proxyproto import NotAProxyHeader, ProxyHeaderError, ProxyHeaderParser
 from stalroute.runtime import Runtime
 from stalroute.tls import TLSDetails
-from stalroute.transport import StreamTransport
+from stalroute.transport import StreamTransport, no_delay
 
 #: The end lines of every client connection, mail session or HTTP.
 log = logger("stalroute.session")
@@ -152,6 +152,7 @@ class InboundConnection(Protocol):
         self.client = (peer.host, peer.port)
         self.local = (local.host, local.port)
         self.started = self._clock.seconds()
+        no_delay(self.transport)
         if not self.factory.take_slot(self.listener):
             self._refuse("rejected")
             return

@@ -51,6 +51,15 @@ class StreamTransport(Protocol):
     def setTcpNoDelay(self, enabled: bool) -> None: ...
 
 
+def no_delay(transport: StreamTransport) -> None:
+    """Small writes (an IMAP tagged answer, a WebSocket frame) leave at once, as in any
+    proxy: Nagle's algorithm would hold one back until the peer acknowledges the last."""
+    try:
+        transport.setTcpNoDelay(True)
+    except Exception:  # noqa: BLE001 - not a TCP transport (tests, a UNIX socket)
+        pass
+
+
 @implementer(IPushProducer)
 class ReadingWatch:
     """Registered as a client transport's producer: tells the connection when its client

@@ -24,18 +24,10 @@ from stalroute.protocols.base import (
     BackendDialogue, BackendEvent, BackendReady, BackendSettings, LoginSucceeded,
 )
 from stalroute.sasl import Credentials
-from stalroute.transport import StreamTransport
+from stalroute.transport import StreamTransport, no_delay
 
 #: Backend connections one client connection keeps (one per destination, least recent out).
 MAX_POOLED_BACKENDS = 8
-
-
-def no_delay(transport: StreamTransport) -> None:
-    """Small writes (WebSocket frames, events) leave at once, as in any proxy."""
-    try:
-        transport.setTcpNoDelay(True)
-    except Exception:  # noqa: BLE001 - not a TCP transport
-        pass
 
 
 class HTTPBackendDialogue(BackendDialogue):
@@ -119,7 +111,6 @@ class BackendConnection:
         #: Once a tunnel: the receiver of the raw bytes (no more HTTP on this connection).
         self._relay_to: Callable[[bytes], None] | None = None
         self._flow_reason = ("backend", self.id)
-        no_delay(leg.transport)
         leg.transport.registerProducer(_BackendWriteProducer(owner, self._flow_reason), True)
         leg.attach(self._received, self._lost)
 
