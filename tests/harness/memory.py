@@ -12,10 +12,12 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import ssl
+from twisted.internet.defer import Deferred
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
@@ -192,11 +194,24 @@ def lose(protocol: IProtocol, transport: StringTransport, clean: bool = True) ->
     protocol.connectionLost(Failure(ConnectionDone() if clean else ConnectionLost()))
 
 
+def settled(d: Deferred[Any]) -> Any:
+    """What ``d`` fired with (a result or a Failure), consuming a failure."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def failure_of(d: Deferred[Any], kind: type[BaseException]) -> BaseException:
+    """The exception ``d`` failed with, which must be a ``kind``."""
+    result = settled(d)
+    assert isinstance(result, Failure), f"succeeded with {result!r}"
+    assert result.check(kind) and result.value is not None, result
+    return result.value
+
+
 def kicked(control: Control, **who: str) -> int:
     """The sessions a kick closed in this process (the change settles at once without a
     coordinator or workers)."""
-    done = control.kick(**who)
-    results: list[Done] = []
-    done.addCallback(results.append)
-    (result,) = results
-    return result.count
+    done: Done = settled(control.kick(**who))
+    return done.count

@@ -32,7 +32,7 @@ from stalroute.protocols import PROTOCOLS
 from stalroute.protocols.base import LoginSucceeded
 from stalroute.proxyproto import ProxyHeader, ProxyHeaderParser
 from stalroute.sasl import Credentials
-from tests.harness.memory import connect, server_options
+from tests.harness.memory import connect, failure_of, server_options, settled
 from tests.harness.pki import CertificateAuthority, IssuedCertificate
 
 BACKEND_TIMEOUT = 10.0
@@ -67,19 +67,6 @@ def client(ip: str = "192.0.2.7") -> ClientInfo:
                       session_id="node-0123456789ab", ttl=6)
 
 
-def settled(d: Deferred[Any]) -> Any:
-    """What ``d`` fired with (a result or a Failure), consuming a failure."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    return results[0]
-
-
-def failure_of(d: Deferred[Any], kind: type[BaseException]) -> BaseException:
-    result = settled(d)
-    assert isinstance(result, Failure), f"succeeded with {result!r}"
-    assert result.check(kind), result
-    return result.value
 
 
 @dataclass

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from stalroute.channel import CallFailed, Channel, ChannelClosed, Handler
+from tests.harness.memory import failure_of, settled
 
 
 class End:
@@ -57,19 +58,6 @@ def frame(message: object) -> bytes:
     return struct.pack("!I", len(payload)) + payload
 
 
-def settled(d: Deferred[Any]) -> Any:
-    """What ``d`` fired with (a result or a Failure), consuming a failure."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    return results[0]
-
-
-def failure_of(d: Deferred[Any], kind: type[BaseException]) -> BaseException:
-    result = settled(d)
-    assert isinstance(result, Failure), f"succeeded with {result!r}"
-    assert result.check(kind) and result.value is not None, result
-    return result.value
 
 
 def texts(events: list[LogEvent]) -> list[str]:
