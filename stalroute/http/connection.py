@@ -36,7 +36,9 @@ from stalroute.failures import reply_for
 from stalroute.http.exchange import Exchange, Phase
 from stalroute.http.headers import Forwarding, client_response_headers
 from stalroute.http.pool import BackendConnection, BackendPool, HTTPBackendDialogue
-from stalroute.http.routes import RouteTable, decide, extract_identifier
+from stalroute.http.routes import (
+    Decision, Route, RouteTable, decide, extract_identifier, extraction_source,
+)
 from stalroute.http.server import HTTPServerConnection
 from stalroute.http.tunnel import Tunnel
 from stalroute.inbound import ConnectionState, ListenerFactory
@@ -93,6 +95,8 @@ class HTTPConnection(HTTPServerConnection):
         self._dispatching: Deferred[None] | None = None
         #: How requests announce this client, by the destination's ``forwarded`` setting.
         self._forwardings: dict[bool, Forwarding] = {}
+        #: The last decision, its route and the request part it was read from.
+        self._last_decision: tuple[Route, bytes | str, Decision] | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -187,17 +191,7 @@ class HTTPConnection(HTTPServerConnection):
         """Pinned by the route, else the identifier the request names (through the shared
         login step), else the route's ``fallback``, else the default destination."""
         config = self.config
-        route = ex.route
-        assert route is not None
-        raw = None
-        if route.config.extract is not None:
-            raw = extract_identifier(
-                route.config.extract, headers=ex.headers, query=ex.target.query,
-                body=bytes(ex.buffer[: self.http.body_extract_cap]) if ex.buffer else None,
-                jwt_username_claim=config.oauth.jwt_username_claim)
-        decision = decide(route, raw, separators=config.routing.master_user_separators,
-                          normalize=config.mapping.normalize,
-                          default_destination=config.routing.default_destination)
+        decision = self._decide(ex)
         if decision.destination is not None:
             return config.destinations[decision.destination]
         ex.account = self.account = decision.identifier
@@ -206,6 +200,35 @@ class HTTPConnection(HTTPServerConnection):
         if self.state is not ConnectionState.HTTP:
             raise _Gone()
         return destination
+
+    def _decide(self, ex: Exchange) -> Decision:
+        """:func:`decide` on what the route extracts. A keep-alive client sends the same
+        credentials request after request: when the route and the part of the request it
+        reads are those of the last request, so is the decision (the destination is still
+        resolved per request)."""
+        route = ex.route
+        assert route is not None
+        extract = route.config.extract
+        source = None
+        if extract is not None:
+            source = extraction_source(extract, headers=ex.headers, query=ex.target.query)
+            last = self._last_decision
+            if source is not None and last is not None and last[0] is route \
+                    and last[1] == source:
+                return last[2]
+        config = self.config
+        raw = None
+        if extract is not None:
+            raw = extract_identifier(
+                extract, headers=ex.headers, query=ex.target.query,
+                body=bytes(ex.buffer[: self.http.body_extract_cap]) if ex.buffer else None,
+                jwt_username_claim=config.oauth.jwt_username_claim)
+        decision = decide(route, raw, separators=config.routing.master_user_separators,
+                          normalize=config.mapping.normalize,
+                          default_destination=config.routing.default_destination)
+        if source is not None:
+            self._last_decision = (route, source, decision)
+        return decision
 
     async def _open_backend(self, destination: DestinationConfig) -> BackendConnection:
         leg = await self.runtime.connector.open(destination, "http", HTTPBackendDialogue,

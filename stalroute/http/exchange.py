@@ -114,7 +114,10 @@ class Exchange:
         headers = backend_request_headers(
             self.headers, forwarding, websocket=self.websocket, drop_expect=self.sent_100,
             chunked=any(n.lower() == b"transfer-encoding" for n, _ in self.headers), host=host)
-        return h11.Request(method=self.method, target=self.target.origin, headers=headers)
+        # Every part was validated as it was read (the head check, then h11) or is ours
+        # (forwarding headers, the destination's host): ``_parsed`` spares h11 a second pass.
+        return h11.Request(method=self.method, target=self.target.origin, headers=headers,
+                           _parsed=True)
 
     def client_response(self, response: h11.Response) -> h11.Response:
         """The backend's response head as the client gets it; notes its status and whether
@@ -122,12 +125,14 @@ class Exchange:
         self.status = response.status_code
         self.response_started = True
         self.close_after = self.must_close
-        content_type = next((v for n, v in response.headers if n == b"content-type"), b"")
+        raw = response.headers.raw_items()
+        content_type = next((v for n, v in raw if n.lower() == b"content-type"), b"")
         if content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream":
             self.streaming = True
-        headers = client_response_headers(response.headers.raw_items(), close=self.close_after)
+        headers = client_response_headers(raw, close=self.close_after)
+        # As parsed by h11 from the backend, less hop-by-hop headers, plus ours.
         return h11.Response(status_code=response.status_code, headers=headers,
-                            reason=response.reason)
+                            reason=response.reason, _parsed=True)
 
     def record(self, metrics: Metrics, now: float, *, session: str, listener: str,
                client: tuple[str, int], reason: str | None = None) -> None:

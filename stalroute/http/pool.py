@@ -24,7 +24,6 @@ from stalroute.protocols.base import (
     BackendDialogue, BackendEvent, BackendReady, BackendSettings, LoginSucceeded,
 )
 from stalroute.sasl import Credentials
-from stalroute.transport import StreamTransport, no_delay
 
 #: Backend connections one client connection keeps (one per destination, least recent out).
 MAX_POOLED_BACKENDS = 8

@@ -33,6 +33,7 @@ __all__ = [
     "account_from_authorization",
     "decide",
     "extract_identifier",
+    "extraction_source",
     "normalize_path",
     "split_target",
 ]
@@ -286,6 +287,21 @@ def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None
     for key, value in headers:
         if key.lower() == name:
             return value
+    return None
+
+
+def extraction_source(extract: HTTPExtractConfig, *,
+                      headers: Sequence[tuple[bytes, bytes]], query: str) -> bytes | str | None:
+    """The part of a request that :func:`extract_identifier` reads, for ``extract`` sources
+    other than ``body`` (None: ``body``, or the header is absent): two requests whose parts
+    are equal yield the same identifier."""
+    source = extract.from_
+    if source == "authorization":
+        return _header(headers, b"authorization")
+    if source == "header":
+        return _header(headers, (extract.header or "").encode("latin-1"))
+    if source == "query":
+        return query
     return None
 
 

@@ -28,7 +28,6 @@ from zope.interface import implementer
 from stalroute.http.exchange import Exchange, Phase
 from stalroute.http.headers import HeadGuard, is_websocket_upgrade
 from stalroute.http.local import HEALTH_PATHS, error_body, health, local_response, refusal
-from stalroute.http.pool import no_delay
 from stalroute.http.routes import RouteTable
 from stalroute.inbound import ConnectionState, InboundConnection, ListenerFactory
 from stalroute.tls import tls_details
@@ -98,7 +97,6 @@ class HTTPServerConnection(InboundConnection):
     def start(self) -> None:
         """Admitted: TLS, then wait for a request."""
         self.state = ConnectionState.HTTP
-        no_delay(self.transport)
         if self.listener.tls == "implicit":
             self.transport.startTLS(self.runtime.server_tls.options)
         self.transport.registerProducer(ReadingWatch(self.client_write_paused), True)
@@ -281,10 +279,7 @@ class HTTPServerConnection(InboundConnection):
                 self.resume_reading("pipeline")
                 return
             if event is h11.PAUSED:
-                # Only once the next request's bytes are here: a client waiting for its
-                # response (the usual case) costs no pause and resume of the transport.
-                if self.h11.trailing_data[0]:
-                    self.pause_reading("pipeline")
+                self.pause_reading("pipeline")
                 return
             if isinstance(event, h11.Data):
                 self._on_request_data(event)

@@ -169,8 +169,9 @@ def test_a_client_that_does_not_read_gets_no_next_response_and_is_not_read(web):
 
 
 def test_reading_pauses_for_a_pipelined_request_only(web):
-    """A client waiting for its response costs no pause of its transport; bytes of a next
-    request that arrive meanwhile stop the reading until the response is out."""
+    """A client waiting for its response is still read (a pause and a resume of its
+    transport per request would cost two system calls); bytes of a next request that
+    arrive meanwhile stop the reading until the response is out."""
     connection, client, backend, server = kept_alive(web)
     connection.dataReceived(PLAIN)
     assert client.producerState == "producing"
@@ -180,6 +181,24 @@ def test_reading_pauses_for_a_pipelined_request_only(web):
     assert client.producerState == "producing"  # the pipelined one went to the backend
     backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
     assert client.value().count(b"HTTP/1.1 200 OK") == 3 and connection.exchange is None
+    connection.close("done")
+    lose(connection, client)
+    lose(backend, server)
+    web.assert_empty()
+
+
+def test_each_request_is_routed_on_its_own_credentials(web):
+    """The decision read from the last request's credentials is reused only for the same
+    credentials on the same route."""
+    connection, client, backend, server = kept_alive(web)
+    assert connection.account == "alice"
+    bob = b"Authorization: Basic Ym9iOnNlY3JldA==\r\n"  # bob:secret
+    for head, account in ((bob, "bob"), (ALICE, "alice"), (ALICE, "alice"), (b"", None)):
+        connection.dataReceived(b"GET /jmap/session HTTP/1.1\r\nHost: mail.test\r\n"
+                                + head + b"\r\n")
+        assert connection.exchange is not None and connection.exchange.account == account
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        assert connection.exchange is None
     connection.close("done")
     lose(connection, client)
     lose(backend, server)
