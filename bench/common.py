@@ -143,16 +143,22 @@ class ImapConnection:
     """One IMAP connection over a raw ``ssl`` socket (cheaper than imaplib): tagged commands,
     answers read line by line with their literals."""
 
-    def __init__(self, address: tuple[str, int], context: ssl.SSLContext) -> None:
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext,
+                 session: ssl.SSLSession | None = None) -> None:
+        """Connect, offering ``session`` (a TLS session made with ``context``) for resumption."""
         raw = socket.create_connection(address, timeout=60)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.tls = context.wrap_socket(raw, server_hostname="localhost")
+        self.tls = context.wrap_socket(raw, server_hostname="localhost", session=session)
         self.reader = self.tls.makefile("rb")
         self._tag = 0
         greeting = self.reader.readline()
         if not greeting.startswith(b"* OK"):
             self.close()
             raise RuntimeError(f"greeting {greeting[:80]!r}")
+        #: The session to offer next time, taken after the greeting: TLS 1.3 tickets arrive
+        #: after the handshake, and the socket forgets its session when closed.
+        self.session = self.tls.session
+        self.resumed = bool(self.tls.session_reused)
 
     def command(self, text: bytes) -> list[bytes]:
         """Send one command; the lines and literals of its answer, the tagged OK last."""
@@ -193,12 +199,14 @@ class ImapConnection:
 
 
 def imap_session(address: tuple[str, int], context: ssl.SSLContext, user: str,
-                 password: str) -> None:
-    """TLS connect, LOGIN, SELECT INBOX, FETCH 1 (header), LOGOUT."""
-    connection = ImapConnection(address, context)
+                 password: str, session: ssl.SSLSession | None = None) -> ImapConnection:
+    """TLS connect (offering ``session``), LOGIN, SELECT INBOX, FETCH 1 (header), LOGOUT; the
+    closed connection tells whether it resumed and which session to offer next."""
+    connection = ImapConnection(address, context, session)
     try:
         connection.login(user, password)
         connection.command(b"FETCH 1 (BODY.PEEK[HEADER])")
         connection.logout()
     finally:
         connection.close()
+    return connection

@@ -10,11 +10,12 @@ answered by a ``map`` in its own ``http`` block; PROXY v1 + plaintext to Dovecot
 TLS toward backends), and "direct" (TLS at the account's Dovecot node).
 
 Measured with one raw-``ssl`` client for every target: IMAP logins/s and proxy CPU per session
-(``/proc``, the proxy's process tree), one-client latency, proxy memory per idle session, relay
-of a large FETCH; HTTP keep-alive requests/s and CPU per request. ``--profile FILE`` adds a
-fresh stalroute under twistd's cProfile with the same IMAP load (the table stays unprofiled).
+(``/proc``, the proxy's process tree), the same for returning clients that resume their last
+TLS session, one-client latency, proxy memory per idle session, relay of a large FETCH; HTTP
+keep-alive requests/s and CPU per request. ``--profile FILE`` adds a fresh stalroute under
+twistd's cProfile with the same IMAP load (the table stays unprofiled).
 
-Run as root (Dovecot): ``.venv/bin/python bench/compare_bench.py`` (about 2.5 minutes).
+Run as root (Dovecot): ``.venv/bin/python bench/compare_bench.py`` (under 3 minutes).
 See bench/README.md for the rows and how to read them.
 """
 
@@ -35,7 +36,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import Queue
+from multiprocessing import Queue, Value
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +50,17 @@ from bench.http_bench import USER as HTTP_USER  # noqa: E402
 from bench.http_bench import print_profile, profile_options  # noqa: E402
 from bench.http_bench import proxy_config as http_proxy_config  # noqa: E402
 from bench.workers_bench import (  # noqa: E402
-    CpuMeter, Load, ProcessCpu, http_generator, own_cpu, process_tree, processes,
+    CpuMeter, Load, ProcessCpu, http_generator, own_cpu, process_tree,
     run_generators,
+)
+from bench.peers import (  # noqa: E402
+    RoomyDovecotNode, dovecot_sessions, start_haproxy, start_nginx_mail,
 )
 from tests.harness.clients import make_message  # noqa: E402
 from tests.harness.dovecot import DovecotNode  # noqa: E402
 from tests.harness.nginx import NginxNode  # noqa: E402
 from tests.harness.pki import CertificateAuthority, IssuedCertificate  # noqa: E402
 from tests.harness.ports import LOOPBACK, free_port  # noqa: E402
-from tests.harness.processes import ManagedProcess  # noqa: E402
 from tests.harness.stalroute import (  # noqa: E402
     StalrouteProcess, dovecot_destination, imap_proxy_config,
 )
@@ -66,11 +70,25 @@ BIG_USER, BIG_MAILBOX = "bigbench", "Bench"
 NAMES = ("localhost", "node1.test", "node2.test")
 #: The direct target's meter counts no proxy: no process has this pid.
 NO_PROXY = -1
-NGINX_MAIL_MODULE = Path("/usr/lib/nginx/modules/ngx_mail_module.so")
 Address = tuple[str, int]
 
 
 # --- the targets -----------------------------------------------------------------------------
+
+@dataclass
+class ResumptionTally:
+    """Sessions that offered a TLS session, and those the server resumed: shared by the
+    generator processes."""
+
+    offered: Synchronized[int] = field(default_factory=lambda: Value("q", 0))
+    resumed: Synchronized[int] = field(default_factory=lambda: Value("q", 0))
+
+    def add(self, offered: int, resumed: int) -> None:
+        with self.offered.get_lock():
+            self.offered.value += offered
+        with self.resumed.get_lock():
+            self.resumed.value += resumed
+
 
 @dataclass
 class Target:
@@ -88,6 +106,7 @@ class Target:
     relay_bytes: int = 0
     idle: tuple[int, float] | None = None  # (sessions held, KiB per session)
     tls: str = ""
+    resumption: ResumptionTally | None = None  # clients offer their last TLS session
 
     def __post_init__(self) -> None:
         self.meter = CpuMeter(self.pid, self.backend)
@@ -98,147 +117,6 @@ class Target:
 
     def sessions(self) -> list[tuple[str, Address]]:
         return [(user, address) for user, address in self.addresses.items() if user != BIG_USER]
-
-
-class RoomyDovecotNode(DovecotNode):
-    """A harness node with room for ``--idle`` sessions (Dovecot runs one ``imap`` process per
-    session; the harness allows 500 processes per service)."""
-
-    def __init__(self, *args: Any, process_limit: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.process_limit = process_limit
-
-    def render_config(self) -> str:
-        config = super().render_config()
-        if "default_process_limit = 500" not in config:
-            raise RuntimeError("the harness's Dovecot process limit changed: update compare_bench")
-        return config.replace("default_process_limit = 500",
-                              f"default_process_limit = {max(500, self.process_limit)}")
-
-
-def dovecot_sessions(nodes: list[DovecotNode]) -> int:
-    """Live ``imap`` processes of the nodes: one per logged-in session."""
-    snapshot = processes()
-    return sum(snapshot[pid].comm == "imap" for node in nodes
-               for pid in process_tree(node.pid, snapshot=snapshot))
-
-
-def start_server(name: str, directory: Path, config: str, argv: list[str], check: list[str],
-                 ports: list[int]) -> ManagedProcess:
-    """HAProxy or nginx from ``config`` (checked first): a managed, reaped child."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "server.conf").write_text(config)
-    checked = subprocess.run(check, capture_output=True, text=True, timeout=30)
-    if checked.returncode != 0:
-        raise RuntimeError(f"{name} rejected its config: {checked.stdout}{checked.stderr}")
-    process = ManagedProcess(argv, name=name, output_path=directory / "output.log").start()
-    try:
-        process.wait_for_ports([(LOOPBACK, port) for port in ports], 15.0)
-    except BaseException:
-        process.stop()
-        raise
-    return process
-
-
-def start_haproxy(directory: Path, certificate: IssuedCertificate, ca_file: Path,
-                  nodes: list[DovecotNode], nginx: NginxNode) -> tuple[ManagedProcess, int, int]:
-    """HAProxy with an IMAP (``mode tcp``) and an HTTP (``mode http``) frontend; returns it and
-    the two ports."""
-    directory.mkdir(parents=True, exist_ok=True)
-    bundle, users_map = directory / "crt.pem", directory / "users.map"
-    bundle.write_bytes(certificate.cert_path.read_bytes() + certificate.key_path.read_bytes())
-    users_map.write_text(f"{HTTP_USER} nginx\n")
-    imap_port, http_port = free_port(), free_port()
-    servers = "\n".join(
-        f"  server {node.name} {LOOPBACK}:{node.ports.imaps_haproxy} send-proxy-v2-ssl ssl "
-        f"verify required ca-file {ca_file} verifyhost {node.hostname} sni str({node.hostname})"
-        for node in nodes)
-    config = f"""\
-global
-  maxconn 5000
-  nbthread 1
-defaults
-  timeout connect 5s
-  timeout client 10m
-  timeout server 10m
-frontend imaps
-  mode tcp
-  bind {LOOPBACK}:{imap_port} ssl crt {bundle}
-  default_backend dovecot
-backend dovecot
-  mode tcp
-  balance roundrobin
-{servers}
-frontend web
-  mode http
-  bind {LOOPBACK}:{http_port}
-  use_backend %[http_auth_user,map({users_map},nginx)]
-backend nginx
-  mode http
-  option forwardfor
-  http-request add-header Forwarded for=%[src]
-  server nginx {LOOPBACK}:{nginx.pp_port} send-proxy-v2
-"""
-    path = directory / "server.conf"
-    server = start_server("haproxy", directory, config, ["haproxy", "-db", "-f", str(path)],
-                              ["haproxy", "-c", "-q", "-f", str(path)], [imap_port, http_port])
-    return server, imap_port, http_port
-
-
-def start_nginx_mail(directory: Path, certificate: IssuedCertificate,
-                     routes: dict[str, DovecotNode]) -> tuple[ManagedProcess, int]:
-    """nginx's mail proxy (IMAP over implicit TLS), ``auth_http`` answered by its own ``http``
-    block from a map account → node; returns it and the IMAP port."""
-    imap_port, auth_port = free_port(), free_port()
-    ports = "\n".join(f"    {user} {node.ports.imap_haproxy};" for user, node in routes.items())
-    user = "user root root;\n" if os.geteuid() == 0 else ""
-    d = directory
-    config = f"""\
-load_module {NGINX_MAIL_MODULE};
-{user}worker_processes 1;
-worker_rlimit_nofile 20000;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 10000; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  map $http_auth_user $account_port {{
-{ports}
-  }}
-  server {{
-    listen {LOOPBACK}:{auth_port};
-    location = /auth {{
-      add_header Auth-Status OK;
-      add_header Auth-Server {LOOPBACK};
-      add_header Auth-Port $account_port;
-      return 204;
-    }}
-  }}
-}}
-mail {{
-  server_name stalroute.test;
-  auth_http {LOOPBACK}:{auth_port}/auth;
-  proxy_pass_error_message on;
-  ssl_certificate {certificate.cert_path};
-  ssl_certificate_key {certificate.key_path};
-  ssl_protocols TLSv1.2 TLSv1.3;  # nginx 1.22's mail default stops at TLS 1.2
-  server {{
-    listen {LOOPBACK}:{imap_port} ssl;
-    protocol imap;
-    proxy_protocol on;
-  }}
-}}
-"""
-    path = d / "server.conf"
-    argv = ["nginx", "-p", str(d), "-c", str(path), "-e", str(d / "error.log")]
-    server = start_server("nginx mail", d, config, [*argv, "-g", "daemon off;"],
-                              [*argv, "-t", "-q"], [imap_port, auth_port])
-    return server, imap_port
 
 
 def stalroute_imap_config(certificate: IssuedCertificate, ca: CertificateAuthority,
@@ -254,29 +132,37 @@ def stalroute_imap_config(certificate: IssuedCertificate, ca: CertificateAuthori
 # --- the phases ------------------------------------------------------------------------------
 
 def imap_generator(sessions: list[tuple[str, Address]], cafile: str, threads: int,
-                   seconds: float, queue: Queue) -> None:
-    """Sessions one after the other on ``threads`` threads, each cycling through the accounts,
-    until ``seconds`` pass; puts (sessions, errors, first error, CPU seconds of this process)
-    as :func:`bench.workers_bench.run_generators` expects."""
+                   seconds: float, resumption: ResumptionTally | None, queue: Queue) -> None:
+    """Sessions one after the other on ``threads`` threads (clients), each cycling through the
+    accounts, until ``seconds`` pass; puts (sessions, errors, first error, CPU seconds of this
+    process) as :func:`bench.workers_bench.run_generators` expects. With ``resumption``, each
+    client offers the TLS session of its previous connection to the same address (a returning
+    client; its first connection is a full handshake) and counts the resumed ones there."""
     context = ssl.create_default_context(cafile=cafile)
     lock = threading.Lock()
-    done = errors = 0
+    done = errors = offered = resumed = 0
     first_error = ""
     deadline = time.monotonic() + seconds
 
     def loop(offset: int) -> None:
-        nonlocal done, errors, first_error
+        nonlocal done, errors, first_error, offered, resumed
+        last_session: dict[Address, ssl.SSLSession] = {}
         while time.monotonic() < deadline:
             user, address = sessions[(offset := offset + 1) % len(sessions)]
+            offer = last_session.get(address) if resumption is not None else None
             try:
-                imap_session(address, context, user, PASSWORD)
+                connection = imap_session(address, context, user, PASSWORD, offer)
             except Exception as exc:  # noqa: BLE001 - counted and shown by the parent
                 with lock:
                     errors += 1
                     first_error = first_error or f"{type(exc).__name__}: {exc}"
                 continue
+            if connection.session is not None:
+                last_session[address] = connection.session
             with lock:
                 done += 1
+                offered += offer is not None
+                resumed += connection.resumed
 
     begin = own_cpu()
     workers = [threading.Thread(target=loop, args=(os.getpid() * 7 + n,)) for n in range(threads)]
@@ -284,6 +170,8 @@ def imap_generator(sessions: list[tuple[str, Address]], cafile: str, threads: in
         worker.start()
     for worker in workers:
         worker.join()
+    if resumption is not None:
+        resumption.add(offered, resumed)
     queue.put((done, errors, first_error, own_cpu() - begin))
 
 
@@ -298,15 +186,17 @@ def tree_rss_kib(pid: int) -> int:
     return total
 
 
-def measure_logins(targets: list[Target], args: argparse.Namespace, cafile: str) -> None:
+def measure_logins(targets: list[Target], args: argparse.Namespace, cafile: str,
+                   seconds: float) -> None:
     """The targets loaded in turn, ``--slices`` times: a neighbour's burst weighs on all."""
-    share = args.seconds / args.slices
+    share = seconds / args.slices
     for _ in range(args.slices):
         for target in targets:
             target.meter.start()
-            target.load += run_generators(imap_generator,
-                                          (target.sessions(), cafile, args.threads, share),
-                                          args.clients, share)
+            target.load += run_generators(
+                imap_generator,
+                (target.sessions(), cafile, args.threads, share, target.resumption),
+                args.clients, share)
             target.meter.stop()
 
 
@@ -405,6 +295,14 @@ def relay_rate(target: Target) -> float:
     return statistics.median(target.relay_rates)
 
 
+def resumed_percent(target: Target) -> str:
+    """Of the sessions that offered a TLS session, the share the server resumed."""
+    tally = target.resumption
+    if tally is None or not tally.offered.value:
+        return "-"
+    return f"{100 * tally.resumed.value / tally.offered.value:.1f}"
+
+
 def per_unit(seconds: float, units: int, scale: float, digits: int = 2) -> str:
     return f"{scale * seconds / units:.{digits}f}" if units else "-"
 
@@ -422,8 +320,10 @@ def others(target: Target) -> str:
     return f"{sum(target.meter.strangers.values()) / target.load.seconds:.2f}"
 
 
-def rows(imap: list[Target], http: list[Target], args: argparse.Namespace) -> list[tuple[str, ...]]:
-    """The table: one column per IMAP target; the HTTP rows under the same names."""
+def rows(imap: list[Target], resumed: list[Target], http: list[Target],
+         args: argparse.Namespace) -> list[tuple[str, ...]]:
+    """The table: one column per IMAP target; the resumed-session and HTTP rows under the same
+    names."""
 
     def cells(value: Callable[[Target], str], of: list[Target] = imap,
               proxies_only: bool = False) -> tuple[str, ...]:
@@ -445,6 +345,20 @@ def rows(imap: list[Target], http: list[Target], args: argparse.Namespace) -> li
         ("  cores: proxy / generator / Dovecot / machine", *cells(cores)),
         ("  cores: other processes (not this benchmark's)", *cells(others)),
         ("  sessions / errors", *cells(lambda t: f"{t.load.done} / {t.load.errors}")),
+    ]
+    if resumed:
+        table += [
+            ("IMAP resumed-session logins/s (each client offers its last TLS session)",
+             *cells(lambda t: f"{per_second(t):.0f}", resumed)),
+            ("  × direct", *times(per_second, resumed)),
+            ("  proxy CPU ms per resumed session (process tree)", *cells(
+                lambda t: per_unit(t.meter.proxy_seconds, t.load.done, 1000), resumed, True)),
+            ("  client sessions resumed % (of those offering one)",
+             *cells(resumed_percent, resumed)),
+            ("  sessions / errors", *cells(lambda t: f"{t.load.done} / {t.load.errors}",
+                                           resumed)),
+        ]
+    table += [
         (f"one-client session p50 / p90 ms ({args.latency_sessions} sessions)",
          *cells(lambda t: f"{p50_ms(t):.1f} / {p90_ms(t):.1f}")),
         ("  p50 × direct", *times(p50_ms, imap)),
@@ -554,7 +468,12 @@ def run(args: argparse.Namespace) -> None:
             connection.logout()
         note(f"IMAP logins: {args.seconds:.0f} s per target in {args.slices} slices, "
              f"{args.clients} processes × {args.threads} threads")
-        measure_logins(imap, args, cafile)
+        measure_logins(imap, args, cafile, args.seconds)
+        resumed = [Target(t.name, t.addresses, t.pid, t.backend, resumption=ResumptionTally())
+                   for t in imap] if args.resumed_seconds else []
+        if resumed:
+            note(f"IMAP resumed-session logins: {args.resumed_seconds:.0f} s per target")
+            measure_logins(resumed, args, cafile, args.resumed_seconds)
         note(f"one-client latency: {args.latency_sessions} sessions per target")
         measure_latency(imap, context, args.latency_sessions)
         for target in imap[1:] if args.idle else []:  # before the relay grows the heaps
@@ -573,8 +492,8 @@ def run(args: argparse.Namespace) -> None:
           f"the Dovecot nodes, nginx and the proxy measured; one worker per proxy.")
     print(versions() + "; client TLS: " + "; ".join(f"{t.name} {t.tls}" for t in imap) + "\n")
     print_table(("metric", *(target.name for target in imap)),
-                rows(imap, http if args.http_seconds else [], args))
-    for target in imap + http:
+                rows(imap, resumed, http if args.http_seconds else [], args))
+    for target in imap + resumed + http:
         if target.load.first_error:
             print(f"{target.name}: first generator error: {target.load.first_error}")
     if profiled is not None:
@@ -593,7 +512,7 @@ def profile_stalroute(args: argparse.Namespace, config: dict[str, Any], mappings
         address = proxy.listener("imaps")
         sessions = [(user, address) for user in mappings if user != BIG_USER]
         return run_generators(imap_generator, (sessions, cafile, args.threads,
-                                               args.profile_seconds),
+                                               args.profile_seconds, None),
                               args.clients, args.profile_seconds)
 
 
@@ -601,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=12.0,
                         help="IMAP login load per target (split in --slices)")
+    parser.add_argument("--resumed-seconds", type=float, default=6.0,
+                        help="IMAP logins of returning clients per target (0: skip)")
     parser.add_argument("--slices", type=int, default=3,
                         help="the load moves over the targets in turn this many times")
     parser.add_argument("--clients", type=int, default=2, help="IMAP generator processes")
@@ -625,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     minimums = {"seconds": 0.1, "slices": 1, "clients": 1, "threads": 1, "accounts": 2,
                 "latency_sessions": 2, "size_mb": 1, "fetches": 1, "http_clients": 1,
-                "idle": 0, "http_seconds": 0, "max_seconds": 1, "profile_seconds": 1}
+                "idle": 0, "http_seconds": 0, "resumed_seconds": 0, "max_seconds": 1,
+                "profile_seconds": 1}
     for name, minimum in minimums.items():
         if getattr(args, name) < minimum:
             parser.error(f"--{name.replace('_', '-')} must be at least {minimum}")
