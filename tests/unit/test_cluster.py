@@ -185,10 +185,11 @@ class Instance:
     """One stalroute's runtime and Control on the shared clock, store and bus."""
 
     def __init__(self, node_id: int, tmp_path: Path, clock: Clock, store: MemoryStore,
-                 bus: list[MemoryCoordinator]) -> None:
+                 bus: list[MemoryCoordinator], **server: Any) -> None:
         source = document(tmp_path)
         source["mapping"]["positive_ttl"] = "1h"
         source["cluster"] = {"node_id": node_id, "fallback_ttl": "30s"}
+        source["server"].update(server)
         self.config = parse_config(source, tmp_path, {}, check_files=False)
         self.clock = clock
         self.runtime = build_runtime(clock, self.config)

@@ -10,43 +10,28 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from stalroute.cluster import Cluster
 from stalroute.config import parse_config
-from stalroute.control import Control
 from stalroute.ctl.commands import render_cluster
 from stalroute.health import Readiness
 from stalroute.membership import (
     EXPIRY_BEATS, HEARTBEAT, BadAnnounce, config_digest, decode_announce, encode_announce,
 )
-from stalroute.runtime import build_runtime
 from tests.unit.test_admin_app import Harness, MemoryStore, document
-from tests.unit.test_cluster import MemoryCoordinator
+from tests.unit.test_cluster import Instance, MemoryCoordinator
 
 
-class Member:
-    """One instance on the shared clock and bus, started at once."""
+class Member(Instance):
+    """One instance on the shared clock and bus, started at once, with no mappings."""
 
     def __init__(self, node_id: int, tmp_path: Path, clock: Clock,
                  bus: list[MemoryCoordinator], **server: Any) -> None:
-        source = document(tmp_path)
-        source["cluster"] = {"node_id": node_id}
-        source["server"].update(server)
-        self.config = parse_config(source, tmp_path, {}, check_files=False)
-        self.runtime = build_runtime(clock, self.config)
-        self.runtime.router.store = MemoryStore({})
-        self.coordinator = MemoryCoordinator(bus)
-        self.cluster = Cluster(node_id, self.coordinator, clock)
-        proxy = SimpleNamespace(runtime=self.runtime, factories={}, reactor=clock,
-                                reload_config=list)
-        self.control = Control(proxy, self.cluster)  # type: ignore[arg-type]
-        self.cluster.start()
+        super().__init__(node_id, tmp_path, clock, MemoryStore({}), bus, **server)
 
     def view(self) -> dict[str, Any]:
         return self.control.cluster()
