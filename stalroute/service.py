@@ -8,6 +8,7 @@ drains the sessions. The admin API is a service of its own
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 
@@ -179,16 +180,24 @@ class ProxyService(service.Service):
                  listeners=len(config.listeners), destinations=len(config.destinations))
 
     def _listen(self) -> None:
-        """Bind every listener address and serve it here; StartupError names the first one
-        that cannot be bound."""
-        for name, sockets in bind_listeners(self.runtime.config).items():
+        """Serve every listening socket of :meth:`_listening_sockets` here."""
+        for name, sockets in self._listening_sockets().items():
             factory = self._factory_for(name, self.runtime.config.listeners[name].protocol)
             self.factories[name] = factory
+            for fd, family in sockets:
+                self._ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+                os.close(fd)  # the port serves a duplicate of it
+
+    def _listening_sockets(self) -> dict[str, list[tuple[int, int]]]:
+        """Bind every listener address: (descriptor, address family) by listener name;
+        StartupError names the first one that cannot be bound."""
+        listening: dict[str, list[tuple[int, int]]] = {}
+        for name, sockets in bind_listeners(self.runtime.config).items():
             for sock in sockets:
                 log_listening(name, sock)
-                self._ports.append(self.reactor.adoptStreamPort(sock.fileno(), sock.family,
-                                                                factory))
-                sock.close()  # the port serves a duplicate of it
+                family = sock.family
+                listening.setdefault(name, []).append((sock.detach(), family))
+        return listening
 
     def _factory_for(self, name: str, protocol: str) -> ListenerFactory:
         """The connection factory of one listener: the shared session pipeline for the

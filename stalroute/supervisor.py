@@ -33,7 +33,7 @@ from stalroute.cluster import Argument
 from stalroute.config import Config
 from stalroute.logs import logger
 from stalroute.reports import Report
-from stalroute.service import ProxyService, bind_listeners, log_listening
+from stalroute.service import ProxyService
 
 log = logger("stalroute.workers")
 
@@ -129,13 +129,14 @@ class WorkerPool:
         self.running = False
         self._config_path = config_path
         self._on_ready = on_ready
-        self._sockets: dict[str, list[socket.socket]] = {}
+        #: The listening sockets, (descriptor, family) by listener: every worker inherits them.
+        self._sockets: dict[str, list[tuple[int, int]]] = {}
         self._workers: dict[int, WorkerProcess] = {}
         self._restarts: dict[int, IDelayedCall] = {}
         self._restart_delays: dict[int, float] = {}
         self._all_ended: Deferred[None] | None = None
 
-    def start(self, sockets: dict[str, list[socket.socket]]) -> None:
+    def start(self, sockets: dict[str, list[tuple[int, int]]]) -> None:
         self.running = True
         self._sockets = sockets
         for index in range(1, self.count + 1):
@@ -149,9 +150,9 @@ class WorkerPool:
         listeners: dict[str, list[tuple[int, int]]] = {}
         next_fd = CHANNEL_FD + 1
         for name, sockets in self._sockets.items():
-            for sock in sockets:
-                child_fds[next_fd] = sock.fileno()
-                listeners.setdefault(name, []).append((next_fd, int(sock.family)))
+            for fd, family in sockets:
+                child_fds[next_fd] = fd
+                listeners.setdefault(name, []).append((next_fd, family))
                 next_fd += 1
         inherited = {"workers": self.count, "channel": CHANNEL_FD, "listeners": listeners}
         try:
@@ -229,8 +230,9 @@ class WorkerPool:
         ``grace`` plus the close grace is killed. Fires once all have exited."""
         self.running = False
         for sockets in self._sockets.values():
-            for sock in sockets:
-                sock.close()
+            for fd, _ in sockets:
+                os.close(fd)
+        self._sockets = {}
         for restart in self._restarts.values():
             restart.cancel()
         self._restarts.clear()
@@ -265,11 +267,7 @@ class SupervisorService(ProxyService):
         super().__init__(reactor, config)
 
     def _listen(self) -> None:
-        sockets = bind_listeners(self.runtime.config)
-        for name, bound in sockets.items():
-            for sock in bound:
-                log_listening(name, sock)
-        self.pool.start(sockets)
+        self.pool.start(self._listening_sockets())
 
     def _log_started(self) -> None:
         config = self.runtime.config

@@ -52,7 +52,9 @@ class TLSDetails:
 
 def tls_connection(transport: object) -> SSL.Connection | None:
     """The OpenSSL connection of a transport that started TLS (None for a plain one)."""
-    return transport.getHandle() if getattr(transport, "TLS", False) else None  # type: ignore[attr-defined]
+    if not getattr(transport, "TLS", False):
+        return None
+    return transport.getHandle()  # type: ignore[attr-defined]
 
 
 def tls_details(transport) -> TLSDetails | None:

@@ -5,9 +5,10 @@ It serves the connections of the listening sockets it inherits (adopted with
 ``adoptStreamPort``) with a runtime of its own, under its share of the connection limits, and
 does what the supervisor asks over the channel (:mod:`stalroute.channel`, inherited as
 ``FDS["channel"]``; ``FDS`` is the JSON ``{"workers": N, "channel": fd, "listeners": {name:
-[[fd, family], ...]}}``): apply a change, report, reload, follow the bus state. Its log events travel over the same
-channel, so the supervisor writes them into the instance's one log. When the channel closes
-(the supervisor is gone) it drains and exits; terminal signals are the supervisor's to handle.
+[[fd, family], ...]}}``): apply a change, report, reload, follow the bus state. Its log events
+travel over the same channel, so the supervisor writes them into the instance's one log. When
+the channel closes (the supervisor is gone) it drains and exits; terminal signals are the
+supervisor's to handle.
 """
 
 from __future__ import annotations
@@ -65,13 +66,8 @@ class WorkerService(ProxyService):
     def _install_signals(self) -> None:
         pass  # the supervisor relays SIGHUP as a reload call
 
-    def _listen(self) -> None:
-        for name, listener in self.runtime.config.listeners.items():
-            factory = self._factory_for(name, listener.protocol)
-            self.factories[name] = factory
-            for fd, family in self._sockets.get(name, []):
-                self._ports.append(self.reactor.adoptStreamPort(fd, family, factory))
-                os.close(fd)
+    def _listening_sockets(self) -> dict[str, list[tuple[int, int]]]:
+        return self._sockets  # bound by the supervisor, inherited
 
     def _log_started(self) -> None:
         log.info("worker {index} serving", index=self.index)
@@ -80,9 +76,9 @@ class WorkerService(ProxyService):
         """What the supervisor may call on this worker."""
         control = self.control
         return {
-            "apply": lambda op, args: control.apply_here(op, args),
+            "apply": control.apply_here,
             "report": lambda: {**control.report(), "worker": self.index, "pid": os.getpid()},
-            "reload": lambda: self.reload_config(),
+            "reload": self.reload_config,
             "bus_state": control.bus_state,
             "superseded": control.superseded,
         }
@@ -124,8 +120,9 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = load_config(config_path, env=os.environ)
-    proxy = WorkerService(reactor, config, index, inherited["workers"],
-                          inherited["listeners"])
+    sockets = {name: [(fd, family) for fd, family in pairs]
+               for name, pairs in inherited["listeners"].items()}
+    proxy = WorkerService(reactor, config, index, inherited["workers"], sockets)
     channel = Channel(proxy.handlers(), on_event=lambda message: None,
                       on_lost=proxy.stop_soon)
     reactor.adoptStreamConnection(inherited["channel"], socket.AF_UNIX,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
 import sys
 from collections.abc import Iterator
@@ -143,14 +144,24 @@ def captured() -> Iterator[list[LogEvent]]:
 
 
 @pytest.fixture
-def listening() -> Iterator[dict[str, list[socket.socket]]]:
-    """Two listening sockets (never bound: the pool only hands their descriptors on)."""
-    sockets = {"imaps": [socket.socket(socket.AF_INET)],
-               "pop3s": [socket.socket(socket.AF_INET)]}
+def listening() -> Iterator[dict[str, list[tuple[int, int]]]]:
+    """Two listening sockets, (descriptor, family) by listener (never bound: the pool only
+    hands their descriptors on, and closes them when it stops)."""
+    sockets = {name: [(socket.socket(socket.AF_INET).detach(), int(socket.AF_INET))]
+               for name in ("imaps", "pop3s")}
     yield sockets
     for bound in sockets.values():
-        for sock in bound:
-            sock.close()
+        for fd, _ in bound:
+            if is_open(fd):  # not closed by a stop of the pool
+                os.close(fd)
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 # --- how many workers, and their share of the limits ----------------------------------------------
@@ -199,8 +210,7 @@ def test_each_worker_inherits_its_channel_and_every_listening_socket(listening) 
             "listeners": {"imaps": [[4, socket.AF_INET]], "pop3s": [[5, socket.AF_INET]]}}
         fds = spawned.child_fds
         assert (fds[0], fds[1], fds[2]) == ("w", "r", "r")
-        assert (fds[4], fds[5]) == (listening["imaps"][0].fileno(),
-                                    listening["pop3s"][0].fileno())
+        assert (fds[4], fds[5]) == (listening["imaps"][0][0], listening["pop3s"][0][0])
     channels = [factory.buildProtocol(None) for _, family, factory in
                 pool.reactor.adoptedStreamConnections if family == socket.AF_UNIX]
     assert channels == [worker.channel for worker in pool.started]
@@ -258,7 +268,7 @@ def test_stopping_drains_every_worker_and_cancels_the_restarts(listening) -> Non
     pool.pool.start(listening)
     pool.end(3)  # its restart is pending
     stopped = pool.pool.stop(grace=30)
-    assert all(sock.fileno() == -1 for bound in listening.values() for sock in bound)
+    assert not any(is_open(fd) for bound in listening.values() for fd, _ in bound)
     assert [pool.process(index).signals for index in (1, 2)] == [["TERM"], ["TERM"]]
     assert pool.process(3).signals == []
     assert pool.pending() == [30 + CLOSE_GRACE + 2]  # the kill; no restart
