@@ -306,11 +306,13 @@ class InboundConnection(Protocol):
             self._admit()
 
     def take_proxy_header(self, data: bytes) -> bytes | None:
-        """Feed an expected PROXY header: the bytes that follow it, for the protocol, or None
-        while it is incomplete (or when the connection was refused or admitted with them)."""
-        waiting = self.state is ConnectionState.PROXY_HEADER
+        """The bytes for the protocol: ``data`` when no PROXY header is expected; else what
+        follows the header, or None while it is incomplete (or when the connection was refused
+        or admitted with them)."""
         parser = self._proxy_header
-        assert parser is not None, "no PROXY header is expected"
+        if parser is None:
+            return data
+        waiting = self.state is ConnectionState.PROXY_HEADER
         try:
             header = parser.feed(data)
         except NotAProxyHeader as exc:

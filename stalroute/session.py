@@ -118,11 +118,10 @@ class ClientSession(InboundConnection):
             self._last_activity = self._clock.seconds()
             self.leg.transport.write(data)
             return
-        if self._proxy_header is not None:
-            rest = self.take_proxy_header(data)
-            if rest is None:
-                return
-            data = rest
+        rest = self.take_proxy_header(data)
+        if rest is None:
+            return
+        data = rest
         if data and self.state in (ConnectionState.PREAUTH, ConnectionState.ROUTING):
             self._client_spoke = True
             self._pending += data

@@ -108,13 +108,10 @@ class HTTPServerConnection(InboundConnection):
     def dataReceived(self, data: bytes) -> None:
         if self.state in _ENDED:
             return
-        if self._proxy_header is not None:
-            rest = self.take_proxy_header(data)
-            if rest is None:
-                return
-            data = rest
-        if not data:
+        rest = self.take_proxy_header(data)
+        if not rest:  # incomplete header, or nothing after it
             return
+        data = rest
         self._client_spoke = True
         self._last_activity = self._clock.seconds()
         self.bytes_in += len(data)
