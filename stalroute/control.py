@@ -14,7 +14,7 @@ of the other instances, and :meth:`Control.apply_here` is what a worker runs for
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,8 +28,8 @@ from stalroute.inbound import ListenerFactory
 from stalroute.logs import logger
 from stalroute.mapping import ReadOnlyStore
 from stalroute.membership import Membership, describe
-from stalroute.reports import (Report, instance_connections, instance_destinations,
-                               instance_stats, measured_report)
+from stalroute.reports import (REPORT_PARTS, Report, instance_connections,
+                               instance_destinations, instance_stats, measured_report)
 from stalroute.runtime import Runtime
 
 log = logger("stalroute.admin")
@@ -62,8 +62,9 @@ class LocalWorkers(Protocol):
         """Apply a change in every running worker (the store was written by the supervisor
         or another instance); fires with the sum of their counts."""
 
-    def reports(self) -> Deferred[list[Report]]:
-        """Every running worker's :meth:`Control.report`, tagged with ``worker`` and ``pid``."""
+    def reports(self, parts: Collection[str] = REPORT_PARTS) -> Deferred[list[Report]]:
+        """Every running worker's :meth:`Control.report` of ``parts``, tagged with ``worker``
+        and ``pid``."""
 
     def reload(self) -> Deferred[None]:
         """Make every running worker read the configuration file again."""
@@ -180,30 +181,34 @@ class Control:
             "login_delays": len(runtime.delays.active()),
         }
 
-    def report(self) -> Report:
-        """Everything the admin API shows of this process, as plain data (what a worker
-        sends its supervisor)."""
-        return {"stats": self.stats(), "connections": self.connections(),
-                "destinations": self.destinations(),
-                "measured": measured_report(self.runtime.metrics)}
+    def report(self, parts: Collection[str] = REPORT_PARTS) -> Report:
+        """What the admin API shows of this process, as plain data (what a worker sends its
+        supervisor): the ``parts`` asked for, so that a readiness probe does not list every
+        session."""
+        build = {"stats": self.stats, "connections": self.connections,
+                 "destinations": self.destinations,
+                 "measured": lambda: measured_report(self.runtime.metrics)}
+        return {part: build[part]() for part in parts}
 
-    def reports(self) -> Deferred[list[Report]]:
+    def reports(self, parts: Collection[str] = REPORT_PARTS) -> Deferred[list[Report]]:
         """The reports of the processes serving this instance: its workers, or this one."""
-        return self._workers.reports() if self._workers is not None else succeed([self.report()])
+        if self._workers is not None:
+            return self._workers.reports(parts)
+        return succeed([self.report(parts)])
 
     async def instance_stats(self) -> dict[str, Any]:
         """``GET /stats``: every worker's figures summed (each listed under ``workers``), and
         the bus's state."""
-        stats = instance_stats(await self.reports(), self._workers is not None)
+        stats = instance_stats(await self.reports(("stats",)), self._workers is not None)
         if self._cluster is not None:
             stats["cluster"] = self._cluster.stats()
         return stats
 
     async def instance_connections(self) -> list[dict[str, Any]]:
-        return instance_connections(await self.reports())
+        return instance_connections(await self.reports(("connections",)))
 
     async def instance_destinations(self) -> list[dict[str, Any]]:
-        return instance_destinations(await self.reports())
+        return instance_destinations(await self.reports(("destinations",)))
 
     def destinations(self) -> list[dict]:
         runtime = self.runtime

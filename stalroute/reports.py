@@ -14,6 +14,8 @@ from stalroute.stats import Histogram, Metrics
 #: ``{"stats": ..., "connections": [...], "destinations": [...], "measured": ...}``, plus
 #: ``worker`` and ``pid`` when a worker sent it.
 Report = dict[str, Any]
+#: What a report may hold; a caller asks for the parts it reads.
+REPORT_PARTS = ("stats", "connections", "destinations", "measured")
 
 CIRCUIT_SEVERITY = ("closed", "half_open", "open")
 

@@ -17,7 +17,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -32,7 +32,7 @@ from stalroute.closing import CLOSE_GRACE
 from stalroute.cluster import Argument
 from stalroute.config import Config
 from stalroute.logs import logger
-from stalroute.reports import Report
+from stalroute.reports import REPORT_PARTS, Report
 from stalroute.service import ProxyService
 
 log = logger("stalroute.workers")
@@ -210,8 +210,8 @@ class WorkerPool:
     def apply(self, op: str, args: dict[str, Argument]) -> Deferred[int]:
         return self._each("apply", op=op, args=args).addCallback(sum)
 
-    def reports(self) -> Deferred[list[Report]]:
-        return self._each("report").addCallback(
+    def reports(self, parts: Collection[str] = REPORT_PARTS) -> Deferred[list[Report]]:
+        return self._each("report", parts=list(parts)).addCallback(
             lambda reports: sorted(reports, key=lambda report: report["worker"]))
 
     def reload(self) -> Deferred[None]:

@@ -77,7 +77,8 @@ class WorkerService(ProxyService):
         control = self.control
         return {
             "apply": control.apply_here,
-            "report": lambda: {**control.report(), "worker": self.index, "pid": os.getpid()},
+            "report": lambda parts: {**control.report(parts), "worker": self.index,
+                                     "pid": os.getpid()},
             "reload": self.reload_config,
             "bus_state": control.bus_state,
             "superseded": control.superseded,

@@ -115,6 +115,13 @@ def test_the_one_process_case_is_that_process_s_own_stats(tmp_path: Path) -> Non
     assert instance_stats([travelled], by_worker=False) == harness.control.stats()
 
 
+def test_a_report_holds_only_the_parts_asked_for(tmp_path: Path) -> None:
+    """A readiness probe reads the destinations only: it must not list every session."""
+    control = Harness(tmp_path).control
+    assert set(control.report()) == {"stats", "connections", "destinations", "measured"}
+    assert control.report(("destinations",)) == {"destinations": control.destinations()}
+
+
 def test_instance_stats_sum_the_workers_and_keep_the_reference_keys_meaning(
         two_workers: list[Report]) -> None:
     stats = instance_stats(two_workers, by_worker=True)

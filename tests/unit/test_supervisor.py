@@ -336,19 +336,20 @@ def test_reports_are_those_of_the_workers_that_answered_in_time() -> None:
     pool.pool.start({})
     silent: Deferred[Any] = Deferred()
     handlers: dict[int, dict[str, Handler]] = {
-        1: {"report": lambda: {"worker": 1}, "apply": lambda op, args: 2},
-        2: {"report": lambda: silent, "apply": lambda op, args: 5},
-        3: {"report": lambda: {"worker": 3}, "apply": lambda op, args: 1}}
+        1: {"report": lambda parts: {"worker": 1, "parts": parts}, "apply": lambda op, args: 2},
+        2: {"report": lambda parts: silent, "apply": lambda op, args: 5},
+        3: {"report": lambda parts: {"worker": 3, "parts": parts}, "apply": lambda op, args: 1}}
     pumps = [connect(pool.worker(index), Channel(handlers[index], lambda message: None,
                                                  lambda: None)) for index in (3, 1, 2)]
     assert pool.pool.serving() == 3
     with captured() as events:
-        reports = pool.pool.reports()
+        reports = pool.pool.reports(("destinations",))
         for pump in pumps:
             pump.flush()
         assert not reports.called
         pool.reactor.advance(CALL_TIMEOUT)
-    assert settled(reports) == [{"worker": 1}, {"worker": 3}]
+    assert settled(reports) == [{"worker": 1, "parts": ["destinations"]},
+                                {"worker": 3, "parts": ["destinations"]}]
     assert any("a worker did not answer report" in formatEvent(event) for event in events)
     silent.callback({"worker": 2})  # too late: dropped
     for pump in pumps:
