@@ -1,9 +1,10 @@
 """Per-client limits that span connections (SPEC §2.3 ``max_connections_per_ip``, §2.12).
 
 Every table kept per client address or account is bounded or cleans itself: bans and
-failure histories (here and the admin lockout) live in :class:`ExpiringTable`, the per-IP
-connection counts drop an address when its last connection ends, and login delays drop
-the expired ones whenever a delay is set.
+failure histories (here and the admin lockout) live in :class:`ExpiringTable`, swept a few
+entries at a time on every check and every write (so they empty while only connections
+arrive), the per-IP connection counts drop an address when its last connection ends, and
+login delays drop the expired ones whenever a delay is set.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from stalroute.net import ip_in_networks
 #: Addresses an :class:`ExpiringTable` holds at most; beyond it the least recently written go.
 MAX_TRACKED = 100_000
 
+#: Expired entries an :class:`ExpiringTable` drops at most per call: each call writes at most
+#: one entry, so an expired backlog drains at this rate less one, and no call pays for a flood.
+SWEEP_STEP = 16
+
 Value = TypeVar("Value")
 
 
@@ -27,9 +32,11 @@ class ExpiringTable(Generic[Value]):
 
     Entries are kept in the order they were written, so a full table forgets the address
     written longest ago and a ban of a recent offender survives any flood of new addresses.
-    Every call first drops the expired entries at the front: with one lifetime per table they
-    expire in that order, so memory follows the clock at O(1) amortized cost. (After a reload
-    shortens a lifetime, a newer entry can wait behind an older one; it still reads as expired.)
+    With one lifetime per table they also expire in that order: every call first drops up to
+    :data:`SWEEP_STEP` expired entries at the front (:meth:`sweep`), so memory follows the clock
+    at O(1) amortized cost, bounded per call, as long as the table's owner is consulted at all.
+    (After a reload shortens a lifetime, a newer entry can wait behind an older one; it still
+    reads as expired.)
     """
 
     def __init__(self, clock: IReactorTime, limit: int = MAX_TRACKED) -> None:
@@ -38,14 +45,13 @@ class ExpiringTable(Generic[Value]):
         self._entries: OrderedDict[str, tuple[float, Value]] = OrderedDict()
 
     def __len__(self) -> int:
-        """Entries held (expired ones at the front dropped first)."""
-        self._drop_expired(self._clock.seconds())
+        """Entries held (every expired one at the front dropped first)."""
+        self.sweep(len(self._entries))
         return len(self._entries)
 
     def get(self, key: str) -> Value | None:
         """The value of ``key`` until it expires, then None."""
-        now = self._clock.seconds()
-        self._drop_expired(now)
+        now = self.sweep()
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -56,22 +62,28 @@ class ExpiringTable(Generic[Value]):
 
     def put(self, key: str, value: Value, expires: float) -> None:
         """Set ``key`` (now the most recently written) until the clock reaches ``expires``."""
-        self._drop_expired(self._clock.seconds())
+        self.sweep()
         self._entries.pop(key, None)
         self._entries[key] = (expires, value)
         while len(self._entries) > self._limit:
             self._entries.popitem(last=False)
 
     def discard(self, key: str) -> None:
+        self.sweep()
         self._entries.pop(key, None)
 
-    def _drop_expired(self, now: float) -> None:
+    def sweep(self, most: int = SWEEP_STEP) -> float:
+        """Drop up to ``most`` expired entries at the front; the clock's time, for the caller."""
+        now = self._clock.seconds()
         entries = self._entries
-        while entries:
+        for _ in range(most):
+            if not entries:
+                break
             key, (expires, _value) = next(iter(entries.items()))
             if expires > now:
-                return
+                break
             del entries[key]
+        return now
 
 
 class BanList:
@@ -94,6 +106,9 @@ class BanList:
         self.bans = 0
 
     def is_banned(self, ip: str) -> bool:
+        # Checked on every connection: the failure histories are swept here as well, so they
+        # leave after their window without waiting for the next refused login.
+        self._failures.sweep()
         return self._banned.get(ip) is not None
 
     def login_refused(self, ip: str) -> None:

@@ -45,7 +45,7 @@ class TokenCheck:
 
 class Lockout:
     """Failed attempts per source address, and the addresses locked out (each table bounded
-    and expiring as :class:`~stalroute.limits.ExpiringTable` says)."""
+    and expiring as :class:`~stalroute.limits.ExpiringTable` says, both swept on every check)."""
 
     def __init__(self, clock: IReactorTime, threshold: int, duration: float,
                  max_tracked: int = MAX_TRACKED) -> None:
@@ -61,6 +61,9 @@ class Lockout:
 
     def locked_for(self, ip: str) -> float:
         """Seconds ``ip`` stays locked out (0 when it is not)."""
+        # Checked on every request: the failure histories are swept here as well, so they
+        # leave after their window without waiting for the next failure.
+        self._failures.sweep()
         until = self._locked_until.get(ip)
         return 0.0 if until is None else until - self._clock.seconds()
 

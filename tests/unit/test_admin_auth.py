@@ -83,3 +83,20 @@ def test_tracked_addresses_are_bounded() -> None:
     for n in range(1000):
         lockout.failed(f"10.0.{n // 256}.{n % 256}")
     assert len(lockout._failures) == 100
+
+
+def test_expired_failures_and_lockouts_leave_on_checks_alone() -> None:
+    # Failing addresses (some locked out), then the window passes and only requests arrive
+    # (each checks locked_for): everything stored must leave without another failure.
+    clock = Clock()
+    lockout = Lockout(clock, threshold=5, duration=10)
+    for n in range(10_000):
+        lockout.failed(f"10.0.{n // 256}.{n % 256}")
+    for n in range(200):
+        for _ in range(5):
+            lockout.failed(f"10.1.{n // 256}.{n % 256}")
+    assert (len(lockout._failures._entries), len(lockout._locked_until._entries)) == (10_000, 200)
+    clock.advance(11)
+    for n in range(10_000):
+        assert lockout.locked_for(f"10.2.{n // 256}.{n % 256}") == 0
+    assert (len(lockout._failures._entries), len(lockout._locked_until._entries)) == (0, 0)

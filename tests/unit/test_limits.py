@@ -121,6 +121,40 @@ def test_failure_histories_are_bounded_and_leave_after_the_window() -> None:
     assert len(bans._failures) == 0
 
 
+def stored(table: ExpiringTable) -> int:
+    """Entries a table keeps in memory, expired or not (``len()`` would sweep first)."""
+    return len(table._entries)
+
+
+def test_expired_histories_and_bans_leave_on_connections_alone() -> None:
+    # A flood of failing addresses (some banned), then the window and the bans pass and only
+    # connections arrive: everything stored must leave without another refused login. (The
+    # failure histories used to stay until the next refused login, a day later as well.)
+    clock = Clock()
+    bans = BanList(clock, security())
+    for ip in addresses(10_000):
+        bans.login_refused(ip)
+    for ip in addresses(500, first=20_000):
+        for _ in range(3):
+            bans.login_refused(ip)
+    assert (stored(bans._failures), stored(bans._banned)) == (10_000, 500)
+    clock.advance(121)  # past both the 60 s window and the 120 s bans
+    for ip in addresses(10_000, first=50_000):
+        assert not bans.is_banned(ip)
+    assert (stored(bans._failures), stored(bans._banned)) == (0, 0)
+
+
+def test_one_call_sweeps_a_bounded_number_of_expired_entries() -> None:
+    # The sweep is amortised: no single connection pays for the whole expired flood.
+    clock = Clock()
+    bans = BanList(clock, security())
+    for ip in addresses(10_000):
+        bans.login_refused(ip)
+    clock.advance(61)
+    assert not bans.is_banned("192.0.2.1")
+    assert 9_000 < stored(bans._failures) < 10_000
+
+
 def test_bans_leave_after_their_duration() -> None:
     clock = Clock()
     bans = BanList(clock, security(auth_fail_ban_threshold=1))

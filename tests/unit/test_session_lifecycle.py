@@ -30,16 +30,16 @@ BACKEND_TIMEOUT = 10.0
 BRIDGE_IDLE = 600.0
 
 
-def document(tmp_path: Path) -> dict[str, Any]:
+def document(tmp_path: Path, protocol: str = "imap") -> dict[str, Any]:
     (tmp_path / "mappings.tsv").write_text("")
     node = {"host": "127.0.0.1", "allow_plaintext_auth": True, "forwarding": "none",
-            "protocol": {"imap": {"port": 1143, "tls": "plain"}}}
+            "protocol": {protocol: {"port": 1143, "tls": "plain"}}}
     return {
         "server": {"hostname": "stalroute.test", "backend_timeout": f"{BACKEND_TIMEOUT:.0f}s",
                    "bridge_idle": f"{BRIDGE_IDLE:.0f}s", "backend_connect_retries": 0},
-        "listener": {"imap": {"protocol": "imap", "bind": ["127.0.0.1:143"], "tls": "plain",
-                              "preauth_timeout": f"{PREAUTH_TIMEOUT:.0f}s"}},
-        "capabilities": {"imap": {"allow_plain_auth_without_tls": True}},
+        "listener": {protocol: {"protocol": protocol, "bind": ["127.0.0.1:143"], "tls": "plain",
+                                "preauth_timeout": f"{PREAUTH_TIMEOUT:.0f}s"}},
+        "capabilities": {protocol: {"allow_plain_auth_without_tls": True}},
         "destination": {"node1": node},
         "routing": {"default_destination": "node1"},
         "mapping": {"source": "file", "file": {"path": str(tmp_path / "mappings.tsv")}},
@@ -47,15 +47,15 @@ def document(tmp_path: Path) -> dict[str, Any]:
 
 
 class Pipeline:
-    """One IMAP listener's session factory on a memory reactor, and its backend side (the
-    running proxy :class:`Control` acts on)."""
+    """One listener's session factory (IMAP unless told) on a memory reactor, and its backend
+    side (the running proxy :class:`Control` acts on)."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, protocol: str = "imap") -> None:
         self.reactor = MemoryReactorClock()
-        config = parse_config(document(tmp_path), tmp_path, {}, check_files=False)
+        config = parse_config(document(tmp_path, protocol), tmp_path, {}, check_files=False)
         self.runtime = build_runtime(self.reactor, config)
-        self.factory = SessionFactory(self.reactor, self.runtime, "imap", PROTOCOLS["imap"])
-        self.factories = {"imap": self.factory}
+        self.factory = SessionFactory(self.reactor, self.runtime, protocol, PROTOCOLS[protocol])
+        self.factories = {protocol: self.factory}
         self.control = Control(self)  # type: ignore[arg-type]
 
     def client(self) -> tuple[ClientSession, StringTransport]:
@@ -233,19 +233,32 @@ def test_a_backend_that_stays_silent_is_a_temporary_failure_and_settles_once(
 # -- item 2: pre-auth output is flow-controlled ----------------------------------------
 
 
-def test_a_client_that_does_not_read_its_replies_is_not_read_either(pipeline):
-    session, client = pipeline.client()
+#: Per protocol: a pre-auth command a client may repeat, how many times (well over the 64 KiB
+#: of input a session buffers), and what marks each of its answers.
+PREAUTH_FLOODS = {
+    "imap": (b"a CAPABILITY\r\n", 100_000, b"a OK"),  # 1.4 MB
+    "pop3": (b"CAPA\r\n", 50_000, b"\r\n.\r\n"),
+    "managesieve": (b"CAPABILITY\r\n", 25_000, b'OK "Capability completed."'),
+    "submission": (b"EHLO client.test\r\n", 25_000, b"\r\n250 "),
+}
+
+
+@pytest.mark.parametrize("protocol", PREAUTH_FLOODS)
+def test_a_client_that_does_not_read_its_replies_is_not_read_either(tmp_path, protocol):
+    command, count, answered = PREAUTH_FLOODS[protocol]
+    session, client = Pipeline(tmp_path, protocol).client()
     throttle = client.producer
     throttle.pauseProducing()  # what a full socket buffer makes the transport do
     before = len(client.value())
-    flood = b"a CAPABILITY\r\n" * 100_000  # 1.4 MB
+    flood = command * count
     for offset in range(0, len(flood), 65536):
         session.dataReceived(flood[offset:offset + 65536])
     assert client.producerState == "paused"  # reading stopped once 64 KiB waited
     assert len(client.value()) == before  # nothing answered while blocked
     throttle.resumeProducing()
-    assert client.value().count(b"a OK") == 100_000  # all answered, nothing lost
+    assert client.value().count(answered) == count  # all answered, nothing lost
     assert client.producerState == "producing"
+    assert session.state is ConnectionState.PREAUTH
 
 
 def test_a_paused_client_is_still_read_until_its_input_fills_the_buffer(pipeline):
