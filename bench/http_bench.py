@@ -26,7 +26,7 @@ to ``FILE`` when stalroute stops, and its top functions by own and cumulative ti
 ``--keep-alive-only`` skips the phase with a new connection per request.
 
 Reading the numbers: nginx answering a ``return 200`` in C is the ceiling, not the goal.
-Through stalroute every request is parsed and re-serialised by h11 twice (client leg and
+Through stalroute every request is parsed (llhttp) and re-serialised twice (client leg and
 backend leg) in one Python process; a bare Twisted byte relay (no parsing at all) reaches
 roughly 4-7k keep-alive requests/s on the same 2-core machine, which bounds what any Python
 proxy does here. Without keep-alive each request also costs a second TCP connection (and a

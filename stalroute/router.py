@@ -49,6 +49,14 @@ class Router:
             self._named, self._store_failed, callbackArgs=(identifier,),
             errbackArgs=(identifier,))
 
+    def known(self, identifier: str | None) -> DestinationConfig | None:
+        """The destination for ``identifier`` when it is known without waiting (no
+        identifier, or a fresh cache entry); None when :meth:`resolve` must ask the store."""
+        if identifier is None:
+            return self.default
+        known = self.cache.known(identifier)
+        return None if known is None else self._named(known[0], identifier)
+
     def _timed_lookup(self, identifier: str) -> Deferred[str | None]:
         started = time.monotonic()
 
@@ -75,6 +83,15 @@ class Router:
                      identifier=redact(identifier), error=failure.getErrorMessage())
             return self.default
         raise RoutingUnavailable(failure.getErrorMessage())
+
+
+def known_login(router: Router, delays: LoginDelays,
+                identifier: str | None) -> DestinationConfig | None:
+    """What :func:`resolve_login` would answer, when it would answer at once (no login delay,
+    a cache hit); None otherwise."""
+    if identifier and delays.remaining(identifier):
+        return None
+    return router.known(identifier)
 
 
 async def resolve_login(router: Router, delays: LoginDelays, clock: IReactorTime,

@@ -7,8 +7,10 @@ Sans-IO:
 * :mod:`stalroute.http.headers` — strict request-head checks (smuggling defences),
   hop-by-hop removal, ``Forwarded`` / ``X-Forwarded-For`` rules.
 
-The Twisted side, h11 on both legs, on the shared client-connection lifecycle of
-:mod:`stalroute.inbound`:
+* :mod:`stalroute.http.wire` — HTTP/1.1 framing of both legs: heads parsed by llhttp
+  (httptools) one message at a time, bodies framed and messages re-serialised.
+
+The Twisted side, on the shared client-connection lifecycle of :mod:`stalroute.inbound`:
 
 * :mod:`stalroute.http.server` — the client side: requests read one at a time, keep-alive,
   timers, reading paused and resumed, stalroute's own answers;

@@ -7,8 +7,9 @@ connection for that destination (:mod:`stalroute.http.pool`: pooled per client c
 opened through the shared :class:`~stalroute.backend.BackendConnector` with PROXY header, TLS
 and circuit breaker). Failures are answered from the one table of :mod:`stalroute.failures`.
 
-Both legs are framed by h11, so a message is always re-serialised, never passed through with
-its original (possibly ambiguous) framing. Flow control: the client transport's producer
+Both legs are framed by :mod:`stalroute.http.wire` (heads parsed by llhttp, bodies framed
+there), so a message is always re-serialised, never passed through with its original
+(possibly ambiguous) framing. Flow control: the client transport's producer
 pauses whichever backend is answering (a slow reader stops the backend, memory stays bounded);
 every backend transport's producer pauses reading from the client while its write buffer is
 full. A backend connection that dies before answering a request it could be given again is
@@ -25,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 
-import h11
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -41,9 +41,11 @@ from stalroute.http.routes import (
 )
 from stalroute.http.server import HTTPServerConnection
 from stalroute.http.tunnel import Tunnel
+from stalroute.http.wire import Body, Closed, End, ResponseHead, WireError
 from stalroute.inbound import ConnectionState, ListenerFactory
 from stalroute.logs import logger
-from stalroute.router import resolve_login
+from stalroute.outcomes import Outcome
+from stalroute.router import known_login, resolve_login
 from stalroute.runtime import Runtime
 
 __all__ = ["HTTPConnection", "HTTPListenerFactory"]
@@ -136,24 +138,46 @@ class HTTPConnection(HTTPServerConnection):
 
     def _route(self, ex: Exchange) -> None:
         """Resolve and connect; called from the pump, which pauses reading the client if this
-        does not finish at once (a cached mapping and a pooled connection finish at once)."""
+        does not finish at once. A pinned route or a cached mapping is known without waiting
+        (and a pooled connection then takes the request at once): only a store lookup, a
+        login delay or a new connection goes through a coroutine."""
         ex.phase = Phase.ROUTING
-        self._start_dispatching(self._dispatch(ex))
+        try:
+            decision = self._decide(ex)
+            destination = self._known_destination(ex, decision)
+        except Exception as exc:
+            self._routing_failed(ex, exc)
+            return
+        if destination is None:
+            self._start_dispatching(self._dispatch(ex, decision))
+            return
+        ex.destination = self.destination = destination.name
+        backend = self.pool.take(destination.name)
+        if backend is not None:
+            self._forward(ex, backend)
+        else:
+            self._start_dispatching(
+                self._forward_when_connected(ex, self._open_backend(destination)))
 
     def _start_dispatching(self, work: Coroutine[Any, Any, None]) -> None:
         dispatching = Deferred.fromCoroutine(work)
         if not dispatching.called:
             self._dispatching = dispatching
 
-    async def _dispatch(self, ex: Exchange) -> None:
-        await self._forward_when_connected(ex, self._routed_backend(ex))
+    async def _dispatch(self, ex: Exchange, decision: Decision) -> None:
+        await self._forward_when_connected(ex, self._routed_backend(ex, decision))
 
     async def _retry(self, ex: Exchange, destination: DestinationConfig) -> None:
         """A reused connection died before answering: the same request on a fresh one."""
         await self._forward_when_connected(ex, self._open_backend(destination))
 
-    async def _routed_backend(self, ex: Exchange) -> BackendConnection:
-        destination = await self._destination(ex)
+    async def _routed_backend(self, ex: Exchange, decision: Decision) -> BackendConnection:
+        """The identifier's destination through the shared login step (login delay, then the
+        router), then a backend connection to it."""
+        destination = await resolve_login(self.runtime.router, self.runtime.delays, self._clock,
+                                          decision.identifier, self.id)
+        if self.state is not ConnectionState.HTTP:
+            raise _Gone()
         ex.destination = self.destination = destination.name
         return self.pool.take(destination.name) or await self._open_backend(destination)
 
@@ -177,29 +201,24 @@ class HTTPConnection(HTTPServerConnection):
         if not reply.expected:
             log.failure("http {session}: unexpected error while routing", session=self.id,
                         failure=Failure(error))
-            ex.outcome = "error"
+            ex.outcome = Outcome.ERROR
         elif isinstance(error, BackendUnavailable):
-            ex.outcome = "backend_unavailable"
+            ex.outcome = Outcome.BACKEND_UNAVAILABLE
             log.warn("http {session}: destination {destination} unavailable: {reason}",
                      session=self.id, destination=ex.destination, reason=str(error))
         else:
-            ex.outcome = "tempfail"
+            ex.outcome = Outcome.TEMPFAIL
         self._local(ex, reply.status, reply.http_error(ex.destination),
                     headers=reply.http_headers(self.config.server), close=not reply.expected)
 
-    async def _destination(self, ex: Exchange) -> DestinationConfig:
-        """Pinned by the route, else the identifier the request names (through the shared
-        login step), else the route's ``fallback``, else the default destination."""
-        config = self.config
-        decision = self._decide(ex)
+    def _known_destination(self, ex: Exchange, decision: Decision) -> DestinationConfig | None:
+        """Pinned by the route, else the destination of the identifier the request names (or
+        of the route's ``fallback``, or the default) when it is known at once
+        (:func:`~stalroute.router.known_login`); None when it takes waiting."""
         if decision.destination is not None:
-            return config.destinations[decision.destination]
+            return self.config.destinations[decision.destination]
         ex.account = self.account = decision.identifier
-        destination = await resolve_login(self.runtime.router, self.runtime.delays, self._clock,
-                                          decision.identifier, self.id)
-        if self.state is not ConnectionState.HTTP:
-            raise _Gone()
-        return destination
+        return known_login(self.runtime.router, self.runtime.delays, decision.identifier)
 
     def _decide(self, ex: Exchange) -> Decision:
         """:func:`decide` on what the route extracts. A keep-alive client sends the same
@@ -253,15 +272,17 @@ class HTTPConnection(HTTPServerConnection):
             ex.replayable = True
         self._set_answering(backend)
         try:
-            backend.send(ex.backend_request(backend.destination,
-                                            self._forwarding(backend.destination.forwarded)))
+            method, target, headers = ex.backend_request(
+                backend.destination, self._forwarding(backend.destination.forwarded))
+            backend.send_head(method, target, headers, chunked=ex.chunked,
+                              length=ex.request.content_length)
             if ex.buffer:
-                backend.send(h11.Data(data=bytes(ex.buffer)))
+                backend.send_body(bytes(ex.buffer))
             if ex.request_complete:
-                backend.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as exc:
+                backend.send_end()
+        except WireError as exc:
             backend.close()
-            ex.outcome = "error"
+            ex.outcome = Outcome.ERROR
             self._local(ex, 400, f"request cannot be forwarded: {exc}", close=True)
             return
         self.resume_reading("routing")
@@ -276,7 +297,7 @@ class HTTPConnection(HTTPServerConnection):
                 trust=self.listener.forwarded == "trust", append=append)
         return forwarding
 
-    # the response side ------------------------------------------------------------------------------
+    # the response side ------------------------------------------------------------------------
 
     def _serving(self, backend: BackendConnection) -> Exchange | None:
         """The current exchange if ``backend`` is serving it."""
@@ -286,62 +307,61 @@ class HTTPConnection(HTTPServerConnection):
             return ex
         return None
 
-    def backend_event(self, backend: BackendConnection, event: h11.Event) -> None:
+    def backend_event(self, backend: BackendConnection,
+                      event: ResponseHead | Body | End | Closed) -> None:
         ex = self._serving(backend)
         if ex is None:
-            if not isinstance(event, h11.ConnectionClosed):
+            if not isinstance(event, Closed):
                 # Bytes on an idle connection (a late 408, garbage): it is not reused.
                 self._discard(backend)
             return
         self._last_activity = self._clock.seconds()
         try:
-            if isinstance(event, h11.Data):
+            if isinstance(event, Body):
                 ex.bytes_out += len(event.data)
-                self._send(event)
-            elif isinstance(event, h11.Response):
-                self._send(ex.client_response(event))
+                self._send_body(event.data)
+            elif isinstance(event, ResponseHead):
+                if event.status < 200:
+                    self._on_informational(ex, backend, event)
+                    return
+                self._send_response(ex, ex.client_response(event))
                 if ex.streaming:
                     self._arm_activity(self.config.server.bridge_idle)
-            elif isinstance(event, h11.EndOfMessage):
-                self._send(h11.EndOfMessage())
+            elif isinstance(event, End):
+                self._send_end()
                 ex.response_complete = True
                 self._set_answering(None)
                 backend.finish_exchange()
                 if backend.closed:
                     self._forget(backend)
                 self._maybe_finish(ex)
-            elif isinstance(event, h11.InformationalResponse):
-                self._on_informational(ex, backend, event)
-        except h11.LocalProtocolError as exc:
+        except WireError as exc:
             log.warn("http {session}: cannot relay the response: {error}", session=self.id,
                      error=str(exc))
-            ex.outcome = "error"
-            self.close("protocol_error")
+            ex.outcome = Outcome.ERROR
+            self.close(Outcome.PROTOCOL_ERROR)
 
     def _on_informational(self, ex: Exchange, backend: BackendConnection,
-                          event: h11.InformationalResponse) -> None:
-        if event.status_code == 101:
-            if ex.websocket and self.h11.their_state is h11.MIGHT_SWITCH_PROTOCOL:
+                          event: ResponseHead) -> None:
+        if event.status == 101:
+            if ex.websocket and self.reader.done:
                 self._start_tunnel(ex, backend, event)
             else:
                 self._discard(backend)
-                ex.outcome = "backend_error"
+                ex.outcome = Outcome.BACKEND_ERROR
                 self._local(ex, 502, "unexpected protocol switch from the backend", close=True)
             return
-        if event.status_code == 100 and (ex.sent_100
-                                         or not self.h11.they_are_waiting_for_100_continue):
+        if event.status == 100 and (ex.sent_100 or not self.reader.waiting_for_continue):
             return
         if ex.http10:
             return
-        self._send(h11.InformationalResponse(
-            status_code=event.status_code, reason=event.reason,
-            headers=client_response_headers(event.headers.raw_items())))
+        self._send_informational(ResponseHead(event.status, event.reason,
+                                              client_response_headers(event.headers)))
 
     def _start_tunnel(self, ex: Exchange, backend: BackendConnection,
-                      event: h11.InformationalResponse) -> None:
-        headers = client_response_headers(event.headers.raw_items(), switching=True)
-        self._send(h11.InformationalResponse(status_code=101, headers=headers,
-                                             reason=event.reason))
+                      event: ResponseHead) -> None:
+        headers = client_response_headers(event.headers, switching=True)
+        self._send_informational(ResponseHead(101, event.reason, headers))
         self.state = ConnectionState.SPLICED
         self.tunnel = Tunnel(ex, backend, self._tunnel_to_client)
         self.pool.close_all(keep=backend)
@@ -350,7 +370,7 @@ class HTTPConnection(HTTPServerConnection):
         if not self._paused:
             self.transport.resumeProducing()
         self._arm_activity(self.config.server.bridge_idle)
-        self.tunnel.open(self.h11.trailing_data[0], backend.h11.trailing_data[0])
+        self.tunnel.open(self.reader.leftover(), backend.reader.leftover())
 
     def _tunnel_from_client(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -384,9 +404,9 @@ class HTTPConnection(HTTPServerConnection):
         backend.busy = False
         if self.state is ConnectionState.SPLICED and self.tunnel is not None \
                 and backend is self.tunnel.backend:
-            if self.tunnel.exchange.outcome == "ok":
-                self.tunnel.exchange.outcome = "backend_closed"
-            self.close("backend_closed")
+            if self.tunnel.exchange.outcome is None:
+                self.tunnel.exchange.outcome = Outcome.BACKEND_CLOSED
+            self.close(Outcome.BACKEND_CLOSED)
             return
         if ex is None or ex.response_complete:
             return
@@ -397,13 +417,13 @@ class HTTPConnection(HTTPServerConnection):
                 self.pause_reading("routing")
                 self._start_dispatching(self._retry(ex, backend.destination))
                 return
-            ex.outcome = "backend_error"
+            ex.outcome = Outcome.BACKEND_ERROR
             log.warn("http {session}: {destination}: {reason}", session=self.id,
                      destination=backend.name, reason=reason)
             self._local(ex, 502, "the backend closed the connection without answering")
             return
         # Mid-response: the client's connection ends (it sees a truncated body).
-        ex.outcome = "backend_closed"
+        ex.outcome = Outcome.BACKEND_CLOSED
         log.warn("http {session}: {destination} ended the response early: {reason}",
                  session=self.id, destination=backend.name, reason=reason)
-        self.close("backend_closed")
+        self.close(Outcome.BACKEND_CLOSED)

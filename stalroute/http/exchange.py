@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import enum
 
-import h11
 from twisted.logger import LogLevel
 
 from stalroute.config import DestinationConfig
@@ -14,8 +13,10 @@ from stalroute.http.headers import (
 )
 from stalroute.http.pool import BackendConnection
 from stalroute.http.routes import Route, normalize_path, split_target
+from stalroute.http.wire import RequestHead, ResponseHead
 from stalroute.identity import redact
 from stalroute.logs import enabled, logger
+from stalroute.outcomes import Outcome
 from stalroute.stats import Metrics
 
 log = logger("stalroute.http")
@@ -46,24 +47,25 @@ class Exchange:
 
     __slots__ = (
         "request", "method", "target", "path", "headers", "started", "has_body", "http10",
+        "chunked",
         "phase", "route", "destination", "account", "backend", "status", "bytes_in",
         "bytes_out", "request_complete", "response_started", "response_complete", "buffer",
         "websocket", "streaming", "close_after", "sent_100", "replayable", "retried",
         "outcome", "logged", "host",
     )
 
-    def __init__(self, request: h11.Request, started: float) -> None:
+    def __init__(self, request: RequestHead, started: float) -> None:
         self.request = request
         self.method = request.method
         self.target = split_target(request.target)
         self.path = normalize_path(self.target.path)
-        self.headers = request.headers.raw_items()
+        #: As the client sent them (names in their case).
+        self.headers = request.headers
         self.started = started
         self.http10 = request.http_version == b"1.0"
-        lengths = [v for n, v in request.headers if n == b"content-length"]
-        chunked = any(n == b"transfer-encoding" for n, _ in request.headers)
-        self.has_body = chunked or bool(lengths and int(lengths[0]) > 0)
-        self.host = next((v for n, v in request.headers if n == b"host"), None)
+        self.chunked = request.chunked
+        self.has_body = request.has_body
+        self.host = request.host
         self.phase = Phase.NEW
         self.route: Route | None = None
         self.destination: str | None = None
@@ -85,15 +87,16 @@ class Exchange:
         #: The whole request can be sent again (no body, or all of it buffered).
         self.replayable = False
         self.retried = False
-        self.outcome = "ok"
+        #: How it ended, once something went wrong or it was answered; None: fine so far
+        #: (recorded as ``ok``).
+        self.outcome: Outcome | None = None
         self.logged = False
 
     @classmethod
     def unreadable(cls, started: float) -> Exchange:
         """Stands for a request whose head could not be read, so that its refusal is logged
         like a request."""
-        exchange = cls(h11.Request(method=b"-", target=b"/", headers=[], http_version=b"1.0"),
-                       started)
+        exchange = cls(RequestHead(b"-", b"/", [], b"1.0"), started)
         exchange.path = "-"
         return exchange
 
@@ -104,35 +107,34 @@ class Exchange:
         return self.close_after or (self.has_body and not self.request_complete)
 
     def backend_request(self, destination: DestinationConfig,
-                        forwarding: Forwarding) -> h11.Request:
-        """The request head as ``destination`` gets it (hop-by-hop headers dropped,
-        forwarding headers set, ``Host`` filled in for an HTTP/1.0 client)."""
+                        forwarding: Forwarding) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
+        """The request head as ``destination`` gets it: method, origin-form target and
+        headers (hop-by-hop headers dropped, forwarding headers set, ``Host`` filled in for an
+        HTTP/1.0 client)."""
         host = self.target.authority
         if host is None and self.host is None:
             port = destination.protocols["http"].port
             host = f"{destination.host}:{port}".encode()
         headers = backend_request_headers(
             self.headers, forwarding, websocket=self.websocket, drop_expect=self.sent_100,
-            chunked=any(n.lower() == b"transfer-encoding" for n, _ in self.headers), host=host)
-        # Every part was validated as it was read (the head check, then h11) or is ours
-        # (forwarding headers, the destination's host): ``_parsed`` spares h11 a second pass.
-        return h11.Request(method=self.method, target=self.target.origin, headers=headers,
-                           _parsed=True)
+            chunked=self.chunked, host=host)
+        # Every part was validated as it was read (the head check, then llhttp) or is ours
+        # (forwarding headers, the destination's host).
+        return self.method, self.target.origin, headers
 
-    def client_response(self, response: h11.Response) -> h11.Response:
+    def client_response(self, response: ResponseHead) -> ResponseHead:
         """The backend's response head as the client gets it; notes its status and whether
         it is an event stream."""
-        self.status = response.status_code
+        self.status = response.status
         self.response_started = True
         self.close_after = self.must_close
-        raw = response.headers.raw_items()
+        raw = response.headers
         content_type = next((v for n, v in raw if n.lower() == b"content-type"), b"")
         if content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream":
             self.streaming = True
         headers = client_response_headers(raw, close=self.close_after)
-        # As parsed by h11 from the backend, less hop-by-hop headers, plus ours.
-        return h11.Response(status_code=response.status_code, headers=headers,
-                            reason=response.reason, _parsed=True)
+        # As parsed by llhttp from the backend, less hop-by-hop headers, plus ours.
+        return ResponseHead(response.status, response.reason, headers)
 
     def record(self, metrics: Metrics, now: float, *, session: str, listener: str,
                client: tuple[str, int], reason: str | None = None) -> None:
@@ -140,7 +142,8 @@ class Exchange:
         if self.logged:
             return
         self.logged = True
-        metrics.sessions[("http", self.destination or "-", self.outcome)] += 1
+        outcome = self.outcome or Outcome.OK
+        metrics.sessions[("http", self.destination or "-", outcome)] += 1
         if not enabled(LogLevel.info, log.namespace):
             return
         path = self.path or "/"
@@ -156,6 +159,6 @@ class Exchange:
                  method=self.method.decode("latin-1"), path=path, status=self.status or "-",
                  destination=self.destination or "-", account=account,
                  bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-                 duration=now - self.started, outcome=self.outcome, session=session,
+                 duration=now - self.started, outcome=outcome, session=session,
                  protocol="http", listener=listener, client=f"{client[0]}:{client[1]}",
                  why=f" reason={reason!r}" if reason else "")

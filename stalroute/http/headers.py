@@ -4,9 +4,9 @@
   request-smuggling gaps a lenient parser leaves: bare CR or LF, obs-fold, invalid header
   names (including whitespace before the colon), both ``Content-Length`` and
   ``Transfer-Encoding``, conflicting or malformed lengths, transfer codings other than
-  ``chunked``, duplicate ``Host``. h11 parses the same bytes afterwards; a head reaches it only
-  when both agree on its meaning. :class:`HeadGuard` applies it to each head of a connection
-  as the head arrives.
+  ``chunked``, duplicate ``Host``. llhttp (:mod:`stalroute.http.wire`) parses the same bytes
+  afterwards; a head reaches it only when both agree on its meaning. :class:`HeadGuard`
+  applies it to each head of a connection as the head arrives.
 * :func:`backend_request_headers` / :func:`client_response_headers` — hop-by-hop removal
   (the fixed list plus every name the ``Connection`` header lists), WebSocket upgrade
   headers, and the ``Forwarded`` / ``X-Forwarded-*`` rules of the listener and destination.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -62,6 +62,16 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 #: A LF without its CR, or a CR without its LF.
 _BARE = re.compile(rb"(?<!\r)\n|\r(?!\n)")
 _BARE_PARTIAL = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")
+#: A head whose every line is well-formed: request line, ``token:value`` fields whose values
+#: hold no control character but HTAB, CRLF everywhere (no obs-fold: a line starting with
+#: whitespace is no field). Group 1: the minor version.
+_CLEAN_HEAD = re.compile(
+    rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/1\.([0-9])\r\n"
+    rb"(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*\r\n")
+#: In a clean head: the fields the framing rules read, values without surrounding whitespace.
+_FRAMING_FIELD = re.compile(
+    rb"(?<=\r\n)(content-length|transfer-encoding|host):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)",
+    re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,8 @@ class HeadProblem:
 
 
 def find_head_end(buffer: bytes | bytearray, start: int = 0) -> int | None:
-    """Offset just past the blank line ending the head, as h11 finds it (``\\n\\r?\\n``).
+    """Offset just past the blank line ending the head: ``\\n\\r?\\n``, so that a head
+    ending with bare LFs is found, then refused.
 
     ``start``: where new bytes begin (searching resumes a few bytes before it).
     """
@@ -107,9 +118,32 @@ def _comma_values(values: Iterable[bytes]) -> list[bytes]:
 def check_request_head(head: bytes) -> HeadProblem | None:
     """Refuse a complete request head (ending with its blank line) that is ambiguous.
 
-    None means the head is acceptable; h11 then parses it. The checks follow RFC 9112 and
+    None means the head is acceptable; llhttp then parses it. The checks follow RFC 9112 and
     SPEC §5: a proxy must not forward a message two parsers could read differently.
+
+    Most heads are clean: one regular expression proves every line well-formed, and only the
+    framing headers are looked at. Any other head takes the line-by-line reading, which
+    finds what is wrong with it (both readings agree: ``tests/unit/test_http_headers.py``).
     """
+    clean = _CLEAN_HEAD.fullmatch(head)
+    if clean is None:
+        return _check_lines(head)
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    hosts = 0
+    for name, value in _FRAMING_FIELD.findall(head):
+        lowered = name.lower()
+        if lowered == b"content-length":
+            lengths.append(value)
+        elif lowered == b"transfer-encoding":
+            codings.append(value)
+        else:
+            hosts += 1
+    return _check_framing(clean.group(1) == b"0", lengths, codings, hosts)
+
+
+def _check_lines(head: bytes) -> HeadProblem | None:
+    """:func:`check_request_head`, line by line."""
     if not head.endswith(b"\r\n\r\n"):
         return HeadProblem(400, "bare LF in the request head")
     if _BARE.search(head):
@@ -141,6 +175,12 @@ def check_request_head(head: bytes) -> HeadProblem | None:
             codings.append(value)
         elif lowered == b"host":
             hosts += 1
+    return _check_framing(http10, lengths, codings, hosts)
+
+
+def _check_framing(http10: bool, lengths: list[bytes], codings: list[bytes],
+                   hosts: int) -> HeadProblem | None:
+    """The framing and ``Host`` rules, on the (stripped) values of those headers."""
     if lengths and codings:
         return HeadProblem(400, "both Content-Length and Transfer-Encoding")
     if lengths:
@@ -171,49 +211,31 @@ def check_request_head(head: bytes) -> HeadProblem | None:
 class HeadGuard:
     """The checks above on each request head of one connection, before its parser reads it.
 
-    A head is checked as its bytes arrive: it is mirrored from the moment it starts (a
-    snapshot of the parser's unread bytes, then every read), and only new bytes are scanned,
-    so a head that trickles in costs linear time.
+    The head is judged where it accumulates, in the reader's buffer of unparsed bytes, as
+    its bytes arrive: only new bytes are scanned, so a head that trickles in costs linear
+    time. A head reaches the parser only once :meth:`check` passed it whole.
     """
 
     def __init__(self, max_head_size: int) -> None:
         self._max_head_size = max_head_size
-        self._head: bytearray | None = None
         self._scanned = 0
-        self._passed = False
-
-    def received(self, data: bytes) -> None:
-        """Bytes read from the client (before the parser gets them)."""
-        if self._head is not None:
-            self._head += data
 
     def next_request(self) -> None:
-        """The parser read the head it was waiting for: the next bytes start another."""
-        self._passed = False
+        """The head was read: the next bytes start another one."""
+        self._scanned = 0
 
-    def check(self, unread: Callable[[], bytes]) -> HeadProblem | None:
-        """Whether the head the parser waits for may be read so far; ``unread``: the bytes
-        the parser holds, asked for when a head starts."""
-        if self._passed:
-            return None
-        if self._head is None:
-            self._head = bytearray(unread())
-            self._scanned = 0
-        head = self._head
-        if not head:
-            return None
-        start, self._scanned = self._scanned, len(head)
-        end = find_head_end(head, start)
+    def check(self, buffer: bytes | bytearray) -> tuple[int | None, HeadProblem | None]:
+        """Judge the head at the start of ``buffer``: where it ends (None: not yet), and the
+        problem that refuses it, if any."""
+        if not buffer:
+            return None, None
+        start, self._scanned = self._scanned, len(buffer)
+        end = find_head_end(buffer, start)
         if end is None:
-            problem = check_partial_head(head, self._max_head_size, start)
-        elif end > self._max_head_size:  # h11 only limits heads that are still incomplete
-            problem = HeadProblem(431, "request head too large")
-        else:
-            problem = check_request_head(bytes(head[:end]))
-        if problem is None and end is not None:
-            self._passed = True
-            self._head = None
-        return problem
+            return None, check_partial_head(buffer, self._max_head_size, start)
+        if end > self._max_head_size:
+            return end, HeadProblem(431, "request head too large")
+        return end, check_request_head(bytes(buffer[:end]))
 
 
 # --- connection-level headers ------------------------------------------------------------------
@@ -303,7 +325,7 @@ def _xff_value(ip: str) -> bytes:
     return str(address).encode() if address is not None else b"unknown"
 
 
-# --- rewriting ---------------------------------------------------------------------------------------
+# --- rewriting ----------------------------------------------------------------------------------
 
 
 def backend_request_headers(
@@ -381,8 +403,9 @@ def client_response_headers(
 ) -> list[tuple[bytes, bytes]]:
     """The response headers the client receives.
 
-    Hop-by-hop headers go; h11 re-frames the body (``Content-Length`` is kept unless the
-    backend also sent ``Transfer-Encoding``, which wins). A ``101`` keeps ``Upgrade`` and gets
+    Hop-by-hop headers go; :mod:`stalroute.http.framing` re-frames the body
+    (``Content-Length`` is kept unless the backend also sent ``Transfer-Encoding``, which
+    wins). A ``101`` keeps ``Upgrade`` and gets
     ``Connection: Upgrade``; ``close`` adds ``Connection: close``.
     """
     listed = connection_options(headers) - _PROTECTED

@@ -8,10 +8,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 
-import h11
 from twisted.internet.interfaces import IReactorTime
 
 from stalroute.health import readiness
+from stalroute.http.wire import ResponseHead
+from stalroute.outcomes import Outcome
 from stalroute.runtime import Runtime
 
 HEALTH_PATHS = ("/healthz/live", "/healthz/ready")
@@ -36,19 +37,22 @@ def error_body(status: int, message: str | None = None) -> bytes:
 
 
 def local_response(status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = (), *,
-                   close: bool = False) -> h11.Response:
-    """The head of a JSON answer of ours (never cached)."""
-    all_headers = [(b"Content-Type", b"application/json"),
+                   close: bool = False) -> ResponseHead:
+    """The head of an answer of ours (never cached): JSON unless ``headers`` name another
+    ``Content-Type``."""
+    given = list(headers)
+    typed = any(name.lower() == b"content-type" for name, _ in given)
+    all_headers = [*([] if typed else [(b"Content-Type", b"application/json")]),
                    (b"Content-Length", str(len(body)).encode()),
-                   (b"Cache-Control", b"no-store"), *headers]
+                   (b"Cache-Control", b"no-store"), *given]
     if close:
         all_headers.append((b"Connection", b"close"))
-    return h11.Response(status_code=status, headers=all_headers, reason=reason_phrase(status))
+    return ResponseHead(status, reason_phrase(status), all_headers)
 
 
 def refusal(status: int, reason: str) -> bytes:
-    """A complete response refusing what the client sent, written past h11 (whose state the
-    client's bytes may have broken); the connection closes after it."""
+    """A complete response refusing what the client sent, written as it is (past the reader,
+    whose state the client's bytes may have broken); the connection closes after it."""
     body = error_body(status, reason)
     head = (f"HTTP/1.1 {status} {reason_phrase(status).decode()}\r\n"
             "Content-Type: application/json\r\n"
@@ -62,7 +66,7 @@ class HealthAnswer:
     body: bytes
     headers: tuple[tuple[bytes, bytes], ...] = ()
     #: The request's outcome; None: refused like any request (``405``).
-    outcome: str | None = "health"
+    outcome: Outcome | None = Outcome.HEALTH
 
 
 async def health(method: bytes, path: str, runtime: Runtime,

@@ -1,10 +1,10 @@
 """The backend side of one HTTP client connection: its backend connections and their pool.
 
 Each :class:`BackendConnection` is a :class:`~stalroute.backend.BackendLeg` (opened through
-the shared connector: PROXY header, TLS, circuit breaker) framed by its own h11 client
-connection, so a response is always parsed and re-serialised, never passed through with its
-original framing. A client connection keeps at most one per destination, for keep-alive
-(:class:`BackendPool`).
+the shared connector: PROXY header, TLS, circuit breaker) whose responses are read by its own
+:class:`~stalroute.http.wire.ResponseReader`, so a response is always parsed and
+re-serialised, never passed through with its original framing. A client connection keeps at
+most one per destination, for keep-alive (:class:`BackendPool`).
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from typing import Protocol
 
-import h11
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from stalroute.backend import BackendLeg
 from stalroute.config import DestinationConfig
+from stalroute.http.wire import (
+    Body, BodyWriter, Closed, End, ResponseHead, ResponseReader, WireError, frame_request,
+)
 from stalroute.protocols.base import (
     BackendDialogue, BackendEvent, BackendReady, BackendSettings, LoginSucceeded,
 )
@@ -57,8 +59,9 @@ class HTTPBackendDialogue(BackendDialogue):
 class BackendOwner(Protocol):
     """What a backend connection tells the client connection it serves."""
 
-    def backend_event(self, backend: BackendConnection, event: h11.Event) -> None:
-        """A response event (head, body data, end, informational, connection closed)."""
+    def backend_event(self, backend: BackendConnection,
+                      event: ResponseHead | Body | End | Closed) -> None:
+        """A response event (head, informational or final; body data; end; closed)."""
 
     def backend_gone(self, backend: BackendConnection, reason: str) -> None:
         """The connection closed or broke the protocol; it is closed already."""
@@ -89,7 +92,7 @@ class _BackendWriteProducer:
 
 
 class BackendConnection:
-    """One connection to a destination's HTTP leg, framed by an h11 client connection."""
+    """One connection to a destination's HTTP leg: requests written, responses read."""
 
     _ids = itertools.count(1)
 
@@ -100,7 +103,9 @@ class BackendConnection:
         self.name = destination.name
         self.destination = destination
         self.leg = leg
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_size)
+        self.reader = ResponseReader(max_head_size)
+        #: The body writer of the request being sent (None: none sent yet).
+        self._writer: BodyWriter | None = None
         #: Serving a request: from its head until the end of its response.
         self.busy = False
         #: Responses completed on this connection (a reused one may be retried on a new one).
@@ -115,8 +120,8 @@ class BackendConnection:
 
     @property
     def reusable(self) -> bool:
-        return (not self.closed and not self.busy
-                and self.h11.our_state is h11.IDLE and self.h11.their_state is h11.IDLE)
+        return (not self.closed and not self.busy and self.reader.keep_alive
+                and self.reader.idle and (self._writer is None or self._writer.finished))
 
     @property
     def tunnel(self) -> bool:
@@ -125,10 +130,26 @@ class BackendConnection:
     @property
     def sending_body(self) -> bool:
         """Open and expecting the rest of the request body."""
-        return not self.closed and self.h11.our_state is h11.SEND_BODY
+        return not self.closed and self._writer is not None and not self._writer.finished
 
-    def send(self, event: h11.Event) -> None:
-        data = self.h11.send(event)
+    def send_head(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], *,
+                  chunked: bool, length: int) -> None:
+        """Write a request head; its response is read next. Raises :class:`WireError` while
+        another request is under way."""
+        self.reader.expect(method)
+        data, self._writer = frame_request(method, target, headers, chunked=chunked,
+                                           length=length)
+        self.leg.transport.write(data)
+
+    def send_body(self, data: bytes) -> None:
+        assert self._writer is not None
+        data = self._writer.data(data)
+        if data:
+            self.leg.transport.write(data)
+
+    def send_end(self) -> None:
+        assert self._writer is not None
+        data = self._writer.end()
         if data:
             self.leg.transport.write(data)
 
@@ -162,8 +183,6 @@ class BackendConnection:
         """The response ended: back to idle (reusable) or closed."""
         self.busy = False
         self.served += 1
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()
         if not self.reusable:
             self.close()
         else:
@@ -177,22 +196,21 @@ class BackendConnection:
         if self._relay_to is not None:
             self._relay_to(data)
             return
-        self.h11.receive_data(data)
+        self.reader.receive(data)
         self._drain()
 
     def _drain(self) -> None:
+        reader = self.reader
         while not self.closed and self._relay_to is None:
             try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
+                event = reader.next_event()
+            except WireError as exc:
                 self.close()
                 self.owner.backend_gone(self, f"invalid response from the backend: {exc}")
                 return
-            if not isinstance(event, h11.Event):  # NEED_DATA, PAUSED
+            if not isinstance(event, (ResponseHead, Body, End)):  # NEED_DATA, PAUSED
                 return
             self.owner.backend_event(self, event)
-            if isinstance(event, h11.ConnectionClosed):
-                return
 
     def _lost(self) -> None:
         if self.closed:
@@ -203,17 +221,8 @@ class BackendConnection:
             self.owner.backend_gone(self, "backend closed the tunnel")
             return
         # A body delimited by the connection's end (HTTP/1.0 style) ends here.
-        try:
-            self.h11.receive_data(b"")
-            while True:
-                event = self.h11.next_event()
-                if not isinstance(event, h11.Event):  # NEED_DATA, PAUSED
-                    break
-                self.owner.backend_event(self, event)
-                if isinstance(event, h11.ConnectionClosed):
-                    break
-        except h11.RemoteProtocolError:
-            pass
+        for event in self.reader.connection_lost():
+            self.owner.backend_event(self, event)
         self.owner.backend_gone(self, "the backend closed the connection")
 
 

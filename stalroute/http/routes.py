@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -125,7 +126,12 @@ def normalize_path(path: str) -> str:
 # is never revisited, tried only at the piece's starting point and at segment starts, so each
 # segment is read a bounded number of times per chunk.
 
-_ANYWHERE, _SEGMENT_END, _END = range(3)  # where a piece must end
+class _Tail(enum.Enum):
+    """Where a glob piece must end."""
+
+    ANYWHERE = enum.auto()
+    SEGMENT_END = enum.auto()
+    END = enum.auto()
 
 
 def _chunk_regex(glob: str) -> str:
@@ -146,17 +152,18 @@ def _part_regex(glob: str, *, head: bool, fill: bool) -> str:
     return "(?>" + "".join(out) + ")"
 
 
-def _piece_regex(glob: str, *, head: bool, tail: int,
+def _piece_regex(glob: str, *, head: bool, tail: _Tail,
                  segment_start: bool = False) -> re.Pattern[str]:
     """A piece, its first part starting where the match starts if ``head``; matching only
     at the start of a segment if ``segment_start``."""
     parts = glob.split("/")
     last = len(parts) - 1
     regex = "/".join(
-        _part_regex(part, head=head or index > 0, fill=index < last or tail != _ANYWHERE)
+        _part_regex(part, head=head or index > 0,
+                    fill=index < last or tail is not _Tail.ANYWHERE)
         for index, part in enumerate(parts))
     start = "(?<![^/])" if segment_start else ""
-    return re.compile(start + regex + (r"\Z" if tail == _END else ""), re.DOTALL)
+    return re.compile(start + regex + (r"\Z" if tail is _Tail.END else ""), re.DOTALL)
 
 
 class PathGlob:
@@ -170,15 +177,15 @@ class PathGlob:
         self.pattern = pattern
         glob = pattern.rstrip("/")
         pieces: list[str] = []
-        tails: list[int] = []  # where pieces[i] must end: before a ``/**`` or a bare ``**``
+        tails: list[_Tail] = []  # where pieces[i] must end: before a ``/**`` or a bare ``**``
         current: list[str] = []
         i = 0
         while i < len(glob):
             if glob.startswith("/**", i) and (i + 3 == len(glob) or glob[i + 3] == "/"):
-                tails.append(_SEGMENT_END)
+                tails.append(_Tail.SEGMENT_END)
                 i += 3
             elif glob.startswith("**", i):
-                tails.append(_ANYWHERE)
+                tails.append(_Tail.ANYWHERE)
                 i += 2
             else:
                 current.append(glob[i])
@@ -187,7 +194,7 @@ class PathGlob:
             pieces.append("".join(current))
             current = []
         pieces.append("".join(current))
-        tails.append(_END)
+        tails.append(_Tail.END)
         #: Per piece: the regex tried where the previous piece ended, and (after the first
         #: piece) the same regex for the segments after that one.
         self._pieces = tuple(

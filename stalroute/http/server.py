@@ -1,8 +1,9 @@
 """stalroute as the HTTP/1.1 server its client talks to (SPEC §5 HTTP): the client side of an
 HTTP connection, on the shared lifecycle of :class:`~stalroute.inbound.InboundConnection`.
 
-Requests are read one at a time by an h11 server connection, each head first checked by a
-:class:`~stalroute.http.headers.HeadGuard` (smuggling defences), and become an
+Requests are read one at a time by a :class:`~stalroute.http.wire.RequestReader` (each head
+judged first by a :class:`~stalroute.http.headers.HeadGuard`, the smuggling defences, then
+parsed by llhttp), and become an
 :class:`~stalroute.http.exchange.Exchange`. What stalroute answers itself (health endpoints,
 errors: :mod:`stalroute.http.local`) is answered here; every other request is handed to
 :meth:`HTTPServerConnection._route`, which :class:`~stalroute.http.connection.HTTPConnection`
@@ -18,18 +19,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
 
-import h11
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from stalroute.acme.challenges import http01_response
 from stalroute.http.exchange import Exchange, Phase
-from stalroute.http.headers import HeadGuard, is_websocket_upgrade
+from stalroute.http.headers import is_websocket_upgrade
 from stalroute.http.local import HEALTH_PATHS, error_body, health, local_response, refusal
 from stalroute.http.routes import RouteTable
+from stalroute.http.wire import (
+    NEED_DATA, PAUSED, Body, BodyWriter, End, RequestHead, RequestReader, ResponseHead,
+    WireError, frame_response, informational_head,
+)
 from stalroute.inbound import ConnectionState, InboundConnection, ListenerFactory
+from stalroute.outcomes import Outcome
 from stalroute.tls import tls_details
 from stalroute.transport import ReadingWatch
 
@@ -55,8 +61,11 @@ class HTTPServerConnection(InboundConnection):
         self.http = self.config.http
         self.routes = routes
         self.requests = 0
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.http.max_head_size)
-        self.heads = HeadGuard(self.http.max_head_size)
+        self.reader = RequestReader(self.http.max_head_size)
+        #: How the body of the response being sent is framed, and whether the connection
+        #: closes after it.
+        self._body_writer: BodyWriter | None = None
+        self._must_close = False
         self.exchange: Exchange | None = None
         #: Why reading the client is paused; it reads while the set is empty.
         self._paused: set[Hashable] = set()
@@ -103,6 +112,8 @@ class HTTPServerConnection(InboundConnection):
         self._enter_idle(first=True)
 
     def handshakeCompleted(self) -> None:
+        if self.end_acme_validation():
+            return
         self.tls = tls_details(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
@@ -118,16 +129,16 @@ class HTTPServerConnection(InboundConnection):
         if self.state is ConnectionState.SPLICED:
             self._tunnel_from_client(data)
         elif self.state is ConnectionState.HTTP:
-            self.heads.received(data)
-            self.h11.receive_data(data)
+            self.reader.receive(data)
             self._pump()
 
     def _connection_ended(self, reason: Failure) -> None:
         """The request in progress ends with the connection and is logged."""
         ex = self.exchange
         if ex is not None and not ex.logged:
-            if ex.outcome == "ok" and not ex.response_complete:
-                ex.outcome = "client_closed" if reason.check(ConnectionDone) else "client_error"
+            if ex.outcome is None and not ex.response_complete:
+                ex.outcome = (Outcome.CLIENT_CLOSED if reason.check(ConnectionDone)
+                              else Outcome.CLIENT_ERROR)
             self._record(ex)
 
     def _end_fields(self) -> dict[str, object]:
@@ -146,7 +157,7 @@ class HTTPServerConnection(InboundConnection):
         if self.exchange is not None and self.state is ConnectionState.HTTP:
             self.exchange.close_after = True
         elif self.state is not ConnectionState.SPLICED:
-            self.close("shutdown")
+            self.close(Outcome.SHUTDOWN)
 
     def _stop_work(self) -> None:
         super()._stop_work()
@@ -177,11 +188,32 @@ class HTTPServerConnection(InboundConnection):
             self.resume_reading("client_write")
             self._pump()
 
-    def _send(self, event: h11.Event) -> None:
-        data = self.h11.send(event)
+    def _write(self, data: bytes) -> None:
         if data:
             self.bytes_out += len(data)
             self.transport.write(data)
+
+    def _send_response(self, ex: Exchange, response: ResponseHead) -> None:
+        """The final response head, framed for this client (:func:`frame_response`)."""
+        request = self.reader.request
+        data, self._body_writer, must_close = frame_response(
+            response, method=ex.method, http10=ex.http10,
+            keep_alive=request.keep_alive if request is not None else False)
+        self._must_close = self._must_close or must_close
+        self.reader.waiting_for_continue = False
+        self._write(data)
+
+    def _send_informational(self, response: ResponseHead) -> None:
+        self.reader.waiting_for_continue = False
+        self._write(informational_head(response.status, response.reason, response.headers))
+
+    def _send_body(self, data: bytes) -> None:
+        assert self._body_writer is not None
+        self._write(self._body_writer.data(data))
+
+    def _send_end(self) -> None:
+        assert self._body_writer is not None
+        self._write(self._body_writer.end())
 
     # timers: one per connection, re-armed in place ------------------------------------------
 
@@ -205,10 +237,10 @@ class HTTPServerConnection(InboundConnection):
     def _idle_expired(self) -> None:
         if self.exchange is not None or self.state is not ConnectionState.HTTP:
             return
-        if self.h11.trailing_data[0]:
-            self._fatal(408, "request head not received in time", outcome="timeout")
+        if self.reader.partial_head:
+            self._fatal(408, "request head not received in time", outcome=Outcome.TIMEOUT)
         else:
-            self.close("idle" if self.requests else "preauth_timeout")
+            self.close(Outcome.IDLE if self.requests else Outcome.PREAUTH_TIMEOUT)
 
     def _arm_activity(self, limit: float) -> None:
         """From now on the exchange (or tunnel) may stay silent for ``limit`` seconds."""
@@ -225,12 +257,12 @@ class HTTPServerConnection(InboundConnection):
             return
         ex = self.exchange
         if self.state is ConnectionState.SPLICED or ex is None:
-            self.close("idle")
+            self.close(Outcome.IDLE)
             return
-        ex.outcome = "timeout"
+        ex.outcome = Outcome.TIMEOUT
         if ex.response_started or ex.phase not in (Phase.ROUTING, Phase.FORWARDING,
                                                    Phase.BUFFERING):
-            self.close("idle")
+            self.close(Outcome.IDLE)
         elif ex.phase is Phase.BUFFERING:
             self._local(ex, 408, "request body not received in time", close=True)
         else:
@@ -262,35 +294,28 @@ class HTTPServerConnection(InboundConnection):
             if ex is None and self._write_paused:
                 self.pause_reading("client_write")
                 return
-            if self.h11.their_state is h11.IDLE:
-                problem = self.heads.check(lambda: self.h11.trailing_data[0])
-                if problem is not None:
-                    self._fatal(problem.status, problem.reason)
-                    return
             try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._fatal(exc.error_status_hint or 400, str(exc) or "malformed request")
+                event = self.reader.next_event()
+            except WireError as exc:
+                self._fatal(exc.status, str(exc))
                 return
-            if event is h11.NEED_DATA:
+            if event is NEED_DATA:
                 self.resume_reading("pipeline")
                 return
-            if event is h11.PAUSED:
+            if event is PAUSED:
                 self.pause_reading("pipeline")
                 return
-            if isinstance(event, h11.Data):
+            if isinstance(event, Body):
                 self._on_request_data(event)
-            elif isinstance(event, h11.Request):
+            elif isinstance(event, RequestHead):
                 self._on_request(event)
-            elif isinstance(event, h11.EndOfMessage):
+            elif isinstance(event, End):
                 self._on_request_end()
-            elif isinstance(event, h11.ConnectionClosed):
-                self.close("client_closed")
-                return
 
-    def _on_request(self, request: h11.Request) -> None:
-        self.heads.next_request()
+    def _on_request(self, request: RequestHead) -> None:
         self.requests += 1
+        self._must_close = False
+        self._body_writer = None
         ex = Exchange(request, self._clock.seconds())
         self.exchange = ex
         self._arm_activity(self.http.relay_idle)
@@ -299,6 +324,11 @@ class HTTPServerConnection(InboundConnection):
         if request.method == b"CONNECT":
             self._local(ex, 405, "CONNECT is not supported", close=True)
             return
+        challenge = http01_response(ex.path)
+        if challenge is not None:  # an ACME http-01 validation, answered before any routing
+            self._local(ex, 200, body=challenge, outcome=Outcome.ACME_VALIDATION,
+                        headers=[(b"Content-Type", b"application/octet-stream")])
+            return
         if self.http.health and ex.path in HEALTH_PATHS:
             self._health(ex)
             return
@@ -306,23 +336,22 @@ class HTTPServerConnection(InboundConnection):
         if ex.route is None:
             self._local(ex, 404, "no route for this path")
             return
-        ex.websocket = is_websocket_upgrade(ex.headers)
+        ex.websocket = request.upgrade and is_websocket_upgrade(ex.headers)
         if ex.route.needs_body and ex.has_body and self.http.body_extract_cap > 0:
             ex.phase = Phase.BUFFERING
-            if self.h11.they_are_waiting_for_100_continue:
+            if self.reader.waiting_for_continue:
                 ex.sent_100 = True
-                self._send(h11.InformationalResponse(status_code=100, headers=[],
-                                                     reason=b"Continue"))
+                self._send_informational(ResponseHead(100, b"Continue", []))
             return
         self._route(ex)
 
-    def _on_request_data(self, event: h11.Data) -> None:
+    def _on_request_data(self, event: Body) -> None:
         ex = self.exchange
         assert ex is not None
         ex.bytes_in += len(event.data)
         if ex.phase is Phase.FORWARDING:
             if ex.backend is not None and ex.backend.sending_body:
-                ex.backend.send(event)
+                ex.backend.send_body(event.data)
         elif ex.phase is Phase.BUFFERING:
             ex.buffer += event.data
             if len(ex.buffer) >= self.http.body_extract_cap:
@@ -338,7 +367,7 @@ class HTTPServerConnection(InboundConnection):
             self._route(ex)
             return
         if ex.phase is Phase.FORWARDING and ex.backend is not None and ex.backend.sending_body:
-            ex.backend.send(h11.EndOfMessage())
+            ex.backend.send_end()
         self._maybe_finish(ex)
 
     def _maybe_finish(self, ex: Exchange) -> None:
@@ -346,21 +375,16 @@ class HTTPServerConnection(InboundConnection):
         if ex is not self.exchange or not ex.response_complete \
                 or self.state is not ConnectionState.HTTP:
             return
-        our = self.h11.our_state
-        if our is h11.MUST_CLOSE or our is h11.CLOSED or ex.close_after:
+        if self._must_close or ex.close_after:
             self._record(ex)
             self.exchange = None
-            self.close("closed")
+            self.close(Outcome.CLOSED)
             return
-        if self.h11.their_state is not h11.DONE:
+        if not self.reader.done:
             return  # the rest of the request body is read and dropped first
         self._record(ex)
         self.exchange = None
-        try:
-            self.h11.start_next_cycle()
-        except h11.LocalProtocolError:
-            self.close("closed")
-            return
+        self.reader.start_next()
         self.resume_reading("routing")
         self.resume_reading("pipeline")
         self._enter_idle()
@@ -370,7 +394,7 @@ class HTTPServerConnection(InboundConnection):
         ex.record(self.runtime.metrics, self._clock.seconds(), session=self.id,
                   listener=self.listener.name, client=self.client, reason=reason)
 
-    # local answers -----------------------------------------------------------------------------------
+    # local answers -----------------------------------------------------------------------------
 
     def _health(self, ex: Exchange) -> None:
         ex.phase = Phase.ROUTING  # readiness may wait for the store
@@ -380,13 +404,13 @@ class HTTPServerConnection(InboundConnection):
 
     def _local(self, ex: Exchange, status: int, message: str | None = None, *,
                body: bytes | None = None, headers: Iterable[tuple[bytes, bytes]] = (),
-               close: bool = False, outcome: str | None = None) -> None:
+               close: bool = False, outcome: Outcome | None = None) -> None:
         """Answer the current request from stalroute itself (JSON, ``{"error": message}``
         unless ``body`` is given)."""
         if ex is not self.exchange or self.state is not ConnectionState.HTTP:
             return
         if ex.response_started:
-            self.close(ex.outcome if ex.outcome != "ok" else "error")
+            self.close(ex.outcome or Outcome.ERROR)
             return
         self._abandon_backend(ex)
         ex.phase = Phase.LOCAL
@@ -394,19 +418,19 @@ class HTTPServerConnection(InboundConnection):
         ex.response_started = True
         if outcome is not None:
             ex.outcome = outcome
-        elif ex.outcome == "ok" and status >= 400:
-            ex.outcome = "refused" if status < 500 else "error"
+        elif ex.outcome is None and status >= 400:
+            ex.outcome = Outcome.REFUSED if status < 500 else Outcome.ERROR
         if body is None:
             body = error_body(status, message)
         ex.close_after = close or ex.must_close
         try:
-            self._send(local_response(status, body, headers, close=ex.close_after))
+            self._send_response(ex, local_response(status, body, headers, close=ex.close_after))
             if ex.method != b"HEAD":
                 ex.bytes_out += len(body)
-                self._send(h11.Data(data=body))
-            self._send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            self.close("error")
+                self._send_body(body)
+            self._send_end()
+        except WireError:
+            self.close(Outcome.ERROR)
             return
         ex.response_complete = True
         self.resume_reading("routing")
@@ -414,7 +438,8 @@ class HTTPServerConnection(InboundConnection):
         if self.state is ConnectionState.HTTP:
             self._pump()
 
-    def _fatal(self, status: int, reason: str, outcome: str = "bad_request") -> None:
+    def _fatal(self, status: int, reason: str,
+               outcome: Outcome = Outcome.BAD_REQUEST) -> None:
         """Refuse what the client sent and close (the request stream cannot be trusted)."""
         ex = self.exchange
         if ex is not None and ex.response_started:

@@ -61,6 +61,9 @@ from stalroute.http.routes import (
     normalize_path,
     split_target,
 )
+from stalroute.http.wire import (
+    END, NEED_DATA, PAUSED, Body, RequestHead, RequestReader, WireError,
+)
 from stalroute.identity import (
     MAX_IDENTIFIER_LENGTH,
     InvalidIdentifier,
@@ -90,6 +93,8 @@ from stalroute.sasl import (
     decode_plain,
     decode_xoauth2,
 )
+from stalroute.sqlparams import ENGINES, parameter_problem
+from stalroute.sqlparams import translate as sql_translate
 from tests.fuzz.harness import Input, check_credentials, chunks
 from tests.fuzz import protocol_targets
 
@@ -275,6 +280,106 @@ def fuzz_http_head(data: bytes) -> None:
                       client_response_headers(headers, switching=False, close=True)):
         for name, value in rewritten:
             assert not re.search(rb"[\r\n\x00]", name + value), (name, value)
+
+
+_WIRE_START = [b"", b"GET / HTTP/1.1\r\nHost: x\r\n",
+               b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
+               b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n",
+               b"PUT /x HTTP/1.0\r\nContent-Length: 2\r\n"]
+#: h11's complaints about a message's framing: where it and we disagree on these, a message
+#: would end at different places (a smuggling gap); we must never accept what it refuses so.
+_FRAMING_WORDS = ("content-length", "transfer-encoding", "chunk")
+
+
+def _wire_first(pieces: list[bytes]) -> tuple[Any, ...]:
+    """The first request the client leg's reader finds in ``pieces``: ``("ok", head, body,
+    rest)``, ``("error", status)`` or ``("incomplete",)``."""
+    reader = RequestReader(65536)
+    head: tuple[Any, ...] | None = None
+    body = b""
+    fed = 0
+    for piece in pieces:
+        reader.receive(piece)
+        fed += 1
+        while True:
+            try:
+                event = reader.next_event()
+            except WireError as exc:
+                assert exc.status in (400, 431, 501, 505), exc.status
+                return ("error", exc.status)
+            if isinstance(event, RequestHead):
+                # h11 lowercases names, and the value of Transfer-Encoding.
+                head = (event.method, event.target,
+                        tuple((n.lower(), v.lower() if n.lower() == b"transfer-encoding" else v)
+                              for n, v in event.headers),
+                        event.http_version, event.chunked, event.content_length)
+            elif isinstance(event, Body):
+                assert event.data
+                body += event.data
+            elif event is END:
+                continue
+            elif event is PAUSED or (event is NEED_DATA and reader.done):
+                break
+            else:
+                assert event is NEED_DATA, event
+                break
+        if reader.done:
+            break
+    if not reader.done:
+        return ("incomplete",)
+    return ("ok", head, body, reader.leftover() + b"".join(pieces[fed:]))
+
+
+def _h11_first(payload: bytes) -> tuple[Any, ...]:
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(payload)
+    head: tuple[Any, ...] | None = None
+    body = b""
+    try:
+        while True:
+            event = connection.next_event()
+            if isinstance(event, h11.Request):
+                head = (event.method, event.target, tuple(event.headers), event.http_version)
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return ("ok", head, body, connection.trailing_data[0])
+            else:
+                return ("incomplete",)
+    except h11.RemoteProtocolError as exc:
+        return ("error", str(exc), head, body)
+
+
+def fuzz_http_wire(data: bytes) -> None:
+    """Differential: the client leg's :class:`RequestReader` (head check, llhttp, our body
+    framing) against h11 on the same bytes. Same result however the bytes are split; where
+    both read the first request whole, the same method, target, headers and body, and the
+    same bytes left for the next request; where we read it and h11 does not, h11's complaint
+    is not about the framing (a head h11 refuses for another reason: a method llhttp knows
+    and h11 does not, say) or only about trailers we drop, after the same body."""
+    inp = Input(data)
+    pieces = chunks(Input(data[::-1]), inp.choice(_WIRE_START) + inp.rest(), 65536)
+    payload = b"".join(pieces)
+    ours = _wire_first([payload])
+    split = _wire_first(pieces)
+    # Refused either way (a head too large may be seen malformed first when cut).
+    assert split == ours or split[0] == ours[0] == "error", (split, ours)
+    theirs = _h11_first(payload)
+    if ours[0] == "ok":
+        assert theirs[0] != "incomplete", (ours, theirs)  # h11 would read on: another end
+        if theirs[0] == "ok":
+            method, target, headers, version = ours[1][:4]
+            assert (method, target, headers, version) == theirs[1], (ours, theirs)
+            assert ours[2:] == theirs[2:], (ours, theirs)
+        else:
+            reason, their_head, their_body = theirs[1:]
+            if their_head is None:  # refused at the head
+                assert not any(word in reason.lower() for word in _FRAMING_WORDS), (
+                    ours, theirs)
+            else:  # refused in the body: only in the trailers, after the same body
+                assert their_body == ours[2] and ours[1][4], (ours, theirs)
+    elif theirs[0] == "ok":
+        assert ours[0] == "error", (ours, theirs)  # never still reading where h11 ended
 
 
 # --- files and bodies ---------------------------------------------------------------------------
@@ -578,6 +683,139 @@ def fuzz_channel(data: bytes) -> None:
     assert _channel_run([b"".join(pieces)]) == _channel_run(pieces)
 
 
+# --- SQL placeholders -------------------------------------------------------------------------
+
+#: What SQL statements are made of, as far as placeholders care: an input flag spells the
+#: payload in these characters only, so most inputs nest quotes, comments and placeholders.
+_SQL_ALPHABET = "'\"$?%-/*\nEe_x1 0\\2("
+
+
+def _sql_quoted_end(sql: str, start: int, backslash: bool) -> int | None:
+    """Index after the string or identifier opened by the quote at ``start`` (a doubled
+    quote, or with ``backslash`` a backslash and any character, is inside); None if it is
+    never closed."""
+    quote, index = sql[start], start + 1
+    while index < len(sql):
+        if backslash and sql[index] == "\\":
+            if index + 1 == len(sql):
+                return None
+            index += 2
+        elif sql[index] == quote:
+            if sql[index + 1:index + 2] != quote:
+                return index + 1
+            index += 2
+        else:
+            index += 1
+    return None
+
+
+def reference_sql_reading(sql: str, engine: str) -> tuple[str, list[tuple[int, str]], int]:
+    """A character-by-character reading of ``sql`` as :func:`stalroute.sqlparams.translate`
+    documents it: the translated text, the placeholders as (number, written), and how far it
+    read. It stops at a string, E-string or quoted identifier that is never closed (what
+    follows is no SQL a driver accepts, and the module's regex then backtracks), so the
+    result is only a prefix of the module's reading when that is short of ``len(sql)``."""
+    sqlite, out, found = engine == "sqlite", [], []
+    ident = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_"
+    index = 0
+
+    def text(piece: str) -> None:
+        out.append(piece if sqlite else piece.replace("%", "%%"))
+
+    def number(digits: str) -> int:
+        return int(digits) if len(digits) <= 6 else 10**6
+
+    def digits_end(start: int) -> int:
+        while start < len(sql) and "0" <= sql[start] <= "9":
+            start += 1
+        return start
+
+    while index < len(sql):
+        char, end = sql[index], None
+        after = sql[index + 1:index + 2]
+        before = sql[index - 1] if index else ""
+        if char in "Ee" and after == "'" and not (before.isalnum() or before in ("_", "$")):
+            end = _sql_quoted_end(sql, index + 1, backslash=True)
+            if end is None:
+                break
+        elif char in "'\"":
+            end = _sql_quoted_end(sql, index, backslash=False)
+            if end is None:
+                break
+        elif char == "-" and after == "-":
+            newline = sql.find("\n", index)
+            end = len(sql) if newline < 0 else newline
+        elif char == "/" and after == "*":
+            close = sql.find("*/", index + 2)
+            end = None if close < 0 else close + 2
+        elif char == "$":
+            tag_end = index + 1
+            if tag_end < len(sql) and sql[tag_end] in ident:
+                while tag_end < len(sql) and (sql[tag_end] in ident or "0" <= sql[tag_end] <= "9"):
+                    tag_end += 1
+            if sql[tag_end:tag_end + 1] == "$":
+                close = sql.find(sql[index:tag_end + 1], tag_end + 1)
+                end = None if close < 0 else close + tag_end + 1 - index
+        if end is not None:  # skipped: strings, identifiers, comments, dollar quotes
+            text(sql[index:end])
+            index = end
+            continue
+        if char == "$" and digits_end(index + 1) > index + 1 or char == "?" and sqlite:
+            end = digits_end(index + 1)
+            written = sql[index:end]
+            value = (number(written[1:]) if len(written) > 1
+                     else max((n for n, _ in found), default=0) + 1)
+            found.append((value, written))
+            out.append(f"?{value}" if sqlite else f"%(p{value})s")
+            index = end
+            continue
+        if char == "?":  # PostgreSQL: an operator, with the digits that follow it
+            end = digits_end(index + 1)
+            text(sql[index:end])
+            index = end
+            continue
+        text(char)
+        index += 1
+    return "".join(out), found, index
+
+
+def fuzz_sqlparams(data: bytes) -> None:
+    """``[mapping.sql]`` placeholder translation: only ValueError for an unknown engine;
+    the placeholders and text agree with a character-by-character reference reading;
+    psycopg2 sees exactly those parameters (every other ``%`` doubled); the validator
+    accepts a statement exactly when it uses every parameter and no other."""
+    inp = Input(data)
+    settings = inp.byte()
+    engine = ENGINES[settings & 1]
+    names = ["identifier", "destination"][:(settings >> 1) % 3]
+    payload = inp.rest()
+    if settings == 255:
+        try:
+            sql_translate(payload.decode("latin-1"), "mysql")
+        except ValueError:
+            return
+        raise AssertionError("an unknown engine was accepted")
+    if settings & 0x40:
+        sql = "".join(_SQL_ALPHABET[byte % len(_SQL_ALPHABET)] for byte in payload)
+    else:
+        sql = payload.decode("utf-8", "surrogateescape")
+    text, placeholders = sql_translate(sql, engine)
+    read = [(p.number, p.written) for p in placeholders]
+    expected_text, expected, stop = reference_sql_reading(sql, engine)
+    if stop == len(sql):
+        assert (text, read) == (expected_text, expected), (sql, text, read, expected_text)
+    else:
+        assert text.startswith(expected_text) and read[:len(expected)] == expected, sql
+    if engine == "postgresql":  # psycopg2's reading of pyformat: %%, %(name)s, nothing else
+        tokens = re.findall(r"%%|%\(p([0-9]+)\)s|(%)", text)
+        assert not any(lone for _, lone in tokens), text
+        assert [int(n) for n, _ in tokens if n] == [n for n, _ in read], text
+    wanted = set(range(1, len(names) + 1))
+    problem = parameter_problem(sql, engine, names)
+    assert (problem is None) == ({n for n, _ in read} == wanted), (sql, names, problem)
+    assert problem is None or "\n" not in problem
+
+
 _PREAUTH_SETTINGS = bytes([0, 0, 1, 0, 0, 0]) + bytes(8) + b"\x01"
 _BACKEND_SETTINGS = bytes([0, 1, 0, 0, 0]) + bytes(8)
 #: Starting inputs for atheris: typical sessions, so mutations begin deep in each parser.
@@ -609,6 +847,9 @@ SEEDS: dict[str, list[bytes]] = {
                                  b"250 XCLIENT ADDR PORT\r\n220 again\r\n"],
     "http_head": [b"\x00GET /jmap HTTP/1.1\r\nHost: mx\r\nTransfer-Encoding: chunked\r\n"
                   b"Connection: keep-alive, x-a\r\nForwarded: for=1.2.3.4\r\n\r\n"],
+    "http_wire": [b"\x00POST /jmap HTTP/1.1\r\nHost: mx\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"5;ext=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n",
+                  b"\x03abc"],
     "http_target": [b"\x07/a/**/b" + b"http://h:1/a/%2e%2E/b/./c%2F?x#y"],
     "http_extract": [b"\x00\x0bYWxpY2U6cHc=\x00\x00account=bob&user=carol"],
     "bulk_import": [b"\x00\x00" + b'[{"identifier": "a@b", "destination": "main"}, ["c", "d"]]',
@@ -620,6 +861,9 @@ SEEDS: dict[str, list[bytes]] = {
                     b'{"id":7,"call":"apply","args":{"op":"kick","args":{}}}',
                     b'{"event":"log","text":"x"}', b'{"id":1,"result":null}', b"[1]"))],
     "lines": [b"\x02\x01\x00\x00\x00\x00a LOGIN {3}\r\nabc \"q\\\"x\"\r\n250-a\r\n250 b\r\n"],
+    "sqlparams": [b"\x02SELECT d FROM m WHERE login = $1 AND note NOT LIKE 'old%' -- $2\n",
+                  b"\x05INSERT INTO m VALUES (?, ?) ON CONFLICT (a) DO UPDATE SET d = ?2 /* $3 */",
+                  b"\x01SELECT '$1', \"c$1\", E'it\\'s $1', $$ $1 $$, $f$ $2 $f$ FROM t"],
 }
 
 #: Every target, by name (what ``scripts/fuzz`` accepts).

@@ -20,6 +20,7 @@ from stalroute.http.headers import (
     forwarded_element,
     is_websocket_upgrade,
 )
+from stalroute.http.headers import _check_lines as check_line_by_line
 
 TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 NAME = st.text(alphabet=TOKEN_CHARS, min_size=1, max_size=16).filter(
@@ -125,6 +126,19 @@ def heads(draw) -> bytes:
         data = data[:position] + draw(st.sampled_from([b"\r", b"\n", b" ", b"\t", b"\x00"])) \
             + data[position:]
     return data
+
+
+@settings(max_examples=500)
+@given(st.one_of(heads(), st.binary(max_size=200).map(lambda b: b"GET / HTTP/1.1\r\n" + b),
+                 st.lists(st.sampled_from([b"GET /a HTTP/1.1", b"GET /a HTTP/1.0", b"\r\n",
+                                           b"\r", b"\n", b"Host: h", b"HOST:h ",
+                                           b"Content-Length: 5", b"transfer-encoding:chunked",
+                                           b"X: \t", b" ", b"\x00", b"\x80", b":", b"X-Host: a",
+                                           b"Hostx: b"]), max_size=12).map(b"".join)))
+def test_the_clean_head_shortcut_agrees_with_the_line_by_line_reading(data: bytes) -> None:
+    end = find_head_end(data)
+    head_bytes = data if end is None else data[:end]
+    assert check_request_head(head_bytes) == check_line_by_line(head_bytes)
 
 
 @settings(max_examples=400)

@@ -20,11 +20,13 @@ import pytest
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+from stalroute.acme.challenges import CHALLENGES
 from stalroute.closing import CLOSE_GRACE
 from stalroute.config import parse_config
 from stalroute.control import Control
 from stalroute.http.connection import HTTPConnection, HTTPListenerFactory
 from stalroute.inbound import ConnectionState
+from stalroute.outcomes import Outcome
 from stalroute.runtime import Runtime, build_runtime
 from stalroute.service import listener_after_reload
 from tests.harness.memory import accept, complete_connect, kicked, lose
@@ -120,7 +122,7 @@ def test_a_login_delay_holds_http_requests_of_that_account(web):
     connection.dataReceived(b"")  # nothing else pending
     backend, server = web.backend()
     assert server.value().startswith(b"GET /jmap/eventsource")
-    connection.close("done")
+    connection.close(Outcome.KICKED)
     lose(connection, client)
     lose(backend, server)
     web.assert_empty()
@@ -163,7 +165,7 @@ def test_a_client_that_does_not_read_gets_no_next_response_and_is_not_read(web):
     client.producer.resumeProducing()
     assert client.value().count(b"HTTP/1.1 404") == 1000  # nothing lost
     assert client.producerState == "producing"
-    connection.close("done")
+    connection.close(Outcome.KICKED)
     lose(connection, client)
     web.assert_empty()
 
@@ -181,7 +183,7 @@ def test_reading_pauses_for_a_pipelined_request_only(web):
     assert client.producerState == "producing"  # the pipelined one went to the backend
     backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
     assert client.value().count(b"HTTP/1.1 200 OK") == 3 and connection.exchange is None
-    connection.close("done")
+    connection.close(Outcome.KICKED)
     lose(connection, client)
     lose(backend, server)
     web.assert_empty()
@@ -199,7 +201,7 @@ def test_each_request_is_routed_on_its_own_credentials(web):
         assert connection.exchange is not None and connection.exchange.account == account
         backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
         assert connection.exchange is None
-    connection.close("done")
+    connection.close(Outcome.KICKED)
     lose(connection, client)
     lose(backend, server)
     web.assert_empty()
@@ -381,3 +383,24 @@ def test_a_drained_idle_connection_closes_and_a_busy_one_after_its_response(web,
         lose(protocol, transport)
     web.assert_empty()
     assert errors == []
+
+
+def test_an_acme_http01_validation_is_answered_before_any_routing(web):
+    CHALLENGES.add_http01("tok-en_1", "tok-en_1.thumbprint")
+    try:
+        connection, client = web.client()
+        connection.dataReceived(b"GET /.well-known/acme-challenge/tok-en_1 HTTP/1.1\r\n"
+                                b"Host: mail.test\r\n\r\n")
+        answer = client.value()
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert b"Content-Type: application/octet-stream\r\n" in answer
+        assert b"application/json" not in answer
+        assert answer.endswith(b"\r\n\r\ntok-en_1.thumbprint")
+        assert web.reactor.tcpClients == []  # no backend, no route needed
+        connection.dataReceived(b"GET /.well-known/acme-challenge/other HTTP/1.1\r\n"
+                                b"Host: mail.test\r\n\r\n")
+        assert client.value().count(b"HTTP/1.1 404 ") == 1  # unknown token: routed as usual
+    finally:
+        CHALLENGES.remove_http01("tok-en_1")
+    lose(connection, client)
+    web.assert_empty()

@@ -65,6 +65,23 @@ def test_positive_and_negative_tiers_expire_on_their_own_ttl() -> None:
     assert cache.counters["hit:positive"] == 2 and cache.counters["hit:negative"] == 1
 
 
+def test_known_answers_only_what_resolve_would_answer_at_once() -> None:
+    clock, store = Clock(), CountingStore({"bob": "node2"})
+    cache = make_cache(clock)
+    assert cache.known("bob") is None and cache.counters["miss"] == 0  # a miss is not counted
+    cache.resolve("bob", store.lookup_now)
+    cache.resolve("alice", store.lookup_now)
+    assert cache.known("bob") == ("node2",) and cache.known("alice") == (None,)
+    assert cache.counters["hit:positive"] == 1 and cache.counters["hit:negative"] == 1
+    cache.max_age = 10.0  # the coordinator is away: older entries are not served
+    clock.advance(11)
+    assert cache.known("bob") is None
+    cache.max_age = None
+    cache.resolve("carol", store.lookup_failing)
+    assert cache.known("carol") is None  # a remembered failure goes through resolve()
+    assert store.queries == 3
+
+
 def test_concurrent_misses_share_one_lookup() -> None:
     clock, store = Clock(), CountingStore({})
     cache = make_cache(clock)
