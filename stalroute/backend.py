@@ -36,7 +36,7 @@ from stalroute.protocols.base import (
 )
 from stalroute.sasl import Credentials
 from stalroute.tls import ResumingClientTLS, TLSDetails, backend_tls, tls_connection
-from stalroute.transport import StreamTransport, no_delay
+from stalroute.transport import IConnectingReactor, StreamTransport, no_delay
 
 RETRY_DELAY = 0.2
 
@@ -251,7 +251,7 @@ class _OneLeg(Factory):
 class BackendConnector:
     """Opens backend legs for one configuration (TLS settings and source rotation per destination)."""
 
-    def __init__(self, reactor, config: Config) -> None:
+    def __init__(self, reactor: IConnectingReactor, config: Config) -> None:
         self._reactor = reactor
         self._config = config
         tls = {name: backend_tls(dest) for name, dest in config.destinations.items()

@@ -32,6 +32,7 @@ from stalroute.logs import logger
 from stalroute.protocols import PROTOCOLS
 from stalroute.protocols.base import C, CapabilityRules, Offer, PreAuthSettings
 from stalroute.tls import TLSDetails
+from stalroute.transport import IConnectingReactor
 
 log = logger("stalroute.capabilities")
 
@@ -199,7 +200,7 @@ class DestinationCapabilities:
             banner=section.banner, capabilities=advertised.settings,
             max_auth_attempts=listener.max_auth_attempts)
 
-    def start(self, reactor, config: Config) -> None:
+    def start(self, reactor: IConnectingReactor, config: Config) -> None:
         """Probe the destinations of ``config`` now (without waiting for the answers) and every
         :data:`PROBE_INTERVAL`; forget destinations no longer configured."""
         self.stop()
@@ -264,7 +265,8 @@ def explicit_targets(config: Config) -> list[tuple[DestinationConfig, str]]:
             if set(RULES[protocol].learnt) & config.capabilities.for_protocol(protocol).explicit]
 
 
-async def check_promises(reactor, config: Config, timeout: float) -> list[str]:
+async def check_promises(reactor: IConnectingReactor, config: Config,
+                         timeout: float) -> list[str]:
     """``stalroute check``: probe the destinations behind explicit lists (bounded by
     ``timeout``) and warn where a list promises more than one offers, or one cannot be asked."""
     targets = explicit_targets(config)

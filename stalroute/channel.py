@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ServerFactory
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
@@ -149,7 +149,7 @@ class Channel(Int32StringReceiver):
         self._on_lost()
 
 
-class ChannelFactory(Factory):
+class ChannelFactory(ServerFactory):
     """Builds the one :class:`Channel` of an adopted socket."""
 
     def __init__(self, channel: Channel) -> None:

@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 from twisted.internet import defer, error
 
@@ -34,8 +35,10 @@ from stalroute.config import (
     load_config,
 )
 from stalroute.ctl import add_ctl_parser
-from stalroute.mapping.factory import InvalidStoreSetting
+from stalroute.mapping import InvalidStoreSetting
+from stalroute.mapping.redis_url import parse_redis_url
 from stalroute.runtime import Runtime, StartupError, build_runtime
+from stalroute.transport import IConnectingReactor
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -112,7 +115,7 @@ def prepare_runtime(config: Config) -> tuple[str | None, Runtime | None]:
     from twisted.internet import reactor  # installs the default reactor: only when used
 
     try:
-        return None, build_runtime(reactor, config)
+        return None, build_runtime(cast(IConnectingReactor, reactor), config)
     except StartupError as exc:
         return str(exc), None
 
@@ -123,9 +126,6 @@ def store_url_problem(config: Config) -> str | None:
     settings = config.mapping.settings
     if not isinstance(settings, RedisMappingConfig):
         return None
-    # Here, not at the top: importing the Redis store installs the default reactor.
-    from stalroute.mapping.redis import parse_redis_url
-
     try:
         parse_redis_url(settings.url)
     except InvalidStoreSetting as exc:
@@ -169,7 +169,8 @@ def network_warnings(config: Config, runtime: Runtime,
         try:
             if ask_store:
                 warnings.extend(await store_warnings())
-            warnings.extend(await check_promises(reactor, config, timeout))
+            warnings.extend(await check_promises(cast(IConnectingReactor, reactor), config,
+                                                 timeout))
         finally:
             reactor.stop()
 

@@ -25,9 +25,8 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 
 from stalroute.logs import logger
-from stalroute.mapping import redact_url, scrub, url_secrets
-from stalroute.mapping.factory import InvalidStoreSetting
-from stalroute.mapping.redis import parse_redis_url, tls_options
+from stalroute.mapping import InvalidStoreSetting, redact_url, scrub, url_secrets
+from stalroute.mapping.redis_url import connection_settings
 from stalroute.mapping.sql import postgresql_dsn
 
 log = logger("stalroute.cluster")
@@ -42,6 +41,8 @@ MAX_NOTIFY_PAYLOAD = 7999
 RECONNECT_MAX_DELAY = 3.0
 #: Bound of one connection attempt and of one PUBLISH, in seconds.
 COMMAND_TIMEOUT = 5.0
+#: The configuration key of the coordinator's URL (errors about the URL name it).
+CLUSTER_URL_KEY = "cluster.url"
 
 
 class Coordinator(Protocol):
@@ -125,12 +126,7 @@ class RedisCoordinator:
     kind = "redis"
 
     def __init__(self, url: str) -> None:
-        try:
-            self._target = parse_redis_url(url)
-            self._tls = tls_options(self._target) if self._target.tls else False
-        except InvalidStoreSetting as exc:
-            raise InvalidStoreSetting(
-                "cluster.url: " + str(exc).removeprefix("mapping.redis.url: ")) from None
+        self._target, self._tls = connection_settings(url, CLUSTER_URL_KEY)
         self.label = redact_url(url)
         self._subscribed = False
         self._connected = False
@@ -199,10 +195,10 @@ PG_LIVENESS = (("keepalives", "1"), ("keepalives_idle", "5"), ("keepalives_inter
                ("keepalives_count", "3"), ("tcp_user_timeout", "10000"))
 
 
-def listener_dsn(url: str) -> str:
-    """The libpq URI the bus connects with: ``url`` plus a connect timeout and
-    :data:`PG_LIVENESS` unless it sets them."""
-    parts = urlsplit(postgresql_dsn(url, COMMAND_TIMEOUT))
+def listener_dsn(url: str, timeout: float = COMMAND_TIMEOUT) -> str:
+    """The libpq URI the bus (and the fleet's shared store) connects with: ``url`` plus a
+    connect timeout from ``timeout`` and :data:`PG_LIVENESS` unless it sets them."""
+    parts = urlsplit(postgresql_dsn(url, timeout))
     params = parse_qsl(parts.query, keep_blank_values=True)
     present = {key for key, _ in params}
     params += [(key, value) for key, value in PG_LIVENESS if key not in present]
@@ -230,7 +226,8 @@ class PostgreSQLCoordinator:
         try:
             psycopg2.extensions.parse_dsn(self._dsn)
         except psycopg2.ProgrammingError as exc:
-            raise InvalidStoreSetting(f"cluster.url: {scrub(str(exc), self._secrets)}") from None
+            raise InvalidStoreSetting(
+                f"{CLUSTER_URL_KEY}: {scrub(str(exc), self._secrets)}") from None
         self.label = redact_url(url)
         self._reactor = reactor
         self._connected = False

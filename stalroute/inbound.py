@@ -27,18 +27,14 @@ from stalroute.identity import redact
 from stalroute.limits import PerIPCounter
 from stalroute.logs import logger
 from stalroute.net import ip_in_networks
+from stalroute.outcomes import PROBE_OUTCOMES, Outcome
 from stalroute.proxyproto import NotAProxyHeader, ProxyHeaderError, ProxyHeaderParser
 from stalroute.runtime import Runtime
-from stalroute.tls import TLSDetails
+from stalroute.tls import TLSDetails, is_acme_validation
 from stalroute.transport import StreamTransport, no_delay
 
 #: The end lines of every client connection, mail session or HTTP.
 log = logger("stalroute.session")
-
-#: How a connection that never sent a protocol byte may end and still be a harmless probe
-#: (a load balancer's health check): logged at debug level and counted, nothing else.
-PROBE_OUTCOMES = frozenset({"client_closed", "client_error", "proxy_header_timeout",
-                            "preauth_timeout", "closed"})
 
 
 class LoopDetected(Exception):
@@ -128,7 +124,10 @@ class InboundConnection(Protocol):
         self.destination: str | None = None
         self.bytes_in = self.bytes_out = 0
         self.state = ConnectionState.NEW
-        self.outcome = "client_closed"
+        #: How it ended, once known; None until then (``connectionLost`` resolves it). A plain
+        #: string only when a caller closed it with one that names no :class:`Outcome` (HTTP
+        #: and its tests still pass strings; see :meth:`close`).
+        self.outcome: Outcome | None = None
         self._client_spoke = False
         self._timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
@@ -154,14 +153,14 @@ class InboundConnection(Protocol):
         self.started = self._clock.seconds()
         no_delay(self.transport)
         if not self.factory.take_slot(self.listener):
-            self._refuse("rejected")
+            self._refuse(Outcome.REJECTED)
             return
         self._has_slot = True
         self.runtime.registry.add(self)
         mode = self.listener.proxy_protocol
         trusted = mode != "off" and ip_in_networks(peer.host, self.listener.proxy_trusted)
         if mode == "required" and not trusted:
-            self._refuse("untrusted_proxy")
+            self._refuse(Outcome.UNTRUSTED_PROXY)
         elif trusted and (mode != "deferred" or self.listener.tls == "implicit"
                           or self.client_speaks_first):
             # Nothing (greeting, TLS) may happen before the header names the client.
@@ -205,7 +204,7 @@ class InboundConnection(Protocol):
         return ClientInfo(peer=self.client, local=self.local, tls=self.tls,
                           session_id=self.id, ttl=ttl, helo=helo)
 
-    def close(self, outcome: str) -> None:
+    def close(self, outcome: Outcome) -> None:
         """End the connection (kick, backend gone, idle, shutdown): stop the work done on its
         behalf, flush what was written, then close, aborting a peer that does not finish
         within :data:`~stalroute.closing.CLOSE_GRACE` (no TLS close_notify, never reads)."""
@@ -228,11 +227,12 @@ class InboundConnection(Protocol):
         self._stop_work()
         if not released:
             return
-        if relaying and self.outcome == "client_closed" and not reason.check(ConnectionDone):
-            self.outcome = "client_error"
+        if self.outcome is None:  # nothing ended it: the client did
+            broke = relaying and not reason.check(ConnectionDone)
+            self.outcome = Outcome.CLIENT_ERROR if broke else Outcome.CLIENT_CLOSED
         self._connection_ended(reason)
         probe = not (self._client_spoke or self.bytes_in) and self.outcome in PROBE_OUTCOMES
-        outcome = "probe" if probe else self.outcome
+        outcome = str(Outcome.PROBE if probe else self.outcome)
         if probe:
             self.factory.probes += 1
         if not self.accounted_per_request:
@@ -279,18 +279,28 @@ class InboundConnection(Protocol):
             self._counted_ip = None
         ip = self.client[0]
         if self.runtime.bans.is_banned(ip):
-            self._refuse("banned")
+            self._refuse(Outcome.BANNED)
             return False
         limit = self.listener.max_connections_per_ip
         if limit and not (ip_in_networks(ip, self.listener.proxy_trusted)
                           or ip_in_networks(ip, self.runtime.config.security.allowed_ips)):
             if not self.factory.per_ip.take(ip, limit):
-                self._refuse("per_ip_limit")
+                self._refuse(Outcome.PER_IP_LIMIT)
                 return False
             self._counted_ip = ip
         return True
 
-    def _refuse(self, outcome: str) -> None:
+    def end_acme_validation(self) -> bool:
+        """Call first thing when the TLS handshake completes: True (and the connection is
+        closing) when it was an ACME tls-alpn-01 validation, answered by the handshake itself
+        and to be closed without a word of the protocol (RFC 8737 §3)."""
+        if not is_acme_validation(self.transport):
+            return False
+        self._stop_work()
+        self._refuse(Outcome.ACME_VALIDATION)
+        return True
+
+    def _refuse(self, outcome: Outcome) -> None:
         self.outcome = outcome
         self.state = ConnectionState.CLOSING
         self.transport.abortConnection()
@@ -300,7 +310,7 @@ class InboundConnection(Protocol):
         sent nothing is served with its socket address (a server-first client would otherwise
         wait forever)."""
         if self.listener.proxy_protocol == "required" or self.client_speaks_first:
-            self._refuse("proxy_header_timeout")
+            self._refuse(Outcome.PROXY_HEADER_TIMEOUT)
         else:
             self._proxy_header = None
             self._admit()
@@ -317,11 +327,11 @@ class InboundConnection(Protocol):
             header = parser.feed(data)
         except NotAProxyHeader as exc:
             if self.listener.proxy_protocol == "required":
-                self._refuse("proxy_header_missing")
+                self._refuse(Outcome.PROXY_HEADER_MISSING)
                 return None
             header, rest = None, exc.data
         except ProxyHeaderError:
-            self._refuse("proxy_header_invalid")
+            self._refuse(Outcome.PROXY_HEADER_INVALID)
             return None
         else:
             if header is None:

@@ -20,12 +20,15 @@ from stalroute.capabilities import DestinationCapabilities
 from stalroute.config import Config, ListenerConfig
 from stalroute.limits import BanList, LoginDelays
 from stalroute.logs import logger
+from stalroute.mapping import UnsupportedStore
 from stalroute.mapping.cache import RoutingCache
-from stalroute.mapping.factory import UnsupportedStore, build_store
+from stalroute.mapping.factory import build_store
 from stalroute.mapping.file import MappingFileError
+from stalroute.outcomes import Outcome
 from stalroute.router import Router
 from stalroute.stats import Metrics
 from stalroute.tls import ServerTLS
+from stalroute.transport import IConnectingReactor
 
 #: Startup refusals are logged under the namespace they always had.
 log = logger("stalroute.service")
@@ -77,7 +80,7 @@ class RegisteredConnection(Protocol):
     def may_route(self) -> bool:
         """May still route a login or request through its runtime."""
 
-    def close(self, outcome: str) -> None:
+    def close(self, outcome: Outcome) -> None:
         """Flush what was written, then close."""
 
 
@@ -118,7 +121,8 @@ class Runtime:
     capabilities: DestinationCapabilities
 
 
-def build_runtime(reactor, config: Config, previous: Runtime | None = None) -> Runtime:
+def build_runtime(reactor: IConnectingReactor, config: Config,
+                  previous: Runtime | None = None) -> Runtime:
     """Everything ``config`` needs at run time, on ``reactor`` (its clock, and the connections
     of backend legs).
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IReactorTime
 from zope.interface import implementer
 
 from stalroute.backend import BackendLeg, BackendUnavailable, ClientInfo
@@ -21,6 +21,7 @@ from stalroute.failures import reply_for
 from stalroute.identity import account_from_credentials, routing_identifier
 from stalroute.inbound import ConnectionState, InboundConnection, ListenerFactory
 from stalroute.logs import logger
+from stalroute.outcomes import Outcome
 from stalroute.protocols.base import (
     Authenticate, Close, LoginFailed, LoginSucceeded, PreAuthEvent, ProtocolSpec,
     Reply, StartTLS,
@@ -44,12 +45,12 @@ MAX_PENDING_INPUT = 64 * 1024
 class SessionFactory(ListenerFactory):
     """Sessions of one interactive (or pass-through) listener."""
 
-    def __init__(self, reactor, runtime: Runtime, listener_name: str,
+    def __init__(self, reactor: IReactorTime, runtime: Runtime, listener_name: str,
                  spec: ProtocolSpec) -> None:
         super().__init__(reactor, runtime, listener_name)
         self.spec = spec
 
-    def buildProtocol(self, addr) -> ClientSession:
+    def buildProtocol(self, addr: IAddress | None) -> ClientSession:
         return ClientSession(self)
 
 
@@ -97,6 +98,8 @@ class ClientSession(InboundConnection):
             self._start_login(None)
 
     def handshakeCompleted(self) -> None:
+        if self.end_acme_validation():
+            return
         self.tls = tls_details(self.transport)
         if self._starttls_pending and self.state is ConnectionState.PREAUTH:
             self._starttls_pending = False
@@ -109,7 +112,7 @@ class ClientSession(InboundConnection):
             self._received(data)
         except Exception:
             log.failure("session {session}: internal error on client input", session=self.id)
-            self.close("internal_error")
+            self.close(Outcome.INTERNAL_ERROR)
 
     def _received(self, data: bytes) -> None:
         if self.state is ConnectionState.SPLICED:
@@ -185,12 +188,12 @@ class ClientSession(InboundConnection):
                     self._login_started = time.monotonic()
                     self._start_login(event)
                 case Close():
-                    self.close(self.outcome if self.outcome != "client_closed" else "closed")
+                    self.close(Outcome.CLOSED if self.outcome is None else self.outcome)
                     return
 
     def _preauth_expired(self) -> None:
         self._timer = None
-        self.outcome = "preauth_timeout"
+        self.outcome = Outcome.PREAUTH_TIMEOUT
         if self.state is ConnectionState.ROUTING:  # the login in flight is abandoned
             self.state = ConnectionState.PREAUTH
         self._run(self.machine.timed_out())
@@ -228,7 +231,7 @@ class ClientSession(InboundConnection):
         self._login = None
         if isinstance(outcome, LoginFailed):
             leg.close()
-            self.outcome = "auth_failed"
+            self.outcome = Outcome.AUTH_FAILED
             self.runtime.bans.login_refused(self.client[0])
             log.info("session {session}: login refused by {destination} for {account}",
                      destination=self.destination, **self._log_context)
@@ -288,7 +291,7 @@ class ClientSession(InboundConnection):
             leg.close()
         log.warn("session {session}: temporary failure for {account}: {reason}",
                  reason=str(error), **self._log_context)
-        self.outcome = "tempfail"
+        self.outcome = Outcome.TEMPFAIL
         self._back_to_preauth(self.machine.auth_unavailable(reply_for(error).text))
 
     def _back_to_preauth(self, events: list[PreAuthEvent]) -> None:
@@ -303,7 +306,7 @@ class ClientSession(InboundConnection):
             self._timer.cancel()
         self.leg = leg
         self.state = ConnectionState.SPLICED
-        self.outcome = "client_closed"
+        self.outcome = None  # what pre-auth ended as no longer applies
         self.transport.unregisterProducer()  # the pre-auth throttle
         self.transport.write(outcome.reply)
         pipelined = self.machine.auth_succeeded() + bytes(self._pending)
@@ -332,13 +335,13 @@ class ClientSession(InboundConnection):
 
     def _backend_lost(self) -> None:
         self.leg = None
-        self.close("backend_closed")
+        self.close(Outcome.BACKEND_CLOSED)
 
     def _idle_check(self) -> None:
         limit = self.runtime.config.server.bridge_idle
         idle_for = self._clock.seconds() - self._last_activity
         if idle_for >= limit:
             self._timer = None
-            self.close("idle")
+            self.close(Outcome.IDLE)
         else:
             self._timer = self._clock.callLater(limit - idle_for, self._idle_check)

@@ -3,6 +3,12 @@
 Twisted declares ``Protocol.transport`` as an optional ``ITransport``; once connected, it is a
 TCP transport (possibly under TLS), which also consumes and produces with flow control, starts
 TLS and aborts. :class:`StreamTransport` says so for the type checker.
+
+The reactor is typed by the Twisted interfaces a part uses: ``IReactorTime`` for a clock
+alone; :class:`IConnectingReactor` where backend legs are connected; :class:`IServingReactor`
+for the proxy service, which also adopts listening sockets and is handed SIGHUP from the
+signal handler. They only combine Twisted's interfaces (every real reactor provides them all);
+a process's entry point casts the reactor it imports to the one it passes on.
 """
 
 from __future__ import annotations
@@ -11,7 +17,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IProtocol, IPushProducer
+from twisted.internet.interfaces import (
+    IProtocol,
+    IPushProducer,
+    IReactorFromThreads,
+    IReactorSocket,
+    IReactorTCP,
+    IReactorTime,
+)
 from zope.interface import implementer
 
 
@@ -49,6 +62,16 @@ class StreamTransport(Protocol):
     def startTLS(self, contextFactory: object) -> None: ...
 
     def setTcpNoDelay(self, enabled: bool) -> None: ...
+
+
+class IConnectingReactor(IReactorTime, IReactorTCP):
+    """A clock that opens TCP connections: what backend legs need (``BackendConnector``,
+    ``build_runtime``, the capability probes)."""
+
+
+class IServingReactor(IConnectingReactor, IReactorSocket, IReactorFromThreads):
+    """The proxy service's reactor: backend legs, adopted listening sockets
+    (``adoptStreamPort``) and ``callFromThread`` (SIGHUP leaves the signal handler by it)."""
 
 
 def no_delay(transport: StreamTransport) -> None:

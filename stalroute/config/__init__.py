@@ -6,6 +6,7 @@ The package, in the order a file is read:
   :class:`ConfigError` (every problem of a file, each with its TOML key path);
 * :mod:`~stalroute.config.converters`: TOML values → Python values (durations, addresses,
   paths, URLs, ...);
+* :mod:`~stalroute.config.protocols`: the listener protocols, one entry each;
 * :mod:`~stalroute.config.schema`: the section dataclasses, rooted at :class:`Config`;
 * :mod:`~stalroute.config.stores`: ``[mapping]`` and the registry of mapping store kinds;
 * :mod:`~stalroute.config.sections`: the builders that resolve and check each section;
@@ -18,17 +19,21 @@ What the rest of stalroute uses is re-exported here.
 from stalroute.config.converters import parse_address, parse_duration
 from stalroute.config.loader import config_path_from_env, load_config, parse_config
 from stalroute.config.reader import ConfigError, Problem
-from stalroute.config.schema import (
+from stalroute.config.protocols import (
     DEFAULT_IMAP_ADVERTISE,
     DEFAULT_SIEVE_EXTENSIONS,
     DEFAULT_SIEVE_IMPLEMENTATION,
     DEFAULT_SUBMISSION_EHLO,
-    ENV_ADMIN_TOKEN,
     PASSTHROUGH_PROTOCOLS,
+)
+from stalroute.config.schema import (
+    ENV_ADMIN_TOKEN,
     AdminConfig,
+    AcmeConfig,
     CapabilitiesConfig,
     CertificateConfig,
     ClusterConfig,
+    ClusterRolesConfig,
     Config,
     DestinationConfig,
     DestinationProtocolConfig,
@@ -59,10 +64,12 @@ __all__ = [
     "DEFAULT_SUBMISSION_EHLO",
     "ENV_ADMIN_TOKEN",
     "PASSTHROUGH_PROTOCOLS",
+    "AcmeConfig",
     "AdminConfig",
     "CapabilitiesConfig",
     "CertificateConfig",
     "ClusterConfig",
+    "ClusterRolesConfig",
     "Config",
     "ConfigError",
     "DestinationConfig",

@@ -8,7 +8,8 @@ has been built, on the assembled :class:`~stalroute.config.schema.Config`.
 from __future__ import annotations
 
 from stalroute.config.reader import Context, article, join_key, suggest
-from stalroute.config.schema import INTERACTIVE_PROTOCOLS, PASSTHROUGH_PROTOCOLS, Config
+from stalroute.config.protocols import INTERACTIVE_PROTOCOLS, PASSTHROUGH_PROTOCOLS
+from stalroute.config.schema import Config
 
 
 def check_references(ctx: Context, config: Config) -> None:
@@ -89,6 +90,8 @@ def check_references(ctx: Context, config: Config) -> None:
             else:
                 seen[address] = key
 
+    check_acme(ctx, config)
+
     tls_listeners = [listener for listener in listeners if listener.tls in ("implicit", "starttls")]
     if (tls_listeners or config.admin is not None) and not config.tls.certificates:
         ctx.warn(
@@ -104,3 +107,36 @@ def check_references(ctx: Context, config: Config) -> None:
             "server.bridge_idle",
             "shorter than the 29-minute IMAP IDLE refresh; idle IMAP clients will be disconnected",
         )
+
+
+def check_acme(ctx: Context, config: Config) -> None:
+    """``acme = "<name>"`` names a declared entry; each entry's challenge has a listener to
+    be answered on (SPEC §2.13); an entry no certificate uses is worth a warning."""
+    used: set[str] = set()
+    for name, certificate in config.tls.certificates.items():
+        if certificate.acme is None:
+            continue
+        used.add(certificate.acme)
+        if certificate.acme not in config.acme:
+            declared = ", ".join(sorted(config.acme)) or "none"
+            hint = (suggest(certificate.acme, config.acme, list_all=False)
+                    or f" (declared: {declared})")
+            ctx.error(join_key(join_key("tls.certificate", name), "acme"),
+                      f'"{certificate.acme}" is not an [acme.<name>] entry{hint}')
+    listeners = config.listeners.values()
+    implicit = any(listener.tls == "implicit" for listener in listeners)
+    http = any(listener.protocol == "http" and listener.tls == "plain" for listener in listeners)
+    for name, acme in config.acme.items():
+        key = join_key(join_key("acme", name), "challenge")
+        if acme.challenge == "tls-alpn-01" and not implicit:
+            ctx.error(key, '"tls-alpn-01" is answered on implicit-TLS listeners (port 443 for '
+                           'the ACME server): add a listener with tls = "implicit", or use '
+                           '"http-01"')
+        elif acme.challenge == "http-01" and not http:
+            ctx.error(key, '"http-01" is answered on plain HTTP listeners (port 80 for the ACME '
+                           'server): add a listener with protocol = "http" and tls = "plain", '
+                           'or use "tls-alpn-01"')
+        if name not in used:
+            ctx.warn(join_key("acme", name),
+                     "no [tls.certificate.<name>] uses this entry (acme = "
+                     f'"{name}"): nothing is ordered')

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stalroute.config.reader import Context, Converter, Invalid, kind, show, suggest
-from stalroute.net import IPAddress, IPNetwork, parse_cidr
+from stalroute.net import IPAddress, IPNetwork, is_ip, parse_cidr
 
 T = TypeVar("T")
 
@@ -127,6 +127,38 @@ def url(*schemes: str) -> Converter:
         return string
 
     return convert
+
+
+def mailto_url(value: Any, ctx: Context, key: str) -> str:
+    """A ``mailto:`` URL with one address (an ACME account contact, RFC 8555 §7.3)."""
+    string = word()(value, ctx, key)
+    scheme, colon, address = string.partition(":")
+    if scheme.lower() != "mailto" or not colon:
+        raise Invalid(f'{show(string)} is not a mailto: URL (e.g. "mailto:hostmaster@example.com")')
+    local, at, domain = address.partition("@")
+    if not (local and at and domain) or "," in address or "?" in address:
+        raise Invalid(f"{show(string)} must name one e-mail address (mailto:user@domain)")
+    return string
+
+
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def dns_name(value: Any, ctx: Context, key: str) -> str:
+    """A DNS name to put in a certificate (lowercased, no trailing dot); ``*.`` allowed
+    as the first label."""
+    string = word()(value, ctx, key)
+    name = string.lower().rstrip(".")
+    labels = name.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+    if (len(name) > 253 or len(labels) < 1 or not name.isascii()
+            or not all(_DNS_LABEL.fullmatch(label) for label in labels)):
+        raise Invalid(f"{show(string)} is not a DNS name (letters, digits and hyphens in dot-"
+                      "separated labels; write an internationalised name in its xn-- form)")
+    if is_ip(name.strip("[]")):
+        raise Invalid(f"{show(string)} is an IP address; ACME certificates here name DNS names")
+    return name
 
 
 def regex(value: Any, ctx: Context, key: str) -> re.Pattern[str]:
@@ -290,6 +322,14 @@ def list_of(item: Converter, *, nonempty: bool = False, unique: bool = False) ->
         return tuple(out)
 
     return convert
+
+
+def directory(value: Any, ctx: Context, key: str) -> Path:
+    """A directory path, relative ones taken from the config's directory; not checked (it is
+    created when first needed)."""
+    string = text()(value, ctx, key)
+    resolved = Path(string)
+    return resolved if resolved.is_absolute() else ctx.base_dir / resolved
 
 
 def path(value: Any, ctx: Context, key: str) -> Path:

@@ -32,6 +32,8 @@ from stalroute.config.schema import (
     SecurityConfig,
 )
 from stalroute.config.sections import (
+    acme_subjects,
+    build_acme,
     build_admin,
     build_capabilities,
     build_cluster,
@@ -56,6 +58,7 @@ _TOP_LEVEL = (
     "admin",
     "cluster",
     "security",
+    "acme",
 )
 
 
@@ -94,6 +97,9 @@ def parse_config(
     security = SecurityConfig(
         **read_table(ctx, document.get("security", {}), "security", SecurityConfig)
     )
+    acme_tables = named_tables(ctx, document.get("acme", {}), "acme")
+    acme = {name: build_acme(ctx, name, t) for name, t in acme_tables.items()}
+    tls = acme_subjects(tls, acme)
 
     # ``fallback = "default"`` names the routing default unless a destination is called so.
     if routing.default_destination and "default" not in destinations:
@@ -121,6 +127,7 @@ def parse_config(
         cluster=cluster,
         security=security,
         source_path=source_path,
+        acme=acme,
     )
     check_references(ctx, config)
     if ctx.problems:

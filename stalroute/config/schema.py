@@ -12,23 +12,23 @@ section and its store kinds are in :mod:`stalroute.config.stores`.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from stalroute.config import converters as conv
 from stalroute.config.reader import Problem, setting
+from stalroute.config.protocols import (
+    CAPABILITY_DEFAULTS,
+    DEFAULT_BANNER,
+    LISTENER_PROTOCOLS,
+)
 from stalroute.config.stores import MappingConfig
 from stalroute.net import IPAddress, IPNetwork, is_ip
 from stalroute.sasl import MECHANISMS
 
 # --- vocabulary --------------------------------------------------------------------------
 
-LISTENER_PROTOCOLS = ("imap", "pop3", "managesieve", "submission", "smtp", "lmtp", "http")
-#: Protocols whose sessions carry a login (routed per account, SPEC §3).
-INTERACTIVE_PROTOCOLS = ("imap", "pop3", "managesieve", "submission", "http")
-#: Protocols relayed unparsed to ``routing.smtp_passthrough_destination``.
-PASSTHROUGH_PROTOCOLS = ("smtp", "lmtp")
 TLS_MODES = ("implicit", "starttls", "plain")
 FORWARDING_MODES = ("proxy", "xclient", "none")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
@@ -58,8 +58,6 @@ _SIEVE_EXTENSION = (r'[!#-\[\]-~]+', "a Sieve extension name: printable ASCII wi
 # --- sections ----------------------------------------------------------------------------
 
 
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     """``[server]``: process-wide behaviour (SPEC §2.1)."""
@@ -81,6 +79,9 @@ class ServerConfig:
     workers: int = setting(conv.integer(0, 1024), 1)
     #: Accepted for the reference format; stalroute's parallelism is ``workers``.
     threads: int = setting(conv.integer(0), 0)
+    #: [ext] Where a single instance keeps state of its own: the ACME account keys and
+    #: certificates (``<state_directory>/acme``, mode 0700, files 0600).
+    state_directory: Path = setting(conv.directory, Path("/var/lib/stalroute"))
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,15 @@ class CertificateConfig:
     """
 
     name: str
-    cert: Path = setting(conv.path)
-    key: Path = setting(conv.path)
+    #: ``cert`` + ``key``, or ``acme`` (the name of an ``[acme.<name>]`` entry): exactly one
+    #: of the two forms (checked by the section builder).
+    cert: Path | None = setting(conv.path, None)
+    key: Path | None = setting(conv.path, None)
     subjects: tuple[str, ...] = setting(conv.list_of(conv.word()), ())
     default: bool = setting(conv.boolean, False)
+    #: [ext] Issued by this ``[acme.<name>]`` entry (SPEC §2.13); ``subjects`` then defaults
+    #: to its ``domains``.
+    acme: str | None = setting(conv.word(), None)
 
 
 @dataclass(frozen=True)
@@ -134,55 +140,6 @@ class ListenerConfig:
     forwarded: str = setting(conv.choice("off", "trust"), "off")
 
 
-DEFAULT_BANNER = "stalroute ready"
-DEFAULT_IMAP_ADVERTISE = (
-    "IMAP4rev2",
-    "IMAP4rev1",
-    "ENABLE",
-    "SASL-IR",
-    "LITERAL+",
-    "ID",
-    "UTF8=ACCEPT",
-)
-DEFAULT_SUBMISSION_EHLO = (
-    "ENHANCEDSTATUSCODES",
-    "8BITMIME",
-    "SMTPUTF8",
-    "PIPELINING",
-    "CHUNKING",
-    "SIZE",
-)
-DEFAULT_SIEVE_EXTENSIONS = (
-    "fileinto",
-    "reject",
-    "envelope",
-    "encoded-character",
-    "vacation",
-    "vacation-seconds",
-    "subaddress",
-    "comparator-i;ascii-numeric",
-    "relational",
-    "regex",
-    "imap4flags",
-    "copy",
-    "include",
-    "variables",
-    "body",
-    "enotify",
-    "environment",
-    "mailbox",
-    "date",
-    "index",
-    "ihave",
-    "duplicate",
-    "mime",
-    "foreverypart",
-    "extracttext",
-    "editheader",
-)
-DEFAULT_SIEVE_IMPLEMENTATION = "stalroute"
-
-
 @dataclass(frozen=True)
 class ProtocolCapabilities:
     """``[capabilities.<proto>]``: what stalroute itself announces before login (SPEC §2.4).
@@ -209,43 +166,21 @@ class ProtocolCapabilities:
     explicit: frozenset[str] = frozenset()
 
 
-#: The keys each protocol's ``[capabilities.<proto>]`` takes beyond the common three.
-CAPABILITY_KEYS: dict[str, tuple[str, ...]] = {
-    "imap": ("advertise",),
-    "pop3": (),
-    "submission": ("ehlo",),
-    "managesieve": ("sieve", "implementation"),
-}
-CAPABILITY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "imap": {"advertise": DEFAULT_IMAP_ADVERTISE},
-    "pop3": {},
-    "submission": {"ehlo": DEFAULT_SUBMISSION_EHLO},
-    "managesieve": {"sieve": DEFAULT_SIEVE_EXTENSIONS,
-                    "implementation": DEFAULT_SIEVE_IMPLEMENTATION},
-}
-
-
-def _default_capabilities(protocol: str) -> ProtocolCapabilities:
-    return ProtocolCapabilities(**CAPABILITY_DEFAULTS[protocol])
+def _default_capabilities() -> dict[str, ProtocolCapabilities]:
+    return {protocol: ProtocolCapabilities(**defaults)
+            for protocol, defaults in CAPABILITY_DEFAULTS.items()}
 
 
 @dataclass(frozen=True)
 class CapabilitiesConfig:
-    """``[capabilities.*]`` for the four protocols stalroute answers before login."""
+    """``[capabilities.*]``: one section per protocol stalroute answers before login
+    (:data:`~stalroute.config.protocols.CAPABILITY_KEYS`)."""
 
-    imap: ProtocolCapabilities = field(default_factory=lambda: _default_capabilities("imap"))
-    pop3: ProtocolCapabilities = field(default_factory=lambda: _default_capabilities("pop3"))
-    submission: ProtocolCapabilities = field(
-        default_factory=lambda: _default_capabilities("submission")
-    )
-    managesieve: ProtocolCapabilities = field(
-        default_factory=lambda: _default_capabilities("managesieve")
-    )
+    sections: Mapping[str, ProtocolCapabilities] = field(default_factory=_default_capabilities)
 
     def for_protocol(self, protocol: str) -> ProtocolCapabilities:
-        """The section of ``protocol``: ``imap``, ``pop3``, ``submission`` or ``managesieve``."""
-        section: ProtocolCapabilities = getattr(self, protocol)
-        return section
+        """The section of ``protocol`` (``imap``, ``pop3``, ``submission``, ``managesieve``)."""
+        return self.sections[protocol]
 
 
 @dataclass(frozen=True)
@@ -363,6 +298,47 @@ class AdminConfig:
     token_source: str | None = None
 
 
+#: ``[acme.<name>] challenge``: the validations stalroute answers itself (SPEC §2.13).
+ACME_CHALLENGES = ("tls-alpn-01", "http-01")
+#: ``[acme.<name>] key_type``: the certificate's key (the account key is always P-256).
+ACME_KEY_TYPES = ("ecdsa-p256", "rsa-2048")
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    """[ext] ``[acme.<name>]``: one certificate order at an ACME server (SPEC §2.13).
+
+    ``renew_before`` None means "a third of the certificate's lifetime"; ``eab_kid`` and
+    ``eab_hmac_key`` (External Account Binding) are set together or not at all.
+    """
+
+    name: str
+    directory: str = setting(conv.url("https"))
+    domains: tuple[str, ...] = setting(
+        conv.list_of(conv.dns_name, nonempty=True, unique=True))
+    contact: tuple[str, ...] = setting(conv.list_of(conv.mailto_url, unique=True), ())
+    challenge: str = setting(conv.choice(*ACME_CHALLENGES), "tls-alpn-01")
+    key_type: str = setting(conv.choice(*ACME_KEY_TYPES), "ecdsa-p256")
+    renew_before: float | None = setting(conv.duration(positive=True), None)
+    ca_file: Path | None = setting(conv.path, None)
+    eab_kid: str | None = setting(conv.word(), None)
+    eab_hmac_key: str | None = setting(conv.secret, None, repr=False)
+
+
+#: ``[cluster.roles]``: the maintenance tasks a node id may be given (SPEC §2.11).
+CLUSTER_ROLES = ("acme_renew", "purge")
+
+
+@dataclass(frozen=True)
+class ClusterRolesConfig:
+    """[ext] ``[cluster.roles]``: the node ids that perform each maintenance task; empty
+    means every node may (a lease lets one act at a time)."""
+
+    acme_renew: tuple[int, ...] = setting(
+        conv.list_of(conv.integer(1, 2**31 - 1), unique=True), ())
+    purge: tuple[int, ...] = setting(conv.list_of(conv.integer(1, 2**31 - 1), unique=True), ())
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """[ext] ``[cluster]`` (SPEC §2.11)."""
@@ -373,6 +349,8 @@ class ClusterConfig:
                               repr=False)
     #: Longest a cached route is served while the coordinator is unreachable.
     fallback_ttl: float = setting(conv.duration(positive=True), 30.0)
+    #: ``[cluster.roles]`` (a sub-table, built by the section builder).
+    roles: ClusterRolesConfig = field(default_factory=ClusterRolesConfig)
 
 
 @dataclass(frozen=True)
@@ -402,6 +380,8 @@ class Config:
     cluster: ClusterConfig
     security: SecurityConfig
     source_path: Path | None = None
+    #: [ext] ``[acme.<name>]`` entries by name (SPEC §2.13).
+    acme: dict[str, AcmeConfig] = field(default_factory=dict)
     #: Non-fatal findings (``tls_allow_invalid_certs``, self-signed fallback, ...), to log.
     warnings: tuple[Problem, ...] = ()
 

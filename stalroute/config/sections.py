@@ -9,6 +9,9 @@ need several sections are in :mod:`stalroute.config.checks`; ``[mapping]`` is bu
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import socket
 from pathlib import Path
 from typing import Any
@@ -30,19 +33,23 @@ from stalroute.config.reader import (
     show,
     suggest,
 )
-from stalroute.config.schema import (
+from stalroute.config.protocols import (
     CAPABILITY_DEFAULTS,
     CAPABILITY_KEYS,
-    ENV_ADMIN_TOKEN,
-    ENV_LOG_LEVEL,
     INTERACTIVE_PROTOCOLS,
     LISTENER_PROTOCOLS,
-    LOG_LEVELS,
     PASSTHROUGH_PROTOCOLS,
+)
+from stalroute.config.schema import (
+    ENV_ADMIN_TOKEN,
+    ENV_LOG_LEVEL,
+    LOG_LEVELS,
     AdminConfig,
     CapabilitiesConfig,
+    AcmeConfig,
     CertificateConfig,
     ClusterConfig,
+    ClusterRolesConfig,
     DestinationConfig,
     DestinationProtocolConfig,
     HTTPConfig,
@@ -87,6 +94,7 @@ def build_tls(ctx: Context, table: Any) -> TLSConfig:
             s.lower().rstrip(".").removeprefix("*.") for s in values.get("subjects") or ()
         )
         certificate = CertificateConfig(name=name, **values)
+        _check_certificate_form(ctx, key, cert_table)
         if ctx.check_files and certificate.cert and certificate.key:
             _check_certificate_pair(
                 ctx, join_key(key, "cert"), join_key(key, "key"), certificate.cert, certificate.key
@@ -108,6 +116,23 @@ def build_tls(ctx: Context, table: Any) -> TLSConfig:
             ctx, requested, protocols_values.get("min_version") or "1.2"
         )
     return TLSConfig(certificates=certificates, protocols=TLSProtocolsConfig(**protocols_values))
+
+
+def _check_certificate_form(ctx: Context, key: str, table: dict[str, Any]) -> None:
+    """``cert`` + ``key`` or ``acme``: exactly one of the two forms."""
+    if "acme" in table:
+        for name in ("cert", "key"):
+            if name in table:
+                ctx.error(join_key(key, name),
+                          'not used with acme = "<name>" (the certificate and its key are '
+                          "issued): remove it, or remove acme")
+        return
+    missing = [name for name in ("cert", "key") if name not in table]
+    if len(missing) == 2:
+        ctx.error(key, 'needs cert and key (PEM files) or acme = "<name>" of an [acme.<name>] '
+                       "entry")
+    elif missing:
+        ctx.error(join_key(key, missing[0]), "required key is missing (cert and key go together)")
 
 
 def _translate_ciphers(ctx: Context, names: tuple[str, ...], min_version: str) -> tuple[str, ...]:
@@ -209,7 +234,7 @@ def build_capabilities(ctx: Context, table: Any) -> CapabilitiesConfig:
         given = {k: v for k, v in values.items() if v is not None}
         sections[protocol] = ProtocolCapabilities(**{**CAPABILITY_DEFAULTS[protocol], **given},
                                                   explicit=frozenset(given))
-    return CapabilitiesConfig(**sections)
+    return CapabilitiesConfig(sections)
 
 
 def build_destination(ctx: Context, name: str, table: dict[str, Any]) -> DestinationConfig:
@@ -383,7 +408,11 @@ def _read_token_file(ctx: Context, path: Path) -> str | None:
 
 
 def build_cluster(ctx: Context, table: Any) -> ClusterConfig:
-    cluster = ClusterConfig(**read_table(ctx, table, "cluster", ClusterConfig))
+    values = read_table(ctx, table, "cluster", ClusterConfig, subtables=("roles",))
+    roles_table = table.get("roles", {}) if isinstance(table, dict) else {}
+    roles = ClusterRolesConfig(**read_table(ctx, roles_table, "cluster.roles",
+                                            ClusterRolesConfig))
+    cluster = ClusterConfig(roles=roles, **values)
     if cluster.coordinator in ("redis", "postgresql"):
         if not cluster.url:
             if not isinstance(table, dict) or "url" not in table:
@@ -402,3 +431,50 @@ def build_cluster(ctx: Context, table: Any) -> ClusterConfig:
                     f'{expected[0]}:// URL, got scheme "{scheme}"',
                 )
     return cluster
+
+
+def build_acme(ctx: Context, name: str, table: dict[str, Any]) -> AcmeConfig:
+    """``[acme.<name>]`` (SPEC §2.13)."""
+    key = join_key("acme", name)
+    values = read_table(ctx, table, key, AcmeConfig)
+    if ("eab_kid" in table) != ("eab_hmac_key" in table):
+        missing = "eab_hmac_key" if "eab_kid" in table else "eab_kid"
+        ctx.error(join_key(key, missing),
+                  "eab_kid and eab_hmac_key (External Account Binding) go together: set both "
+                  "or neither")
+    for index, domain in enumerate(values.get("domains") or ()):
+        if domain.startswith("*."):
+            ctx.error(f"{join_key(key, 'domains')}[{index}]",
+                      f'"{domain}": a wildcard name needs the dns-01 challenge, which stalroute '
+                      "does not answer; list the names")
+    hmac_key = values.get("eab_hmac_key")
+    if hmac_key is not None and not _is_base64url(hmac_key):
+        ctx.error(join_key(key, "eab_hmac_key"),
+                  "must be the base64url-encoded MAC key the ACME server gave (A-Z a-z 0-9 - _)")
+    if ctx.check_files and values.get("ca_file"):
+        _check_ca_file(ctx, join_key(key, "ca_file"), values["ca_file"])
+    return AcmeConfig(name=name, **values)
+
+
+def _is_base64url(text: str) -> bool:
+    stripped = text.strip().rstrip("=")
+    if not stripped or any(not (ch.isascii() and (ch.isalnum() or ch in "-_")) for ch in stripped):
+        return False
+    try:
+        base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
+def acme_subjects(tls: TLSConfig, acme: dict[str, AcmeConfig]) -> TLSConfig:
+    """``[tls.certificate.<name>] acme = ...`` without ``subjects`` serves the ACME entry's
+    ``domains`` (``*.example.com`` stored as ``example.com``, as for ``subjects``)."""
+    certificates = {}
+    for name, entry in tls.certificates.items():
+        if entry.acme is not None and not entry.subjects and entry.acme in acme:
+            domains = acme[entry.acme].domains or ()
+            entry = dataclasses.replace(
+                entry, subjects=tuple(d.removeprefix("*.") for d in domains))
+        certificates[name] = entry
+    return dataclasses.replace(tls, certificates=certificates)

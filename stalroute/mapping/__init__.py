@@ -6,7 +6,9 @@ store that cannot do something still has the method and fails it with a dedicate
 :class:`StoreError`: :class:`ReadOnlyStore` for writes, :class:`NotListable` for
 :meth:`MappingStore.entries` (the admin API answers 501 to both). Which stores exist, and how
 each is configured and built, is the registry :data:`stalroute.config.stores.STORE_KINDS`;
-:func:`stalroute.mapping.factory.build_store` builds the configured one.
+:func:`stalroute.mapping.factory.build_store` builds the configured one, and a store module
+refuses settings it cannot run with :class:`InvalidStoreSetting` (defined here, not in the
+factory, so that the store modules the factory imports never import it back).
 
 Also here: what the network stores share to keep passwords out of messages and logs
 (:func:`redact_url`, :func:`url_secrets`, :func:`scrub`) and to report any failure of an
@@ -30,6 +32,15 @@ LIST_TIMEOUT = 300.0
 #: Operations in flight at once when :meth:`MappingStore.lookup_many` or
 #: :meth:`~MappingStore.upsert_many` fall back to one call per row.
 BATCH_CONCURRENCY = 16
+
+
+class UnsupportedStore(Exception):
+    """``[mapping]`` settings this version cannot run (startup refuses them, naming the key)."""
+
+
+class InvalidStoreSetting(UnsupportedStore):
+    """A store setting that parses as TOML but cannot work (an unknown Redis URL parameter, a
+    missing CA file). The message starts with the key path."""
 
 
 class StoreError(Exception):

@@ -13,16 +13,11 @@ import importlib
 from collections.abc import Collection
 
 from stalroute.config.stores import STORE_KINDS, MappingConfig
-from stalroute.mapping import MappingStore
+from stalroute.mapping import InvalidStoreSetting, MappingStore, UnsupportedStore
 
-
-class UnsupportedStore(Exception):
-    """``[mapping]`` settings this version cannot run (startup refuses them, naming the key)."""
-
-
-class InvalidStoreSetting(UnsupportedStore):
-    """A store setting that parses as TOML but cannot work (an unknown Redis URL parameter, a
-    missing CA file). The message starts with the key path."""
+#: Defined in :mod:`stalroute.mapping` (the store modules raise them, and this module imports
+#: the store modules); named here too for the callers of :func:`build_store`.
+__all__ = ["InvalidStoreSetting", "UnsupportedStore", "build_store"]
 
 
 def build_store(mapping: MappingConfig, destinations: Collection[str]) -> MappingStore:

@@ -36,7 +36,7 @@ import math
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from twisted.enterprise import adbapi
@@ -57,6 +57,8 @@ from stalroute.mapping import (
     store_error,
     url_secrets,
 )
+
+T = TypeVar("T")
 
 #: libpq waits at least 2 s whatever is asked; more than this would hold a pool thread for long.
 CONNECT_TIMEOUT_RANGE = (2, 10)
@@ -111,6 +113,45 @@ class Statements:
 
 class _ConnectionDropped(Exception):
     """The server closed the connection under a statement (the statement may be retried)."""
+
+
+def in_transaction(pool: adbapi.ConnectionPool, work: Callable[[Any], T]) -> T:
+    """``work(connection)`` in this pool thread, on its connection (made on first use), as
+    one transaction: committed, or rolled back when ``work`` raises (a connection that cannot
+    even roll back is dropped from the pool). When the server closed the connection (restart,
+    failover), ``work`` runs once more on a fresh one; if that one is dropped too, the
+    driver's error is raised."""
+    try:
+        return _attempt(pool, work)
+    except _ConnectionDropped:
+        pass
+    try:
+        return _attempt(pool, work)
+    except _ConnectionDropped as dropped:
+        assert dropped.__cause__ is not None
+        raise dropped.__cause__ from None
+
+
+def _attempt(pool: adbapi.ConnectionPool, work: Callable[[Any], T]) -> T:
+    connection = pool.connect()
+    try:
+        result = work(connection)
+        connection.commit()
+        return result
+    except Exception as exc:
+        if getattr(connection, "closed", 0):  # psycopg2: the server went away
+            pool.disconnect(connection)
+            raise _ConnectionDropped(str(exc)) from exc
+        try:
+            connection.rollback()
+        except Exception:
+            pool.disconnect(connection)
+        raise
+
+
+def set_statement_timeout(cursor: Any, seconds: float) -> None:
+    """PostgreSQL: bound each statement of the cursor's transaction (only) by ``seconds``."""
+    cursor.execute("SET LOCAL statement_timeout = %s", (max(1, math.ceil(seconds * 1000)),))
 
 
 #: Rows fetched from the driver at a time by ``entries()``.
@@ -285,44 +326,27 @@ class SQLMappingStore(MappingStore):
         return d.addErrback(store_error, self.label, action, self._secrets)
 
     def _in_thread(self, work: Work, limit: float | None) -> Any:
-        try:
-            return self._attempt(work, limit)
-        except _ConnectionDropped:
-            return self._attempt(work, limit)  # on a fresh connection
+        return in_transaction(self._pool,
+                              lambda connection: self._limited(connection, work, limit))
 
-    def _attempt(self, work: Work, limit: float | None) -> Any:
-        """One try in this pool thread, on its connection (made on first use), committed
-        as one transaction."""
-        connection = self._pool.connect()
+    def _limited(self, connection: Any, work: Work, limit: float | None) -> Any:
+        """``work`` on a cursor of ``connection``, which spends at most ``limit`` seconds."""
         sqlite = self._pool.dbapiName == "sqlite3"
+        cursor = connection.cursor()
         try:
-            cursor = connection.cursor()
+            if limit is not None and sqlite:
+                deadline = time.monotonic() + limit
+                # SQLite calls this every N VM steps; True interrupts the statement.
+                connection.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+            elif limit is not None:  # PostgreSQL: for this transaction only
+                set_statement_timeout(cursor, limit)
             try:
-                if limit is not None and sqlite:
-                    deadline = time.monotonic() + limit
-                    # SQLite calls this every N VM steps; True interrupts the statement.
-                    connection.set_progress_handler(lambda: time.monotonic() > deadline,
-                                                    10_000)
-                elif limit is not None:  # PostgreSQL: for this transaction only
-                    cursor.execute(f"SET LOCAL statement_timeout = {max(1, round(limit * 1000))}")
-                try:
-                    result = work(cursor)
-                finally:
-                    if limit is not None and sqlite:
-                        connection.set_progress_handler(None, 0)
+                return work(cursor)
             finally:
-                cursor.close()
-            connection.commit()
-            return result
-        except Exception as exc:
-            if getattr(connection, "closed", 0):  # psycopg2: the server went away
-                self._pool.disconnect(connection)
-                raise _ConnectionDropped(str(exc)) from exc
-            try:
-                connection.rollback()
-            except Exception:
-                self._pool.disconnect(connection)
-            raise
+                if limit is not None and sqlite:
+                    connection.set_progress_handler(None, 0)
+        finally:
+            cursor.close()
 
 
 # --- the two engines ------------------------------------------------------------------------

@@ -47,7 +47,6 @@ from stalroute.protocols.lines import (
     safe_text,
 )
 from stalroute.sasl import (
-    CLEARTEXT_MECHANISMS,
     Credentials,
     SASLError,
     encode_base64,
@@ -166,8 +165,7 @@ class IMAPPreAuth(LinePreAuth[IMAPCapabilities]):
             caps.append("STARTTLS")
         if not self._cleartext_allowed:
             caps.append("LOGINDISABLED")
-        caps += [f"AUTH={mechanism}" for mechanism in self.settings.sasl
-                 if self._cleartext_allowed or mechanism not in CLEARTEXT_MECHANISMS]
+        caps += [f"AUTH={mechanism}" for mechanism in self._usable_mechanisms()]
         return " ".join(caps).encode("ascii")
 
     # -- reading

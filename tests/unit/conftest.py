@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
+from stalroute import tls
+from stalroute.acme.challenges import CHALLENGES
 from tests.harness.memory import logged_errors
 
 
@@ -29,3 +31,14 @@ def logged() -> Iterator[list[str]]:
     globalLogPublisher.addObserver(observe)
     yield events
     globalLogPublisher.removeObserver(observe)
+
+
+@pytest.fixture
+def acme_state() -> Iterator[None]:
+    """The process-wide ACME state (certificates issued to this process, challenge material)
+    empty when the test starts and when it ends."""
+    tls.ISSUED.clear()
+    CHALLENGES.clear()
+    yield
+    tls.ISSUED.clear()
+    CHALLENGES.clear()

@@ -32,7 +32,7 @@ from stalroute.config import (
     Config,
     parse_config,
 )
-from stalroute.config.schema import CAPABILITY_KEYS, LISTENER_PROTOCOLS, PASSTHROUGH_PROTOCOLS
+from stalroute.config.protocols import CAPABILITY_KEYS, LISTENER_PROTOCOLS, PASSTHROUGH_PROTOCOLS
 from stalroute.protocols import PROTOCOLS
 from stalroute.protocols.base import BackendReady, BackendSend, BackendSettings, BackendStartTLS
 from stalroute.protocols.imap import IMAPBackendDialogue
@@ -178,10 +178,10 @@ def make_config(capabilities: dict[str, Any] | None = None,
 def test_config_records_which_keys_the_file_sets() -> None:
     config = make_config({"imap": {"advertise": ["IMAP4rev2"], "banner": "hi"},
                           "pop3": {"sasl": ["PLAIN"]}})
-    assert config.capabilities.imap.explicit == {"advertise", "banner"}
-    assert config.capabilities.pop3.explicit == {"sasl"}
-    assert config.capabilities.submission.explicit == frozenset()
-    assert config.capabilities.submission.ehlo == DEFAULT_SUBMISSION_EHLO
+    assert config.capabilities.for_protocol("imap").explicit == {"advertise", "banner"}
+    assert config.capabilities.for_protocol("pop3").explicit == {"sasl"}
+    assert config.capabilities.for_protocol("submission").explicit == frozenset()
+    assert config.capabilities.for_protocol("submission").ehlo == DEFAULT_SUBMISSION_EHLO
 
 
 def test_until_a_destination_answers_the_fallback_is_advertised() -> None:

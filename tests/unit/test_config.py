@@ -156,7 +156,7 @@ def test_capability_defaults_per_protocol(base_dir: Path) -> None:
         assert pc.sasl == ("PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2")
         assert pc.allow_plain_auth_without_tls is False
         assert pc.banner == "stalroute ready"
-    assert caps.imap.advertise == (
+    assert caps.for_protocol("imap").advertise == (
         "IMAP4rev2",
         "IMAP4rev1",
         "ENABLE",
@@ -165,7 +165,7 @@ def test_capability_defaults_per_protocol(base_dir: Path) -> None:
         "ID",
         "UTF8=ACCEPT",
     )
-    assert caps.submission.ehlo == (
+    assert caps.for_protocol("submission").ehlo == (
         "ENHANCEDSTATUSCODES",
         "8BITMIME",
         "SMTPUTF8",
@@ -173,9 +173,9 @@ def test_capability_defaults_per_protocol(base_dir: Path) -> None:
         "CHUNKING",
         "SIZE",
     )
-    assert "fileinto" in caps.managesieve.sieve
-    assert caps.managesieve.implementation == "stalroute"
-    assert caps.pop3.advertise == () and caps.pop3.ehlo == ()
+    assert "fileinto" in caps.for_protocol("managesieve").sieve
+    assert caps.for_protocol("managesieve").implementation == "stalroute"
+    assert caps.for_protocol("pop3").advertise == () and caps.for_protocol("pop3").ehlo == ()
 
 
 def test_capabilities_overrides(base_dir: Path) -> None:
@@ -189,11 +189,11 @@ def test_capabilities_overrides(base_dir: Path) -> None:
             ("capabilities.pop3", {"allow_plain_auth_without_tls": True}),
         ),
     )
-    assert config.capabilities.imap.sasl == ("PLAIN", "XOAUTH2")
-    assert config.capabilities.imap.advertise == ("IMAP4rev1",)
-    assert config.capabilities.imap.banner == "hi"
-    assert config.capabilities.pop3.allow_plain_auth_without_tls is True
-    assert config.capabilities.submission.ehlo  # untouched sections keep their defaults
+    assert config.capabilities.for_protocol("imap").sasl == ("PLAIN", "XOAUTH2")
+    assert config.capabilities.for_protocol("imap").advertise == ("IMAP4rev1",)
+    assert config.capabilities.for_protocol("imap").banner == "hi"
+    assert config.capabilities.for_protocol("pop3").allow_plain_auth_without_tls is True
+    assert config.capabilities.for_protocol("submission").ehlo  # untouched sections keep their defaults
 
 
 @pytest.mark.parametrize(
@@ -240,8 +240,8 @@ def test_protocol_tokens_within_their_grammar_are_kept(base_dir: Path) -> None:
         ("capabilities.imap.banner", ""),
         ("server.hostname", "xn--mil-sna.example.com"),
     ))
-    assert config.capabilities.imap.advertise[-1] == "X-VENDOR"
-    assert config.capabilities.managesieve.sieve[0] == "comparator-i;ascii-numeric"
+    assert config.capabilities.for_protocol("imap").advertise[-1] == "X-VENDOR"
+    assert config.capabilities.for_protocol("managesieve").sieve[0] == "comparator-i;ascii-numeric"
     assert config.server.hostname == "xn--mil-sna.example.com"
 
 
@@ -1632,6 +1632,55 @@ def test_check_of_a_config_path_too_long_is_one_line(
     path = tmp_path / ("x" * 300 + ".toml")
     assert main(["check", str(path)]) == 1
     assert capsys.readouterr().out == f"{path}: cannot read the file: File name too long\n"
+
+
+def twistd_startup(config_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``twistd stalroute --config config_path`` prints when startup is refused: the
+    plugin must stop with exit status 1 (a SystemExit, which twistd does not print as a
+    traceback); its stderr is returned."""
+    from tests.unit.test_composition import plugin_service
+
+    with pytest.raises(SystemExit) as stopped:
+        plugin_service(config_path)
+    assert stopped.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"bob main\n\xff\xfe main\n", "line 2: not UTF-8 text"),
+        (b"b\"ob main\n", "line 1: invalid identifier (identifier contains a quote or backslash)"),
+    ],
+)
+def test_startup_with_a_bad_mapping_file_is_one_line(
+    base_dir: Path, capsys: pytest.CaptureFixture[str], content: bytes, problem: str
+) -> None:
+    (base_dir / "mappings.tsv").write_bytes(content)
+    path = base_dir / "stalroute.toml"
+    path.write_text(MINIMAL_TOML)
+    assert twistd_startup(path, capsys) == \
+        f"{path}: mapping.file.path: {base_dir / 'mappings.tsv'}: {problem}\n"
+
+
+def test_startup_with_a_config_path_too_long_is_one_line_naming_it_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / ("x" * 300 + ".toml")
+    assert twistd_startup(path, capsys) == f"{path}: cannot read the file: File name too long\n"
+
+
+def test_startup_with_a_file_path_too_long_in_the_config_is_one_line(
+    base_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long = "x" * 300
+    path = base_dir / "stalroute.toml"
+    path.write_text(MINIMAL_TOML.replace('path = "mappings.tsv"', f'path = "{long}"'))
+    assert twistd_startup(path, capsys) == \
+        f'{path}: mapping.file.path: "{long}" (resolved to {base_dir / long}) cannot be used: ' \
+        "File name too long\n"
 
 
 def test_check_skip_files_validates_a_config_for_another_host(

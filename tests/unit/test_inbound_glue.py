@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from stalroute.closing import CLOSE_GRACE
 from stalroute.config import parse_config
 from stalroute.http.connection import HTTPListenerFactory
+from stalroute.outcomes import Outcome
 from stalroute.inbound import ConnectionState, InboundConnection, ListenerFactory
 from stalroute.protocols import PROTOCOLS
 from stalroute.proxyproto import encode_v1, encode_v2
@@ -348,7 +349,7 @@ def test_a_connection_closed_while_its_header_is_awaited(tmp_path, errors, proto
     client = listener.connect()
     client.send(HEADERS["v2"][:10])
     assert client.connection.id in listener.runtime.registry.sessions
-    client.connection.close("shutdown")
+    client.connection.close(Outcome.SHUTDOWN)
     assert client.transport.disconnecting and client.transport.value() == b""
     assert [call.getTime() for call in listener.reactor.getDelayedCalls()] == [CLOSE_GRACE]
     client.lose()

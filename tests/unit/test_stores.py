@@ -522,9 +522,9 @@ def test_sqlite_listing_is_interrupted_after_its_time_limit(sqlite_file: Path) -
         statements = store._statements
         assert statements.list is not None
         with pytest.raises(sqlite3.OperationalError, match="interrupted"):
-            store._attempt(one_statement(statements.list, [], all_pairs), 0.2)
-        assert store._attempt(one_statement(statements.lookup, ["bob"], first_value),
-                              None) == "node2"
+            store._in_thread(one_statement(statements.list, [], all_pairs), 0.2)
+        assert store._in_thread(one_statement(statements.lookup, ["bob"], first_value),
+                                None) == "node2"
     finally:
         store.close()
 
@@ -846,9 +846,9 @@ def test_sql_batches_look_up_in_chunks_and_write_in_one_transaction(
     store = sqlite_store(sqlite_file, upsert_query=UPSERT,
                          delete_query="DELETE FROM routes WHERE login = $1")
     runs: list[Any] = []
-    attempt = store._attempt
-    monkeypatch.setattr(store, "_attempt", lambda work, limit: runs.append(work)
-                        or attempt(work, limit))
+    in_thread = store._in_thread
+    monkeypatch.setattr(store, "_in_thread", lambda work, limit: runs.append(work)
+                        or in_thread(work, limit))
     try:
         assert result_of(store.lookup_many(["a", "bob", "c", "d", "bob"])) == [
             None, "node2", None, None, "node2"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+from typing import cast
 
 from twisted.application.service import IService, IServiceMaker, MultiService
 from twisted.plugin import IPlugin
@@ -39,25 +41,33 @@ class StalrouteServiceMaker:
         # a config (twistd imports every plugin module to list it). Not to dodge a cycle.
         from twisted.internet import reactor
 
-        from stalroute.admin.server import AdminService
+        from stalroute.admin.server import AdminService, IAdminReactor
         from stalroute.config import ConfigError, load_config
         from stalroute.logs import service_for_twistd
         from stalroute.runtime import StartupError
         from stalroute.service import ProxyService
-        from stalroute.supervisor import SupervisorService, worker_count
+        from stalroute.supervisor import ISupervisorReactor, SupervisorService, worker_count
+        from stalroute.transport import IServingReactor
 
         try:
             config = load_config(options["config"], env=os.environ)
-            proxy = (SupervisorService(reactor, config) if worker_count(config) > 1
-                     else ProxyService(reactor, config))
+            # Every real reactor provides what each service says it needs.
+            proxy = (SupervisorService(cast(ISupervisorReactor, reactor), config)
+                     if worker_count(config) > 1
+                     else ProxyService(cast(IServingReactor, reactor), config))
             services = MultiService()
             if config.admin:
-                AdminService(reactor, proxy.control, config.admin).setServiceParent(services)
+                AdminService(cast(IAdminReactor, reactor), proxy.control,
+                             config.admin).setServiceParent(services)
             proxy.setServiceParent(services)
             return service_for_twistd(services, config.server.log_format, options.parent or {})
         except ConfigError as exc:
             for problem in exc.problems:
-                print(f"{options['config']}: {problem}", file=sys.stderr)
+                # A problem of the file itself (unreadable, not TOML) is located by its path
+                # already: named once, as `stalroute check` does.
+                located = problem.key == str(Path(options["config"]))
+                print(problem if located else f"{options['config']}: {problem}",
+                      file=sys.stderr)
         except (StartupError, OSError) as exc:
             print(f"{options['config']}: {exc}", file=sys.stderr)
         raise SystemExit(1)
