@@ -60,6 +60,14 @@ OPS: dict[str, dict[str, tuple[type, ...]]] = {
     "kick": {"identifier": (str, type(None)), "destination": (str, type(None))},
     "delay": {"identifier": (str,), "seconds": (int, float)},
     "reset_destination": {"name": (str,)},
+    # ACME (SPEC §2.13, stalroute.acme.roles): challenge material before it is answered and
+    # after, a certificate stored by the renewing node, a renewal forced through the admin API.
+    # (``challenge_token``: ``token`` names the sender of every message.)
+    "acme_challenge": {"kind": (str,), "domain": (str,), "challenge_token": (str,),
+                       "key_authorization": (str,)},
+    "acme_challenge_withdraw": {"kind": (str,), "domain": (str,), "challenge_token": (str,)},
+    "certificate_issued": {"name": (str,)},
+    "certificate_renew": {"name": (str,)},
 }
 #: Longest message decoded (a change is a few hundred bytes).
 MAX_MESSAGE = 16 * 1024

@@ -18,9 +18,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 
+from stalroute.acme.challenges import add_challenge, remove_challenge
 from stalroute.cluster import Acknowledgement, Argument, Change, Cluster
 from stalroute.health import Readiness, readiness
 from stalroute.identity import normalize_identifier, redact
@@ -28,9 +31,11 @@ from stalroute.inbound import ListenerFactory
 from stalroute.logs import logger
 from stalroute.mapping import ReadOnlyStore
 from stalroute.membership import Membership, describe
+from stalroute.outcomes import Outcome
 from stalroute.reports import (REPORT_PARTS, Report, instance_connections,
                                instance_destinations, instance_stats, measured_report)
 from stalroute.runtime import Runtime
+from stalroute.tls import certificate_subjects
 
 log = logger("stalroute.admin")
 
@@ -78,6 +83,11 @@ class LocalWorkers(Protocol):
     def superseded(self, superseded: bool) -> None:
         """Tell every running worker whether another process holds this node_id."""
 
+
+#: Changes of the ACME renewal service (SPEC §2.13, :mod:`stalroute.acme.roles`);
+#: ``certificate_install`` goes from a supervisor to its workers only.
+ACME_CHANGES = frozenset({"acme_challenge", "acme_challenge_withdraw", "certificate_issued",
+                          "certificate_install", "certificate_renew"})
 
 #: Changes of the mapping store: routes are dropped, the store is shared (or re-read).
 STORE_CHANGES = frozenset({"mapping_put", "mapping_delete", "mappings_import",
@@ -310,7 +320,7 @@ class Control:
                    and (destination is None or s.destination == destination)]
         for session in victims:
             try:
-                session.close("kicked")
+                session.close(Outcome.KICKED)
             except Exception:  # one broken session must not spare the others
                 log.failure("admin: kicking session {session} failed", session=session.id)
         return len(victims)
@@ -369,9 +379,39 @@ class Control:
             breaker = runtime.connector.breakers.get(_text(args["name"]))
             if breaker is not None:
                 breaker.reset()
+        elif op in ACME_CHANGES:
+            return self._acme_change(op, args, remote)
         else:
             raise ValueError(f"unknown change {op!r}")
         return succeed(count)
+
+    def _acme_change(self, op: str, args: Mapping[str, Argument],
+                     remote: bool) -> Deferred[int]:
+        """The ACME changes (:mod:`stalroute.acme.roles`): challenge material for this
+        process's table; a certificate another process stored, to load (the process that
+        runs the renewal service: it then hands it to its workers); a certificate handed
+        down by the supervisor (``certificate_install``: workers only, never on the bus); a
+        forced renewal, for the process that renews now."""
+        manager = getattr(self._proxy, "certificates", None)  # the renewal service, if any
+        name = _text(args.get("name"))
+        if op == "acme_challenge":
+            add_challenge(_text(args["kind"]), _text(args["domain"]),
+                          _text(args["challenge_token"]), _text(args["key_authorization"]))
+        elif op == "acme_challenge_withdraw":
+            remove_challenge(_text(args["kind"]), _text(args["domain"]),
+                             _text(args["challenge_token"]))
+        elif op == "certificate_issued":
+            if remote and manager is not None and name in manager.certificates:
+                return Deferred.fromCoroutine(manager.load(name)).addCallback(lambda _: 0)
+        elif op == "certificate_install":
+            self.runtime.server_tls.install(name, _text(args["chain"]).encode("ascii"),
+                                            _text(args["key"]).encode("ascii"))
+        elif op == "certificate_renew":
+            if manager is not None and manager.renews and name in manager.certificates:
+                log.info("acme: certificate {name}: renewal asked through the admin API",
+                         name=name)
+                manager.renew(name)  # the answer does not wait for the order
+        return succeed(0)
 
     def _store_changed(self, key: str | None) -> Deferred[int]:
         """Re-read the store (a no-op but for the file), then drop the route(s)."""
@@ -425,6 +465,61 @@ class Control:
         """The bus's figures for ``/metrics`` (None without ``[cluster]``)."""
         return None if self._cluster is None else self._cluster.stats()
 
+    # certificates --------------------------------------------------------------------
+
+    def certificates(self) -> list[dict[str, Any]]:
+        """``GET /certificates``: every ``[tls.certificate.<name>]`` entry as this process
+        serves it (read from the listeners' :class:`~stalroute.tls.ServerTLS`, so an ACME
+        entry shows its self-signed placeholder until issued), and for ``acme =`` entries
+        who renews it and how the renewal goes. Only this instance: with ``[cluster]`` every
+        instance lists its own (they serve the same certificates within seconds)."""
+        runtime = self.runtime
+        config = runtime.config
+        now = self._proxy.reactor.seconds()
+        managed = self._certificate_manager()
+        status: dict[str, dict[str, object]] = (
+            {} if managed is None else {str(row["name"]): row for row in managed.status()})
+        rows: list[dict[str, Any]] = []
+        for name, entry in config.tls.certificates.items():
+            leaf = runtime.server_tls.leaves.get(name)
+            row: dict[str, Any] = {
+                "name": name, "source": "file" if entry.acme is None else f"acme:{entry.acme}",
+                "default": entry.default or name == "*",
+                **_describe_leaf(leaf, now)}
+            if entry.acme is None:
+                row["cert"] = str(entry.cert)
+            else:
+                renewal = status.get(name, {})
+                row["renews"] = self._renewer(renewal.get("renews"))
+                for key in ("domains", "failures", "last_error", "next_check"):
+                    row[key] = renewal.get(key)
+                if row["domains"] is None and entry.acme in config.acme:
+                    row["domains"] = list(config.acme[entry.acme].domains)
+            rows.append(row)
+        return rows
+
+    def _certificate_manager(self) -> CertificateStatus | None:
+        """This process's renewal service (``ProxyService.certificates``), if any."""
+        return getattr(self._proxy, "certificates", None)
+
+    def _renewer(self, here: object) -> dict[str, Any]:
+        """Who renews an ACME certificate: ``here`` (this process performs ``acme_renew``)
+        and ``nodes``, the node ids of ``[cluster.roles] acme_renew`` (empty: any member, one
+        at a time; ``null`` without a coordinator: this instance alone)."""
+        cluster = self.runtime.config.cluster
+        if cluster.coordinator == "none":
+            return {"here": True if here is None else bool(here), "nodes": None}
+        nodes = list(cluster.roles.acme_renew)
+        if here is None:
+            here = not nodes or cluster.node_id in nodes
+        return {"here": bool(here), "nodes": nodes}
+
+    def renew_certificate(self, name: str) -> Deferred[Done]:
+        """Order a new certificate for the ``acme =`` entry ``name`` now, wherever it is
+        renewed (the caller checked that the entry exists and uses ACME)."""
+        log.info("admin: renewal of certificate {name} requested", name=name)
+        return self._change("certificate_renew", name=name)
+
 
 def _text(value: Argument) -> str:
     return str(value)
@@ -436,3 +531,26 @@ def _optional(value: Argument) -> str | None:
 
 def _number(value: Argument) -> float:
     return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+class CertificateStatus(Protocol):
+    """What :meth:`Control.certificates` reads of the renewal service
+    (:class:`~stalroute.acme.manager.CertificateManager`)."""
+
+    def status(self) -> list[dict[str, object]]:
+        """Per ``acme =`` entry: name, failures, last_error, next_check, renews, domains …"""
+
+
+def _describe_leaf(leaf: x509.Certificate | None, now: float) -> dict[str, Any]:
+    """The listing fields of a served leaf certificate (all None when nothing is served)."""
+    if leaf is None:
+        return {"subjects": [], "issuer": None, "issuer_cn": None, "self_signed": None,
+                "serial": None, "not_before": None, "not_after": None, "expires_in": None}
+    not_after = leaf.not_valid_after_utc
+    common_names = leaf.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return {"subjects": certificate_subjects(leaf), "issuer": leaf.issuer.rfc4514_string(),
+            "issuer_cn": str(common_names[0].value) if common_names else None,
+            "self_signed": leaf.issuer == leaf.subject, "serial": f"{leaf.serial_number:x}",
+            "not_before": leaf.not_valid_before_utc.isoformat(),
+            "not_after": not_after.isoformat(),
+            "expires_in": round(not_after.timestamp() - now, 3)}

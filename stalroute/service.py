@@ -11,14 +11,18 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
+from stalroute.acme.client import Issued
+from stalroute.acme.manager import CertificateManager, build_certificate_manager
+from stalroute.acme.roles import FleetLink
 from stalroute.cluster import Cluster, build_cluster
 from stalroute.config import Config, ConfigError, ListenerConfig, load_config
 from stalroute.control import Control, LocalWorkers
@@ -26,10 +30,12 @@ from stalroute.http.connection import HTTPListenerFactory
 from stalroute.closing import CLOSE_GRACE
 from stalroute.inbound import ListenerFactory
 from stalroute.logs import logger, set_level
-from stalroute.mapping.factory import InvalidStoreSetting
+from stalroute.mapping import InvalidStoreSetting
+from stalroute.outcomes import Outcome
 from stalroute.protocols import PROTOCOLS
 from stalroute.runtime import Runtime, StartupError, bind_refused, build_runtime, refuse_to_start
 from stalroute.session import SessionFactory
+from stalroute.transport import IServingReactor
 
 log = logger("stalroute.service")
 
@@ -55,8 +61,15 @@ def settings_needing_restart(old: Config, new: Config) -> list[str]:
         changed.append("server.workers")
     if old.server.log_format != new.server.log_format:
         changed.append("server.log_format")
-    changed += [f"cluster.{key}" for key in ("node_id", "coordinator", "url")
+    changed += [f"cluster.{key}" for key in ("node_id", "coordinator", "url", "roles")
                 if getattr(old.cluster, key) != getattr(new.cluster, key)]
+    # The ACME renewal service is built once, at startup.
+    if old.acme != new.acme:
+        changed.append("acme")
+    changed += [f"tls.certificate.{name}.acme"
+                for name in sorted(old.tls.certificates.keys() | new.tls.certificates.keys())
+                if getattr(old.tls.certificates.get(name), "acme", None)
+                != getattr(new.tls.certificates.get(name), "acme", None)]
     return changed
 
 
@@ -130,7 +143,7 @@ def log_listening(name: str, sock: socket.socket) -> None:
 class ProxyService(service.Service):
     """Listens on every configured address and serves connections with the current runtime."""
 
-    def __init__(self, reactor, config: Config) -> None:
+    def __init__(self, reactor: IServingReactor, config: Config) -> None:
         self.reactor = reactor
         set_level(config.server.log_level)
         for warning in config.warnings:
@@ -143,9 +156,39 @@ class ProxyService(service.Service):
             raise StartupError(str(exc)) from exc
         #: The operations on this proxy; it also applies what the other instances publish.
         self.control = Control(self, self.cluster, self.workers)
+        #: Orders and renews the ``acme =`` certificates, swapping them into the listeners
+        #: (None without any; SPEC §2.13).
+        self.certificates: CertificateManager | None = self._certificate_manager_for(config)
         #: The connection factory of each listener, by the name it was started with.
         self.factories: dict[str, ListenerFactory] = {}
         self._ports: list[IListeningPort] = []
+
+    def _certificate_manager_for(self, config: Config) -> CertificateManager | None:
+        """The renewal service of this instance (a worker has none: its supervisor runs it).
+        Its challenge material and "certificate issued" travel as changes (this process, its
+        workers, the fleet: :mod:`stalroute.acme.roles`)."""
+        cluster = self.cluster
+        link = FleetLink(
+            change=self.control._change, token=cluster.token,
+            bus_ready=lambda: cluster.coordinator is None or cluster.connected,
+            apply_locally=self._apply_locally)
+        return build_certificate_manager(self.reactor, config, self._serve_issued, link)
+
+    def _apply_locally(self, op: str, args: dict) -> Deferred[object]:
+        """Apply a change in this instance only: this process and its workers."""
+        here = self.control.apply_here(op, args)
+        workers = self.workers.apply(op, args) if self.workers is not None else succeed(0)
+        return gatherResults([here, workers], consumeErrors=True).addCallback(lambda _: None)
+
+    def _serve_issued(self, name: str, issued: Issued) -> Deferred[object] | None:
+        """A certificate issued by ACME: new connections get it, live ones keep theirs; the
+        workers get the chain and key over their channel (the supervisor read the store)."""
+        self.runtime.server_tls.install(name, issued.chain_pem, issued.key_pem)
+        if self.workers is None:
+            return None
+        return self.workers.apply("certificate_install", {
+            "name": name, "chain": issued.chain_pem.decode("ascii"),
+            "key": issued.key_pem.decode("ascii")}).addCallback(lambda _: None)
 
     # What the supervisor and the worker processes of ``server.workers`` do differently.
 
@@ -172,6 +215,8 @@ class ProxyService(service.Service):
         config = self.runtime.config
         self.runtime.capabilities.start(self.reactor, config)  # answers come in later
         self.cluster.start()
+        if self.certificates is not None:
+            self.certificates.startService()
         self._log_started()
 
     def _log_started(self) -> None:
@@ -185,7 +230,9 @@ class ProxyService(service.Service):
             factory = self._factory_for(name, self.runtime.config.listeners[name].protocol)
             self.factories[name] = factory
             for fd, family in sockets:
-                self._ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+                # Twisted types the factory as a ServerFactory of its placeholder protocol.
+                self._ports.append(self.reactor.adoptStreamPort(
+                    fd, socket.AddressFamily(family), factory))  # type: ignore[arg-type]
                 os.close(fd)  # the port serves a duplicate of it
 
     def _listening_sockets(self) -> dict[str, list[tuple[int, int]]]:
@@ -246,9 +293,13 @@ class ProxyService(service.Service):
         close the rest. The admin API stops accepting at the same moment (the plugin's
         MultiService stops both services at once); its open connections keep answering."""
         super().stopService()
+        waits: list[Deferred[Any]] = [maybeDeferred(port.stopListening)
+                                      for port in self._ports]
+        if self.certificates is not None:
+            waits.append(self.certificates.stopService())  # its leases released
         self.runtime.capabilities.stop()
         self.runtime.registry.draining = True
-        stopped = DeferredList([maybeDeferred(port.stopListening) for port in self._ports])
+        stopped = DeferredList(waits)
         stopped.addCallback(lambda _: Deferred.fromCoroutine(self._drain()))
         stopped.addCallback(lambda _: self.cluster.stop())
         return stopped.addCallback(lambda _: self.runtime.router.store.close())
@@ -261,7 +312,7 @@ class ProxyService(service.Service):
         while sessions and self.reactor.seconds() < deadline:
             await deferLater(self.reactor, DRAIN_POLL)
         for session in list(sessions.values()):
-            session.close("shutdown")
+            session.close(Outcome.SHUTDOWN)
         deadline = self.reactor.seconds() + CLOSE_GRACE + 1
         while sessions and self.reactor.seconds() < deadline:
             await deferLater(self.reactor, DRAIN_POLL)

@@ -22,7 +22,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogLevel, Logger, globalLogPublisher
 from twisted.python.failure import Failure
@@ -34,6 +34,7 @@ from stalroute.config import Config
 from stalroute.logs import logger
 from stalroute.reports import REPORT_PARTS, Report
 from stalroute.service import ProxyService
+from stalroute.transport import IServingReactor
 
 log = logger("stalroute.workers")
 
@@ -119,10 +120,14 @@ class WorkerProcess(ProcessProtocol):
         self.pool.ended(self, reason)
 
 
+class ISupervisorReactor(IServingReactor, IReactorProcess):
+    """The supervisor's reactor: the proxy service's, which also spawns the workers."""
+
+
 class WorkerPool:
     """The workers of this instance (implements :class:`stalroute.control.LocalWorkers`)."""
 
-    def __init__(self, reactor: Any, config_path: str, count: int,
+    def __init__(self, reactor: ISupervisorReactor, config_path: str, count: int,
                  on_ready: Callable[[WorkerProcess], None]) -> None:
         self.reactor = reactor
         self.count = count
@@ -259,7 +264,7 @@ class WorkerPool:
 class SupervisorService(ProxyService):
     """The proxy service of an instance whose listeners are served by worker processes."""
 
-    def __init__(self, reactor: Any, config: Config) -> None:
+    def __init__(self, reactor: ISupervisorReactor, config: Config) -> None:
         if config.source_path is None:
             raise ValueError("workers read the configuration file: it must come from one")
         self.workers = self.pool = WorkerPool(reactor, str(config.source_path),
@@ -284,6 +289,12 @@ class SupervisorService(ProxyService):
             worker.tell("bus_state", connected=False)
         if self.runtime.registry.superseded:
             worker.tell("superseded", superseded=True)
+        if self.certificates is not None:  # the ACME certificates served so far
+            for name, managed in self.certificates.certificates.items():
+                if managed.current is not None:
+                    worker.tell("apply", op="certificate_install", args={
+                        "name": name, "chain": managed.current.chain_pem.decode("ascii"),
+                        "key": managed.current.key_pem.decode("ascii")})
 
     def stopService(self) -> Deferred[None]:
         """Drain: the workers stop accepting and finish their sessions (``shutdown_grace``);
@@ -291,6 +302,9 @@ class SupervisorService(ProxyService):
         self.running = False
         self.runtime.registry.draining = True
         self.runtime.capabilities.stop()
+        renewal = (self.certificates.stopService() if self.certificates is not None
+                   else succeed(None))  # releases its leases meanwhile
         stopped = self.pool.stop(self.runtime.config.server.shutdown_grace)
+        stopped.addCallback(lambda _: renewal)
         stopped.addCallback(lambda _: self.cluster.stop())
         return stopped.addCallback(lambda _: self.runtime.router.store.close())

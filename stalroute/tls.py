@@ -16,15 +16,13 @@ of the last leg to the same destination and port (:class:`ResumingClientTLS`).
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -32,7 +30,9 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from stalroute.logs import logger
 from zope.interface import implementer
 
-from stalroute.config import DestinationConfig, TLSConfig
+from stalroute.acme.challenges import ACME_TLS_ALPN, CHALLENGES
+from stalroute.config import CertificateConfig, DestinationConfig, TLSConfig
+from stalroute.selfsigned import self_signed_certificate
 
 log = logger("stalroute.tls")
 
@@ -103,22 +103,24 @@ def _stored_name(name: str) -> str:
     return name[2:] if name.startswith("*.") else name
 
 
-def self_signed_certificate(hostname: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A throwaway certificate so that TLS listeners work before one is configured."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=365))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
-            .sign(key, hashes.SHA256()))
-    return cert, key
-
-
 #: A certificate chain's leaf, its private key, and the rest of the chain.
 Material = tuple[x509.Certificate, object, list[x509.Certificate]]
+
+
+#: Certificates issued by ACME to this process (:mod:`stalroute.acme.manager`): the name of a
+#: ``[tls.certificate.<name>]`` entry with ``acme =`` → (PEM chain, PEM key). Every
+#: :class:`ServerTLS` built later (a reload, the admin listener) serves them too.
+ISSUED: dict[str, tuple[bytes, bytes]] = {}
+
+
+def load_material(chain_pem: bytes, key_pem: bytes) -> Material:
+    """A PEM chain (leaf first) and its PEM key as :data:`Material`; ValueError if unusable."""
+    chain = x509.load_pem_x509_certificates(chain_pem)
+    key = serialization.load_pem_private_key(key_pem, None)
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if chain[0].public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise ValueError("the key does not belong to the first certificate of the chain")
+    return chain[0], key, chain[1:]
 
 
 class ServerTLS:
@@ -127,27 +129,64 @@ class ServerTLS:
     def __init__(self, tls: TLSConfig, hostname: str) -> None:
         self._settings = tls.protocols
         self._by_name: dict[str, SSL.Context] = {}
+        #: The SNI names each certificate entry serves (those no earlier entry took).
+        self._claimed: dict[str, list[str]] = {}
+        #: The leaf each certificate entry serves now (an ACME placeholder until issued).
+        self.leaves: dict[str, x509.Certificate] = {}
         fallback: Material | None = None
-        loaded: list[Material] = []
+        self._fallback_name: str | None = None
+        loaded: list[tuple[str, Material]] = []
         for name, entry in tls.certificates.items():
-            chain = x509.load_pem_x509_certificates(Path(entry.cert).read_bytes())
-            key = serialization.load_pem_private_key(Path(entry.key).read_bytes(), None)
-            material = (chain[0], key, chain[1:])
-            loaded.append(material)
+            material = self._entry_material(name, entry, hostname)
+            loaded.append((name, material))
+            self.leaves[name] = material[0]
             context = self._options(material).getContext()
-            for subject in entry.subjects or certificate_subjects(chain[0]):
-                self._by_name.setdefault(_stored_name(subject), context)
+            claimed = self._claimed.setdefault(name, [])
+            for subject in entry.subjects or certificate_subjects(material[0]):
+                subject = _stored_name(subject)
+                if subject not in self._by_name:
+                    self._by_name[subject] = context
+                    claimed.append(subject)
             if entry.default or name == "*":
-                fallback = material
+                fallback, self._fallback_name = material, name
         if fallback is None and len(loaded) == 1:
-            fallback = loaded[0]
+            self._fallback_name, fallback = loaded[0]
         if fallback is None:
             log.warn("no default TLS certificate configured: using a self-signed one for "
                      "{hostname}", hostname=hostname)
             fallback = (*self_signed_certificate(hostname), [])
+        self._use_fallback(fallback)
+
+    @staticmethod
+    def _entry_material(name: str, entry: CertificateConfig, hostname: str) -> Material:
+        if entry.acme is None:
+            assert entry.cert is not None and entry.key is not None  # config: one form
+            return load_material(Path(entry.cert).read_bytes(), Path(entry.key).read_bytes())
+        issued = ISSUED.get(name)
+        if issued is not None:
+            return load_material(*issued)
+        subject = entry.subjects[0] if entry.subjects else hostname
+        log.info("tls.certificate.{name}: no certificate issued by ACME yet; serving a "
+                 "self-signed one for {subject} until then", name=name, subject=subject)
+        return (*self_signed_certificate(subject), [])
+
+    def _use_fallback(self, material: Material) -> None:
         #: What every inbound handshake starts with; SNI may switch the certificate.
-        self.options = self._options(fallback, contextForServerName=self.context_for)
+        self.options = self._options(material, contextForServerName=self.context_for)
         self._fallback = self.options.getContext()
+
+    def install(self, name: str, chain_pem: bytes, key_pem: bytes) -> None:
+        """Serve a newly issued chain for the ``[tls.certificate.<name>]`` entry: new
+        handshakes get it, live connections keep what they negotiated. Remembered in
+        :data:`ISSUED` for the ServerTLS of later reloads. ValueError if unusable."""
+        material = load_material(chain_pem, key_pem)
+        context = self._options(material).getContext()
+        ISSUED[name] = (chain_pem, key_pem)
+        self.leaves[name] = material[0]
+        for subject in self._claimed.get(name, ()):
+            self._by_name[subject] = context
+        if name == self._fallback_name:
+            self._use_fallback(material)
 
     def _options(self, material: Material, **kwargs) -> ssl.CertificateOptions:
         cert, key, chain = material
@@ -184,14 +223,34 @@ class ServerTLS:
 ALPN_PROTOCOLS = (b"http/1.1", b"imap", b"pop3", b"managesieve", b"smtp")
 
 
-def select_alpn(_connection: SSL.Connection,
+def select_alpn(connection: SSL.Connection,
                 offered: list[bytes]) -> bytes | SSL._NoOverlappingProtocols:
     """The first protocol the client offers that we speak; otherwise no ALPN at all (the
-    handshake goes on, as for a client that offered nothing)."""
+    handshake goes on, as for a client that offered nothing).
+
+    An ACME tls-alpn-01 validation (ALPN ``acme-tls/1``, RFC 8737) for a name whose challenge
+    is pending gets ``acme-tls/1`` and the validation certificate instead; the listener then
+    closes the connection after the handshake (:func:`is_acme_validation`)."""
+    if ACME_TLS_ALPN in offered:
+        server_name = (connection.get_servername() or b"").decode("ascii", "replace")
+        material = CHALLENGES.tls_alpn01(server_name) if server_name else None
+        if material is not None:
+            connection.use_certificate(material.certificate)
+            connection.use_privatekey(material.key)
+            log.info("answering an ACME tls-alpn-01 validation for {name}", name=server_name)
+            return ACME_TLS_ALPN
     for protocol in offered:
         if protocol in ALPN_PROTOCOLS:
             return protocol
     return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def is_acme_validation(transport: object) -> bool:
+    """After the handshake: the connection is an ACME tls-alpn-01 validation (ALPN
+    ``acme-tls/1`` was selected), which must be closed without a word of the listener's
+    protocol (RFC 8737 §3)."""
+    connection = tls_connection(transport)
+    return connection is not None and connection.get_alpn_proto_negotiated() == ACME_TLS_ALPN
 
 
 # --- backend ----------------------------------------------------------------------------

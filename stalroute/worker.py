@@ -20,8 +20,9 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, cast
 
+from twisted.internet.interfaces import IReactorCore
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -31,6 +32,7 @@ from stalroute.cluster import Cluster
 from stalroute.config import Config, load_config
 from stalroute.logs import CONTEXT_FIELDS, logger
 from stalroute.service import ProxyService
+from stalroute.transport import IServingReactor
 
 log = logger("stalroute.workers")
 
@@ -45,11 +47,17 @@ def worker_share(config: Config, workers: int) -> Config:
     return dataclasses.replace(config, listeners=listeners)
 
 
+class IWorkerReactor(IServingReactor, IReactorCore):
+    """A worker's reactor: the proxy service's, which it also stops (and runs, in main)."""
+
+
 class WorkerService(ProxyService):
     """The proxy service of one worker: inherited sockets, no bus of its own (the supervisor
     is the instance's member), its share of the limits."""
 
-    def __init__(self, reactor: Any, config: Config, index: int, workers: int,
+    reactor: IWorkerReactor
+
+    def __init__(self, reactor: IWorkerReactor, config: Config, index: int, workers: int,
                  sockets: dict[str, list[tuple[int, int]]]) -> None:
         self.index = index
         self._workers_in_instance = workers
@@ -62,6 +70,11 @@ class WorkerService(ProxyService):
 
     def _cluster_for(self, config: Config) -> Cluster:
         return Cluster(config.cluster.node_id, None)
+
+    def _certificate_manager_for(self, config: Config) -> None:
+        """None: the supervisor renews, and hands every certificate down the channel
+        (``certificate_install``); the worker applies the challenge material it sends."""
+        return None
 
     def _install_signals(self) -> None:
         pass  # the supervisor relays SIGHUP as a reload call
@@ -115,7 +128,7 @@ def main(argv: list[str]) -> None:
     config_path, index, inherited = argv[1], int(argv[2]), json.loads(argv[3])
     from twisted.internet import reactor as installed
 
-    reactor: Any = installed
+    reactor = cast(IWorkerReactor, installed)
 
     # Ctrl-C and a terminal hangup reach the whole process group: the supervisor decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

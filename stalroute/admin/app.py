@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from functools import wraps
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -43,8 +44,6 @@ from stalroute.runtime import StartupError
 log = logger("stalroute.admin")
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("stalroute")
     except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
@@ -374,7 +373,8 @@ class AdminAPI:
     async def metrics(self, request):
         registry = metrics_registry(await self.control.reports(),
                                     self.control.cluster_state(),
-                                    (self.lockout.lockouts, self.lockout.locked()))
+                                    (self.lockout.lockouts, self.lockout.locked()),
+                                    self.control.certificates())
         return Reply(200, raw=render(registry), content_type=CONTENT_TYPE_LATEST)
 
     @app.route("/openapi.json", methods=["GET"])
@@ -525,6 +525,31 @@ class AdminAPI:
             raise ApiError(400, f"seconds must be between 0 and {MAX_DELAY}")
         done = await self.control.delay(identifier, seconds)
         return {"identifier": identifier, "seconds": seconds, **done.fields()}
+
+    # --- certificates -------------------------------------------------------------------
+
+    @app.route("/certificates", methods=["GET"])
+    @_endpoint()
+    async def certificates(self, request):
+        return {"node_id": self.control.runtime.config.cluster.node_id,
+                "certificates": self.control.certificates()}
+
+    @app.route("/certificates/renew", methods=["POST"])
+    @_endpoint()
+    async def certificates_renew(self, request):
+        name = self._required(self._params(request, body=True), "name")
+        entry = self.control.runtime.config.tls.certificates.get(name)
+        if entry is None:
+            raise ApiError(404, f"no certificate named {name!r}",
+                           certificates=sorted(self.control.runtime.config.tls.certificates))
+        if entry.acme is None:
+            raise ApiError(400, f"certificate {name!r} is read from files (cert/key); only "
+                                "acme certificates are renewed by stalroute")
+        done = await self.control.renew_certificate(name)
+        # The order runs on: GET /certificates shows the new serial, or the failure.
+        served = next((row for row in self.control.certificates() if row["name"] == name),
+                      None)
+        return {"name": name, "requested": True, "certificate": served, **done.fields()}
 
     # --- configuration ------------------------------------------------------------------
 

@@ -6,7 +6,9 @@ Every value already exists on the listeners, the cache, the circuit breakers, th
 the session registry and the runtime's measurements (:mod:`stalroute.stats`: finished
 sessions, login and store latency). Counters survive a config reload: the rebuilt routing
 cache takes over its predecessor's counters (:func:`stalroute.runtime.build_runtime`); a
-restarted worker starts its counters from zero.
+restarted worker starts its counters from zero. The certificate families come from the
+answering process's own listeners (:meth:`stalroute.control.Control.certificates`): every
+process serves the same certificates, so they carry no ``worker`` label.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ class StalrouteCollector:
     """The families of one scrape, from the processes' reports."""
 
     def __init__(self, reports: list[Report], cluster: dict[str, Any] | None,
-                 lockouts: tuple[int, int] | None = None) -> None:
+                 lockouts: tuple[int, int] | None = None,
+                 certificates: list[dict[str, Any]] | None = None) -> None:
         self._reports = reports
         self._cluster = cluster or {}
         self._lockouts = lockouts
+        self._certificates = certificates or []
 
     def describe(self) -> list[Metric]:
         return []  # collected on demand only
@@ -137,7 +141,9 @@ class StalrouteCollector:
                ).add_metric(worker, 1 if stats["draining"] else 0)
 
     def _instance_families(self) -> Iterator[Metric]:
-        """What belongs to the instance, not to a worker: the bus and the admin API."""
+        """What belongs to the instance, not to a worker: the bus, the admin API and the
+        served certificates (the same in every process: the answering process's view)."""
+        yield from self._certificate_families()
         cluster = self._cluster
         if "connected" in cluster:  # a coordinator is configured
             yield GaugeMetricFamily("stalroute_cluster_connected", "1 while the cluster "
@@ -161,6 +167,29 @@ class StalrouteCollector:
                                     "Addresses locked out of the admin API now.", value=locked)
 
 
+    def _certificate_families(self) -> Iterator[Metric]:
+        """Per ``[tls.certificate.<name>]`` (:meth:`stalroute.control.Control.certificates`):
+        seconds to the served leaf's expiry; for ``acme =`` entries, failed orders since the
+        last success."""
+        if not self._certificates:
+            return
+        expiry = GaugeMetricFamily(
+            "stalroute_certificate_expiry_seconds", "Seconds until the served certificate's "
+            "notAfter (negative once expired), per [tls.certificate.<name>] entry.",
+            labels=["name"])
+        failures = GaugeMetricFamily(
+            "stalroute_certificate_renewal_failures", "Consecutive failed ACME orders of the "
+            "certificate since its last success (0 once one succeeds).", labels=["name"])
+        for certificate in self._certificates:
+            if certificate.get("expires_in") is not None:
+                expiry.add_metric([certificate["name"]], certificate["expires_in"])
+            if certificate["source"] != "file" and certificate.get("failures") is not None:
+                failures.add_metric([certificate["name"]], certificate["failures"])
+        yield expiry
+        if failures.samples:
+            yield failures
+
+
 def add_histogram(family: HistogramMetricFamily, labels: list[str],
                   measured: Histogram) -> None:
     """One Prometheus histogram series (cumulative buckets) from a
@@ -171,11 +200,12 @@ def add_histogram(family: HistogramMetricFamily, labels: list[str],
 
 
 def metrics_registry(reports: list[Report], cluster: dict[str, Any] | None,
-                     lockouts: tuple[int, int] | None = None) -> CollectorRegistry:
+                     lockouts: tuple[int, int] | None = None,
+                     certificates: list[dict[str, Any]] | None = None) -> CollectorRegistry:
     """A registry for one scrape: stalroute's families and the process metrics (CPU, memory,
     fds) of the process answering."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StalrouteCollector(reports, cluster, lockouts))
+    registry.register(StalrouteCollector(reports, cluster, lockouts, certificates))
     ProcessCollector(registry=registry)
     return registry
 

@@ -86,6 +86,31 @@ _STATISTICS = {"type": "object", "required": [
     "version": {"type": "string"}, "uptime": {"type": "number"},
     "admin": {"type": "object", "description": "lockouts, locked_addresses."}}}
 
+_NULLABLE_TEXT = {"type": "string", "nullable": True}
+#: One row of ``GET /certificates`` (:meth:`stalroute.control.Control.certificates`).
+_CERTIFICATE = {"type": "object", "required": ["name", "source", "serial", "not_after",
+                                               "expires_in"], "properties": {
+    "name": {"type": "string", "description": "The [tls.certificate.<name>] entry."},
+    "source": {"type": "string", "description": "file, or acme:<name of the [acme.*] entry>."},
+    "default": {"type": "boolean"},
+    "subjects": {"type": "array", "items": {"type": "string"},
+                 "description": "Names the served leaf covers (DNS SANs, else its CN)."},
+    "issuer": _NULLABLE_TEXT, "issuer_cn": _NULLABLE_TEXT,
+    "self_signed": {"type": "boolean", "nullable": True, "description": "True for the "
+                    "placeholder an acme entry serves until its first certificate is issued."},
+    "serial": {**_NULLABLE_TEXT, "description": "Hexadecimal."},
+    "not_before": _NULLABLE_TEXT, "not_after": _NULLABLE_TEXT,
+    "expires_in": {"type": "number", "nullable": True,
+                   "description": "Seconds until not_after (negative once expired)."},
+    "cert": {"type": "string", "description": "file entries: the PEM chain's path."},
+    "renews": {"type": "object", "description": "acme entries: here (this process performs "
+               "acme_renew) and nodes ([cluster.roles] acme_renew; empty: any member; null "
+               "without a coordinator)."},
+    "domains": {"type": "array", "items": {"type": "string"}},
+    "failures": {"type": "integer", "nullable": True,
+                 "description": "Failed orders since the last success."},
+    "last_error": _NULLABLE_TEXT, "next_check": _NULLABLE_TEXT}}
+
 _MAPPING = {"type": "object", "properties": {
     "identifier": {"type": "string"}, "destination": {"type": "string", "nullable": True}}}
 
@@ -194,6 +219,25 @@ SPEC: dict[str, Any] = {
             body=_params_body("identifier", "seconds", properties={
                 "identifier": IDENTIFIER,
                 "seconds": {"type": "number", "minimum": 0, "maximum": MAX_DELAY}}))},
+        "/certificates": {"get": _op(
+            "The TLS certificates this instance serves, file and acme, with expiry, issuer, "
+            "serial and who renews (with [cluster]: only the answering instance)", {
+                "200": _json("Certificates", {"type": "object", "properties": {
+                    "node_id": {"type": "integer"},
+                    "certificates": {"type": "array", "items": _CERTIFICATE}}})})},
+        "/certificates/renew": {"post": _op(
+            "Order a new certificate for an acme entry now, on the node that renews it; the "
+            "current one is served until the new one is issued. The answer does not wait for "
+            "the order: GET /certificates then shows the new serial, or failures and "
+            "last_error", {
+                "200": _json("Requested; certificate is what this instance serves now", {
+                    "type": "object", "properties": {
+                        "name": {"type": "string"}, "requested": {"type": "boolean"},
+                        "certificate": {**_CERTIFICATE, "nullable": True}}}),
+                "400": _error("No name given, or a certificate read from files"),
+                "404": _error("No such certificate entry")},
+            parameters=[_query("name", "The [tls.certificate.<name>] entry.", NAME)],
+            body=_params_body("name", properties={"name": NAME}))},
         "/config/reload": {"post": _op(
             "Validate the configuration file and swap it in (like SIGHUP); the answer lists "
             "changed settings that need a restart", {

@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from io import BytesIO
+from typing import cast
 
 from OpenSSL import SSL
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLContextFactory,
+    IReactorSSL,
+    IReactorTime,
+)
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -32,7 +40,7 @@ from stalroute.config import AdminConfig
 from stalroute.control import Control
 from stalroute.logs import logger
 from stalroute.runtime import Runtime, StartupError, bind_refused, refuse_to_start
-from stalroute.tls import ServerTLS
+from stalroute.tls import ISSUED, ServerTLS
 
 log = logger("stalroute.admin")
 
@@ -55,8 +63,6 @@ class AdminRequest(Request):
     def gotLength(self, length):
         site: AdminSite = self.channel.site  # type: ignore[attr-defined]  # set by Site
         if not site.api.may_upload(self):
-            from io import BytesIO
-
             self._discard_body = True
             self.content = BytesIO()
             return
@@ -173,6 +179,7 @@ class AdminTLS:
         self._control = control
         self._certificate = certificate
         self._runtime: Runtime | None = None
+        self._issued: tuple[bytes, bytes] | None = None
         self._context: SSL.Context | None = None
         self.getContext()
 
@@ -187,8 +194,10 @@ class AdminTLS:
         return ServerTLS(only, config.server.hostname).options.getContext()
 
     def getContext(self) -> SSL.Context:
+        """Rebuilt after a reload, and after an ACME entry's certificate was issued anew."""
         runtime = self._control.runtime
-        if runtime is not self._runtime:
+        issued = ISSUED.get(self._certificate) if self._certificate else None
+        if runtime is not self._runtime or issued is not self._issued:
             try:
                 self._context = self._build(runtime)
             except Exception:  # noqa: BLE001 - keep serving with the previous certificate
@@ -196,14 +205,19 @@ class AdminTLS:
                     raise
                 log.failure("admin: cannot load the new certificate; keeping the old one")
             self._runtime = runtime
+            self._issued = issued
         assert self._context is not None
         return self._context
+
+
+class IAdminReactor(IReactorTime, IReactorSSL):
+    """The admin service's reactor: its clock (lockouts, uptime) and its HTTPS port."""
 
 
 class AdminService(Service):
     """The admin API, with TLS on ``[admin] bind``."""
 
-    def __init__(self, reactor, control: Control, settings: AdminConfig) -> None:
+    def __init__(self, reactor: IAdminReactor, control: Control, settings: AdminConfig) -> None:
         self._reactor = reactor
         self._control = control
         self._settings = settings
@@ -227,7 +241,7 @@ class AdminService(Service):
                 backlog=128, interface=host)
         except CannotListenError as exc:
             raise bind_refused("admin", host, port, exc) from None
-        address = listening.getHost()
+        address = cast("IPv4Address | IPv6Address", listening.getHost())  # a TCP port's
         log.info("admin API on https://{host}:{port} (token from {source})", host=address.host,
                  port=address.port, source=self._settings.token_source or "-")
         return listening

@@ -14,7 +14,8 @@ Where things come from, first match wins:
 
 Output is a readable table or sentence; ``--json`` prints the API's JSON instead.  Exit
 status: 0 success, 1 the API answered an error (or could not be reached, or a bulk import
-rejected rows, or ``health`` is not ready, or ``mappings get`` found no mapping), 2 usage.
+rejected rows, or ``health`` is not ready, or ``mappings get`` found no mapping, or
+``certificates renew --wait`` saw the order fail or time out), 2 usage.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def add_ctl_parser(
     ctl = subparsers.add_parser(
         "ctl", help="command-line client for the admin API",
         description="Talk to a running stalroute's admin API (HTTPS).",
-        epilog="Exit status: 0 ok, 1 API error (or rows rejected, not ready, not mapped), "
-               "2 usage.")
+        epilog="Exit status: 0 ok, 1 API error (or rows rejected, not ready, not mapped, "
+               "renewal failed), 2 usage.")
     add_connection_options(ctl, suppress=False)
     ctl.set_defaults(handler=run_ctl, ctl_action=None)
     add_subcommands(ctl)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from stalroute.ctl.client import (
 
 #: Rows sent per import request (each request is validated and written on its own).
 DEFAULT_BATCH = 10_000
+#: Seconds between two looks at the listing while ``certificates renew --wait`` waits.
+RENEW_POLL = 0.5
 
 #: What a subcommand does; its return value is the exit status.
 Action = Callable[[Client, argparse.Namespace], int]
@@ -194,7 +197,49 @@ def render_delay(document: dict[str, Any], args: argparse.Namespace) -> str:
     return f"hold on logins of {document['identifier']} lifted"
 
 
+def describe_renewer(certificate: dict[str, Any]) -> str | None:
+    """Who renews an acme certificate, in a word or three (None for a file certificate)."""
+    renews = certificate.get("renews")
+    if not isinstance(renews, dict):
+        return None
+    nodes = renews.get("nodes")
+    if nodes is None:
+        return "this instance"
+    who = ("any node" if not nodes else
+           f"node {nodes[0]}" if len(nodes) == 1 else
+           "nodes " + ",".join(str(node) for node in nodes))
+    return f"{who} (here)" if renews.get("here") else who
+
+
+def certificate_row(certificate: dict[str, Any]) -> dict[str, Any]:
+    """The table cells of one ``GET /certificates`` entry."""
+    expires_in, not_after = certificate.get("expires_in"), certificate.get("not_after")
+    issuer = certificate.get("issuer_cn") or certificate.get("issuer")
+    if certificate.get("self_signed") and certificate.get("source") != "file":
+        issuer = f"{issuer} (placeholder)"
+    return {**certificate, "issuer": issuer,
+            "expires": not_after[:16].replace("T", " ") if not_after else None,
+            "days": None if expires_in is None else int(expires_in // 86400),
+            "renews": describe_renewer(certificate)}
+
+
+def render_certificates(document: dict[str, Any], args: argparse.Namespace) -> str:
+    certificates = document["certificates"]
+    lines = [format_table([certificate_row(c) for c in certificates], [
+        ("name", "NAME"), ("source", "SOURCE"), ("issuer", "ISSUER"),
+        ("expires", "EXPIRES (UTC)"), ("days", "DAYS LEFT"), ("serial", "SERIAL"),
+        ("renews", "RENEWS")])]
+    lines += [f"{c['name']}: {c['failures']} failed renewal attempts, last: {c['last_error']}"
+              + (f"; next attempt {c['next_check'][:19].replace('T', ' ')} UTC"
+                 if c.get("next_check") else "")
+              for c in certificates if c.get("failures")]
+    if "node_id" in document:
+        lines.append(f"(as served by node {document['node_id']})")
+    return "\n".join(lines)
+
+
 #: Each used twice: the group alone lists, as its ``list`` action does.
+LIST_CERTIFICATES = Request("GET", "/certificates", render_certificates)
 LIST_DESTINATIONS = Request("GET", "/destinations", render_destinations)
 LIST_CONNECTIONS = Request("GET", "/connections", render_connections,
                            ("identifier", "destination"))
@@ -271,6 +316,46 @@ def cmd_kick(client: Client, args: argparse.Namespace) -> int:
         f"on {document['destination']}" if document.get("destination") else "") if part)
     emit(args, document, f"kicked {document['kicked']} sessions {target}")
     return EXIT_OK
+
+
+def describe_served(certificate: dict[str, Any]) -> str:
+    row = certificate_row(certificate)
+    return f"serial {certificate['serial']} from {row['issuer']}, until {row['expires']} UTC"
+
+
+def cmd_certificates_renew(client: Client, args: argparse.Namespace) -> int:
+    """Ask for the renewal; with ``--wait``, follow this instance's listing until it serves a
+    new serial (exit 0) or counts one more failed attempt (exit 1)."""
+    if args.wait is not None and args.wait <= 0:
+        raise CtlError("--wait must be a positive number of seconds", EXIT_USAGE)
+    _, document = client.call("POST", "/certificates/renew", {"name": args.name})
+    before = document.get("certificate") or {}
+    name = document["name"]
+    if args.wait is None:
+        text = f"renewal of certificate {name} requested"
+        if before.get("serial"):
+            text += f"; serving {describe_served(before)} meanwhile"
+        emit(args, document, text + "\n(`stalroute ctl certificates` shows the new serial, "
+                             "or the failure)")
+        return EXIT_OK
+    deadline = time.monotonic() + args.wait
+    while True:
+        time.sleep(RENEW_POLL)
+        _, listing = client.call("GET", "/certificates")
+        now: dict[str, Any] = next(
+            (c for c in listing["certificates"] if c["name"] == name), {})
+        if now.get("serial") != before.get("serial"):
+            emit(args, {**document, "certificate": now, "renewed": True},
+                 f"certificate {name} renewed: now serving {describe_served(now)}")
+            return EXIT_OK
+        if (now.get("failures") or 0) > (before.get("failures") or 0):
+            emit(args, {**document, "certificate": now, "renewed": False},
+                 f"renewal of certificate {name} failed: {now.get('last_error')}; still "
+                 f"serving {describe_served(now)}")
+            return EXIT_API
+        if time.monotonic() > deadline:
+            raise CtlError(f"certificate {name}: no new certificate and no failure within "
+                           f"{args.wait:g}s (is this instance's node the one that renews?)")
 
 
 def cmd_reload(client: Client, args: argparse.Namespace) -> int:
@@ -376,6 +461,14 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("delay", "hold an account's new logins for SECONDS (0 lifts the hold)",
                Request("POST", "/connections/delay", render_delay, ("identifier", "seconds")),
                (IDENTIFIER, arg("seconds", metavar="SECONDS", type=float))),
+    Subcommand("certificates", "the TLS certificates served: issuer, expiry, serial, who "
+               "renews", LIST_CERTIFICATES),
+    Subcommand("certificates list", "list certificates (default)", LIST_CERTIFICATES),
+    Subcommand("certificates renew", "order a new certificate for an acme entry now",
+               cmd_certificates_renew,
+               (arg("name", metavar="NAME"),
+                arg("--wait", type=float, metavar="SECONDS",
+                    help="wait up to SECONDS for the new certificate (or the failure)"))),
     Subcommand("reload",
                "reload the configuration (like SIGHUP); lists changes that need a restart",
                cmd_reload),
