@@ -47,7 +47,8 @@ def free_udp_and_tcp_port(host: str = LOOPBACK) -> int:
 
 
 class Relay:
-    """A TCP relay ``127.0.0.1:port`` → ``target`` that can be cut and restored."""
+    """A TCP relay ``127.0.0.1:port`` → ``target`` (or where :meth:`route` says) that can be
+    cut and restored."""
 
     def __init__(self, target: tuple[str, int], port: int | None = None) -> None:
         self.target = target
@@ -89,14 +90,22 @@ class Relay:
         if not self.running:
             self.start()
 
+    def accepted(self, client: socket.socket) -> None:
+        """A client was accepted (before its upstream connection is made)."""
+
+    def route(self) -> tuple[str, int]:
+        """Where this connection goes."""
+        return self.target
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
                 client, _ = listener.accept()
             except OSError:
                 return
+            self.accepted(client)
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = socket.create_connection(self.route(), timeout=5)
             except OSError:
                 client.close()
                 continue

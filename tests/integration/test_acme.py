@@ -8,7 +8,6 @@ stalroute keeps serving what it has and logs the failure.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import select
 import socket
@@ -27,7 +26,7 @@ from OpenSSL import SSL
 from tests.conftest import StalrouteFactory, require_binary
 from tests.harness.pebble import PebbleServer
 from tests.harness.pki import CertificateAuthority
-from tests.harness.ports import LOOPBACK, free_port
+from tests.harness.ports import LOOPBACK, free_port, held_ports
 from tests.harness.stalroute import StalrouteProcess, closed_destination
 from tests.harness.websocket_echo import TwistedBackend
 from tests.integration.test_http import (  # noqa: F401 - tw_backend: a fixture, used by name
@@ -132,19 +131,6 @@ def wait_for_log(proxy: StalrouteProcess, text: str, timeout: float = 30.0) -> s
 
 def intermediate_subject(server: PebbleServer) -> x509.Name:
     return x509.load_pem_x509_certificate(server.intermediate_pem()).subject
-
-
-@contextlib.contextmanager
-def held_ports(count: int) -> Iterator[list[int]]:
-    """``count`` free ports, held (bound, not listening) until the block ends: so that the
-    ports other servers pick meanwhile (pebble's own, a backend's) are not these."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((LOOPBACK, 0))
-            ports.append(sock.getsockname()[1])
-        yield ports
 
 
 def http01_listeners(config: dict[str, Any], http_port: int, https_port: int | None = None

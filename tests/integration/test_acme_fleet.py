@@ -32,7 +32,6 @@ import contextlib
 import os
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -96,37 +95,7 @@ def connecting_pid(client_port: int, server_port: int) -> int | None:
     return None
 
 
-class Forwarder(Relay):
-    """A relay whose target is chosen per connection (:meth:`route`), told of each accepted
-    client first (:meth:`accepted`)."""
-
-    def accepted(self, client: socket.socket) -> None:
-        pass
-
-    def route(self) -> tuple[str, int]:
-        return self.target
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            self.accepted(client)
-            try:
-                upstream = socket.create_connection(self.route(), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._live.update((client, upstream))
-                self.connections += 1
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-
-class RecordingRelay(Forwarder):
+class RecordingRelay(Relay):
     """In front of the ACME API: the pid of every process that connected."""
 
     def __init__(self, target: tuple[str, int]) -> None:
@@ -141,7 +110,7 @@ class RecordingRelay(Forwarder):
         return f"https://{LOOPBACK}:{self.port}/dir"
 
 
-class Balancer(Forwarder):
+class Balancer(Relay):
     """Round robin over :attr:`targets` (ports on 127.0.0.1); counts connections per port."""
 
     def __init__(self, port: int) -> None:
