@@ -1,12 +1,30 @@
-"""Free TCP ports on the loopback interface."""
+"""Free TCP ports on the loopback interface.
+
+The ports handed out lie below the kernel's ephemeral range (``ip_local_port_range``): a port
+chosen here is only bound a moment later by the server it is for, and meanwhile any outgoing
+connection on the machine takes an ephemeral port, which would collide if the two ranges
+overlapped (a test's client, a proxy's backend leg, a benchmark next door).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
+#: The lowest port handed out.
+LOWEST_PORT = 10_000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _below_ephemeral() -> int:
+    """The first port the kernel may give to an outgoing connection (32768 by default)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    return 32_768
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -24,12 +42,17 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
 def held_ports(count: int, host: str = LOOPBACK) -> Iterator[list[int]]:
     """``count`` free ports, held (bound, not listening) until the block ends: so that the
     ports other servers pick meanwhile are not these."""
+    highest = _below_ephemeral() - 1
     with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((host, 0))
-            ports.append(sock.getsockname()[1])
+        ports: list[int] = []
+        while len(ports) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind((host, random.randint(LOWEST_PORT, highest)))
+            except OSError:  # taken (or held by this very call): try another
+                sock.close()
+                continue
+            ports.append(stack.enter_context(sock).getsockname()[1])
         yield ports
 
 
