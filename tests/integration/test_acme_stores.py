@@ -18,25 +18,18 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require_binary, start_postgres
+from tests.conftest import start_postgres
 from tests.harness.ports import free_port
 from tests.harness.postgres import PostgresServer
 from tests.harness.redis import RedisServer
 from tests.harness.stalroute import REPO_ROOT
+from tests.integration.test_stores import (  # noqa: F401 - redis_server: a fixture
+    REDIS_PASSWORD, redis_server,
+)
 
 pytestmark = pytest.mark.integration
 
-REDIS_PASSWORD = "Acme-Redis-Secret-5t3r"
 KINDS = ("redis", "postgresql")
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(require_binary("redis-server"), password=REDIS_PASSWORD)
-    try:
-        yield server.start()
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")

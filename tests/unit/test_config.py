@@ -27,6 +27,7 @@ from stalroute.config import (
 )
 from stalroute.net import ip_in_networks, parse_cidr
 from tests.harness.pki import CertificateAuthority
+from tests.unit.test_composition import plugin_service
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "s3cr3t-admin-token-0123456789abcdefXYZ"
@@ -1606,14 +1607,16 @@ def test_check_reports_non_ascii_capabilities(
         'ASCII without spaces or ( ) { % * " \\ ]']
 
 
-@pytest.mark.parametrize(
-    ("content", "problem"),
-    [
-        (b"bob main\n\xff\xfe main\n", "line 2: not UTF-8 text"),
-        (b"b\"ob main\n", "line 1: invalid identifier (identifier contains a quote or backslash)"),
-        (b"bob nowhere\n", "line 1: unknown destination 'nowhere'"),
-    ],
-)
+#: Mapping files refused as a whole, and the problem named: the first two are unreadable
+#: lines, the last a destination the configuration does not declare.
+BAD_MAPPING_FILES = [
+    (b"bob main\n\xff\xfe main\n", "line 2: not UTF-8 text"),
+    (b"b\"ob main\n", "line 1: invalid identifier (identifier contains a quote or backslash)"),
+    (b"bob nowhere\n", "line 1: unknown destination 'nowhere'"),
+]
+
+
+@pytest.mark.parametrize(("content", "problem"), BAD_MAPPING_FILES)
 def test_check_reports_a_bad_mapping_file_as_one_problem(
     base_dir: Path, capsys: pytest.CaptureFixture[str], content: bytes, problem: str
 ) -> None:
@@ -1638,8 +1641,6 @@ def twistd_startup(config_path: Path, capsys: pytest.CaptureFixture[str]) -> str
     """What ``twistd stalroute --config config_path`` prints when startup is refused: the
     plugin must stop with exit status 1 (a SystemExit, which twistd does not print as a
     traceback); its stderr is returned."""
-    from tests.unit.test_composition import plugin_service
-
     with pytest.raises(SystemExit) as stopped:
         plugin_service(config_path)
     assert stopped.value.code == 1
@@ -1648,13 +1649,7 @@ def twistd_startup(config_path: Path, capsys: pytest.CaptureFixture[str]) -> str
     return err
 
 
-@pytest.mark.parametrize(
-    ("content", "problem"),
-    [
-        (b"bob main\n\xff\xfe main\n", "line 2: not UTF-8 text"),
-        (b"b\"ob main\n", "line 1: invalid identifier (identifier contains a quote or backslash)"),
-    ],
-)
+@pytest.mark.parametrize(("content", "problem"), BAD_MAPPING_FILES[:2])
 def test_startup_with_a_bad_mapping_file_is_one_line(
     base_dir: Path, capsys: pytest.CaptureFixture[str], content: bytes, problem: str
 ) -> None:
