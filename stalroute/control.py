@@ -237,7 +237,7 @@ class Control:
         if name not in self.runtime.connector.breakers:
             return None
         log.info("admin: circuit of destination {name} reset", name=name)
-        return self._change("reset_destination", name=name)
+        return self.change("reset_destination", name=name)
 
     # mappings ------------------------------------------------------------------------
 
@@ -259,7 +259,7 @@ class Control:
         await runtime.router.store.upsert(key, destination)
         log.info("admin: mapped {identifier} to {destination}", identifier=redact(key),
                  destination=destination)
-        return await self._change("mapping_put", identifier=key, destination=destination)
+        return await self.change("mapping_put", identifier=key, destination=destination)
 
     async def delete_mapping(self, identifier: str) -> tuple[bool, Done]:
         """Whether the mapping existed, and who dropped the cached route."""
@@ -269,26 +269,26 @@ class Control:
         key = self.normalize(identifier)
         existed = await runtime.router.store.delete(key)
         log.info("admin: mapping of {identifier} deleted", identifier=redact(key))
-        return existed, await self._change("mapping_delete", identifier=key)
+        return existed, await self.change("mapping_delete", identifier=key)
 
     async def reload_mappings(self) -> tuple[int | None, Done]:
         """The entries now in the store (None when it cannot count them), and who reloaded."""
         entries = await self.runtime.router.store.reload()
         log.info("admin: mappings reloaded ({entries} entries)", entries=entries)
-        return entries, await self._change("mappings_reload")
+        return entries, await self.change("mappings_reload")
 
     def imported(self, keys: list[str]) -> Deferred[Done]:
         """A bulk import wrote ``keys``: drop their routes here, and every route elsewhere
         (a change carries no key list)."""
         for key in keys:
             self.runtime.router.cache.invalidate(key)
-        return self._change("mappings_import")
+        return self.change("mappings_import")
 
     def invalidate(self, identifier: str | None = None) -> Deferred[Done]:
         key = None if identifier is None else self.normalize(identifier)
         log.info("admin: cache invalidated for {what}",
                  what="everything" if key is None else redact(key))
-        return self._change("invalidate", identifier=key)
+        return self.change("invalidate", identifier=key)
 
     # sessions ------------------------------------------------------------------------
 
@@ -304,7 +304,7 @@ class Control:
              destination: str | None = None) -> Deferred[Done]:
         """Close the spliced sessions of an account and/or on a destination (drain a node)."""
         key = None if identifier is None else self.normalize(identifier)
-        done = self._change("kick", identifier=key, destination=destination)
+        done = self.change("kick", identifier=key, destination=destination)
 
         def logged(done: Done) -> Done:
             log.info("admin: kicked {count} sessions (identifier={identifier}, "
@@ -329,11 +329,11 @@ class Control:
         key = self.normalize(identifier)
         log.info("admin: logins of {identifier} held for {seconds}s", identifier=redact(key),
                  seconds=seconds)
-        return self._change("delay", identifier=key, seconds=seconds)
+        return self.change("delay", identifier=key, seconds=seconds)
 
     # changes -------------------------------------------------------------------------
 
-    def _change(self, op: str, **args: Argument) -> Deferred[Done]:
+    def change(self, op: str, **args: Argument) -> Deferred[Done]:
         """Apply a change made through this instance here, in its workers and (published) in
         the rest of the fleet; fires once all of them applied it (or gave up waiting)."""
         here = self.apply_here(op, args, remote=False)
@@ -349,11 +349,15 @@ class Control:
     def apply(self, change: Change) -> Deferred[None]:
         """Apply a change another instance made and published, here and in the workers; fires
         once they all did (then the bus acknowledges it)."""
-        here = self.apply_here(change.op, change.args)
-        workers = (self._workers.apply(change.op, change.args) if self._workers is not None
-                   else succeed(0))
         log.info("cluster: applied {op} #{seq} of node {node}", op=change.op, seq=change.seq,
                  node=change.node)
+        return self.apply_in_instance(change.op, change.args)
+
+    def apply_in_instance(self, op: str, args: Mapping[str, Argument]) -> Deferred[None]:
+        """Apply a change in this instance only: this process and its workers (a change from
+        another instance, or state this instance read from a shared store)."""
+        here = self.apply_here(op, args)
+        workers = self._workers.apply(op, dict(args)) if self._workers is not None else succeed(0)
         return gatherResults([here, workers], consumeErrors=True).addCallback(lambda _: None)
 
     def apply_here(self, op: str, args: Mapping[str, Argument],
@@ -518,7 +522,7 @@ class Control:
         """Order a new certificate for the ``acme =`` entry ``name`` now, wherever it is
         renewed (the caller checked that the entry exists and uses ACME)."""
         log.info("admin: renewal of certificate {name} requested", name=name)
-        return self._change("certificate_renew", name=name)
+        return self.change("certificate_renew", name=name)
 
 
 def _text(value: Argument) -> str:

@@ -14,7 +14,7 @@ import socket
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
@@ -169,16 +169,10 @@ class ProxyService(service.Service):
         workers, the fleet: :mod:`stalroute.acme.roles`)."""
         cluster = self.cluster
         link = FleetLink(
-            change=self.control._change, token=cluster.token,
+            change=self.control.change, token=cluster.token,
             bus_ready=lambda: cluster.coordinator is None or cluster.connected,
-            apply_locally=self._apply_locally)
+            apply_locally=self.control.apply_in_instance)
         return build_certificate_manager(self.reactor, config, self._serve_issued, link)
-
-    def _apply_locally(self, op: str, args: dict) -> Deferred[object]:
-        """Apply a change in this instance only: this process and its workers."""
-        here = self.control.apply_here(op, args)
-        workers = self.workers.apply(op, args) if self.workers is not None else succeed(0)
-        return gatherResults([here, workers], consumeErrors=True).addCallback(lambda _: None)
 
     def _serve_issued(self, name: str, issued: Issued) -> Deferred[object] | None:
         """A certificate issued by ACME: new connections get it, live ones keep theirs; the

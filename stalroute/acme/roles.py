@@ -11,7 +11,7 @@ its holder disappears without releasing it, another eligible process takes it on
 
 **Reaching the others** (:class:`ChallengePublisher`, :func:`announce_issued`). Everything the
 renewing process must tell the fleet travels as a *change* through
-:meth:`stalroute.control.Control._change`: applied in this process, in each of its worker
+:meth:`stalroute.control.Control.change`: applied in this process, in each of its worker
 processes, and published on the bus to every other instance (which applies it in its own
 workers before acknowledging it); the sender waits for every live member's acknowledgement,
 or :data:`~stalroute.cluster.ACK_TIMEOUT` naming the laggards:
@@ -234,7 +234,7 @@ class Applied(Protocol):
 
 #: ``change(op, **args)``: apply a change here, in this instance's workers and (published)
 #: in the rest of the fleet; fires once all of them applied it or the wait timed out
-#: (:meth:`stalroute.control.Control._change`).
+#: (:meth:`stalroute.control.Control.change`).
 ChangeSender = Callable[..., Awaitable[Applied]]
 
 

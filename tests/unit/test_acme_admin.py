@@ -256,7 +256,7 @@ def test_renew_is_one_change_of_the_fleet(h: Harness, monkeypatch: pytest.Monkey
         changes.append((op, args))
         return succeed(SimpleNamespace(count=0, fields=lambda: {"applied": 3, "members": 3}))
 
-    monkeypatch.setattr(h.control, "_change", change)
+    monkeypatch.setattr(h.control, "change", change)
     body = h.request("POST", "/certificates/renew?name=mail").json()
     assert changes == [("certificate_renew", {"name": "mail"})]
     assert (body["applied"], body["members"]) == (3, 3)

@@ -104,9 +104,9 @@ class Member:
         self.control.apply_here = recording  # type: ignore[method-assign]
         self.served: list[Issued] = []
         monkeypatch.setattr(manager_module, "shared_store_for", lambda config, reactor: store)
-        link = FleetLink(change=self.control._change, token=self.cluster.token,
+        link = FleetLink(change=self.control.change, token=self.cluster.token,
                          bus_ready=lambda: self.cluster.connected,
-                         apply_locally=lambda op, args: self.control.apply_here(op, args))
+                         apply_locally=self.control.apply_in_instance)
         manager = build_certificate_manager(clock, self.config, self._serve, link)
         assert isinstance(manager, CertificateManager)
         self.manager = manager
@@ -404,11 +404,11 @@ def test_a_forced_renewal_is_performed_by_the_renewing_member_only(fleet: Fleet)
     one, two = fleet.member(1, acme_renew=[2]).start(), fleet.member(2, acme_renew=[2]).start()
     two.order.calls[0][2].callback(make_issued(["mail.test"], NOW, 90 * DAY))
     # The admin API of instance 1 publishes certificate_renew (Control.renew_certificate).
-    done = one.control._change("certificate_renew", name="mail")
+    done = one.control.change("certificate_renew", name="mail")
     assert fired(done)
     assert one.order.calls == [] and len(two.order.calls) == 2
     # An unknown name is ignored everywhere.
-    assert fired(one.control._change("certificate_renew", name="nope"))
+    assert fired(one.control.change("certificate_renew", name="nope"))
     assert len(two.order.calls) == 2
 
 
