@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from stalroute.acme.client import Issued
 from stalroute.acme.manager import CertificateManager, build_certificate_manager
-from stalroute.acme.roles import FleetLink
+from stalroute.acme.roles import FleetLink, install_args
 from stalroute.cluster import Cluster, build_cluster
 from stalroute.config import Config, ConfigError, ListenerConfig, load_config
 from stalroute.control import Control, LocalWorkers
@@ -180,9 +180,8 @@ class ProxyService(service.Service):
         self.runtime.server_tls.install(name, issued.chain_pem, issued.key_pem)
         if self.workers is None:
             return None
-        return self.workers.apply("certificate_install", {
-            "name": name, "chain": issued.chain_pem.decode("ascii"),
-            "key": issued.key_pem.decode("ascii")}).addCallback(lambda _: None)
+        return self.workers.apply("certificate_install",
+                                  install_args(name, issued)).addCallback(lambda _: None)
 
     # What the supervisor and the worker processes of ``server.workers`` do differently.
 

@@ -27,6 +27,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogLevel, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
+from stalroute.acme.roles import install_args
 from stalroute.channel import Channel, ChannelFactory
 from stalroute.closing import CLOSE_GRACE
 from stalroute.cluster import Argument
@@ -292,9 +293,8 @@ class SupervisorService(ProxyService):
         if self.certificates is not None:  # the ACME certificates served so far
             for name, managed in self.certificates.certificates.items():
                 if managed.current is not None:
-                    worker.tell("apply", op="certificate_install", args={
-                        "name": name, "chain": managed.current.chain_pem.decode("ascii"),
-                        "key": managed.current.key_pem.decode("ascii")})
+                    worker.tell("apply", op="certificate_install",
+                                args=install_args(name, managed.current))
 
     def stopService(self) -> Deferred[None]:
         """Drain: the workers stop accepting and finish their sessions (``shutdown_grace``);

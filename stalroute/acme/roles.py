@@ -40,7 +40,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall, deferLater
 
 from stalroute.acme.challenges import DEFAULT_TTL
-from stalroute.acme.client import Challenge
+from stalroute.acme.client import Challenge, Issued
 from stalroute.acme.store import SharedStore, challenge_key
 from stalroute.cluster import Acknowledgement
 from stalroute.config import Config
@@ -260,6 +260,13 @@ def _laggards(op: str, what: str, answer: Applied) -> None:
                  "({applied} of {members} members applied it)", op=op, what=what,
                  nodes=", ".join(map(str, sorted(missing))), applied=acknowledgement.applied,
                  members=acknowledgement.members)
+
+
+def install_args(name: str, issued: Issued) -> dict[str, Any]:
+    """The arguments of ``certificate_install``: a supervisor hands a certificate to its
+    workers over their local channel (never over the bus: it carries the key)."""
+    return {"name": name, "chain": issued.chain_pem.decode("ascii"),
+            "key": issued.key_pem.decode("ascii")}
 
 
 def challenge_args(challenge: Challenge) -> dict[str, Any]:
