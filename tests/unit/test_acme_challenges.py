@@ -296,4 +296,7 @@ def test_a_validation_connection_is_closed_after_the_handshake(tmp_path: Path, e
         assert client.received.startswith(b"* OK")
         client.transport.loseConnection()  # type: ignore[union-attr]
         pump.flush()
+    # Either way the connection leaves nothing behind: registry, slots, per-IP counts, timers.
+    assert factory.runtime.registry.sessions == {} and factory.active == 0
+    assert not factory.per_ip._counts and reactor.getDelayedCalls() == []
     assert errors == []
