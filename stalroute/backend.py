@@ -36,6 +36,7 @@ from stalroute.protocols.base import (
 )
 from stalroute.sasl import Credentials
 from stalroute.tls import ResumingClientTLS, TLSDetails, backend_tls, tls_connection
+from stalroute.tls_layer import start_tls
 from stalroute.transport import IConnectingReactor, StreamTransport, no_delay
 
 RETRY_DELAY = 0.2
@@ -148,7 +149,7 @@ class BackendLeg(Protocol):
         if self._preamble:
             self.transport.write(self._preamble)
         if self._tls_mode == "implicit":
-            self.transport.startTLS(self._tls)
+            start_tls(self.transport, self._tls)
         else:
             self._handle(self.dialogue.connected())
 
@@ -171,7 +172,7 @@ class BackendLeg(Protocol):
                 self.transport.write(event.data)
             elif isinstance(event, BackendStartTLS):
                 self._starttls_pending = True
-                self.transport.startTLS(self._tls)
+                start_tls(self.transport, self._tls)
             elif isinstance(event, BackendReady):
                 connection = tls_connection(self.transport)
                 if self._tls is not None and connection is not None:

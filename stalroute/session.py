@@ -29,6 +29,7 @@ from stalroute.protocols.base import (
 from stalroute.router import resolve_login
 from stalroute.runtime import Runtime
 from stalroute.tls import tls_details
+from stalroute.tls_layer import start_tls
 from stalroute.transport import ReadingWatch
 
 log = logger("stalroute.session")
@@ -89,7 +90,7 @@ class ClientSession(InboundConnection):
             self.runtime.capabilities.preauth_settings(self.runtime.config, self.listener))
         self._timer = self._clock.callLater(self.listener.preauth_timeout, self._preauth_expired)
         if self.listener.tls == "implicit":
-            self.transport.startTLS(self.runtime.server_tls.options)
+            start_tls(self.transport, self.runtime.server_tls.options)
         # Until the splice: a client that does not read its replies gets no more of them
         # (its input waits in _pending, and reading stops once that is full).
         self.transport.registerProducer(ReadingWatch(self.output_blocked), True)
@@ -183,7 +184,7 @@ class ClientSession(InboundConnection):
                     # Bytes sent after STARTTLS, before the handshake, are dropped (SPEC §5).
                     self._pending.clear()
                     self._starttls_pending = True
-                    self.transport.startTLS(self.runtime.server_tls.options)
+                    start_tls(self.transport, self.runtime.server_tls.options)
                 case Authenticate():
                     self._login_started = time.monotonic()
                     self._start_login(event)

@@ -1,8 +1,8 @@
 """The transport of a TCP connection as stalroute uses it, client connection or backend leg.
 
 Twisted declares ``Protocol.transport`` as an optional ``ITransport``; once connected, it is a
-TCP transport (possibly under TLS), which also consumes and produces with flow control, starts
-TLS and aborts. :class:`StreamTransport` says so for the type checker.
+TCP transport (possibly under TLS), which also consumes and produces with flow control and
+aborts. :class:`StreamTransport` says so for the type checker.
 
 The reactor is typed by the Twisted interfaces a part uses: ``IReactorTime`` for a clock
 alone; :class:`IConnectingReactor` where backend legs are connected; :class:`IServingReactor`
@@ -29,8 +29,8 @@ from zope.interface import implementer
 
 
 class StreamTransport(Protocol):
-    """A connected TCP transport (``ITCPTransport``, ``IConsumer``, ``IPushProducer``,
-    ``ITLSTransport``)."""
+    """A connected TCP transport (``ITCPTransport``, ``IConsumer``, ``IPushProducer``; TLS
+    starts on it with :func:`stalroute.tls_layer.start_tls`)."""
 
     @property
     def connected(self) -> bool:
@@ -58,8 +58,6 @@ class StreamTransport(Protocol):
     def pauseProducing(self) -> None: ...
 
     def resumeProducing(self) -> None: ...
-
-    def startTLS(self, contextFactory: object) -> None: ...
 
     def setTcpNoDelay(self, enabled: bool) -> None: ...
 

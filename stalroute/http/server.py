@@ -37,6 +37,7 @@ from stalroute.http.wire import (
 from stalroute.inbound import ConnectionState, InboundConnection, ListenerFactory
 from stalroute.outcomes import Outcome
 from stalroute.tls import tls_details
+from stalroute.tls_layer import start_tls
 from stalroute.transport import ReadingWatch
 
 _ENDED = (ConnectionState.CLOSING, ConnectionState.CLOSED)
@@ -107,7 +108,7 @@ class HTTPServerConnection(InboundConnection):
         """Admitted: TLS, then wait for a request."""
         self.state = ConnectionState.HTTP
         if self.listener.tls == "implicit":
-            self.transport.startTLS(self.runtime.server_tls.options)
+            start_tls(self.transport, self.runtime.server_tls.options)
         self.transport.registerProducer(ReadingWatch(self.client_write_paused), True)
         self._enter_idle(first=True)
 

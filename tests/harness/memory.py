@@ -2,7 +2,7 @@
 
 ``twisted.test.iosim`` pumps bytes between two protocols, but its ``startTLS`` only pretends
 (no handshake, no ``handshakeCompleted``, no failure). :class:`TLSFakeTransport` starts real
-TLS the way a TCP transport does (``twisted.internet._newtls``): a ``TLSMemoryBIOProtocol`` is
+TLS the way a TCP transport does in stalroute (``stalroute.tls_layer``): a ``TLSLayer`` is
 put between the transport and its protocol, so a handshake succeeds, fails on a certificate,
 or waits for a ``close_notify`` exactly as it would on a socket.
 """
@@ -21,74 +21,31 @@ from twisted.internet.defer import Deferred
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
-    IOpenSSLContextFactory, IProtocol, IPushProducer, ISSLTransport,
+    IOpenSSLContextFactory, IProtocol, IPushProducer,
 )
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.logger import LogEvent, LogLevel, globalLogPublisher
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.test import iosim
-from zope.interface import directlyProvides
 
 from stalroute.control import Control, Done
-
-
-class _Wire:
-    """What the TLS layer writes to: the fake transport beneath it, bypassing TLS."""
-
-    def __init__(self, transport: TLSFakeTransport) -> None:
-        self._transport = transport
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._transport, name)
-
-    def write(self, data: bytes) -> None:
-        iosim.FakeTransport.write(self._transport, data)
-
-    def writeSequence(self, iovec: list[bytes]) -> None:
-        iosim.FakeTransport.write(self._transport, b"".join(iovec))
-
-    def loseConnection(self) -> None:
-        iosim.FakeTransport.loseConnection(self._transport)
-
-    def abortConnection(self) -> None:
-        iosim.FakeTransport.abortConnection(self._transport)
-
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
-        iosim.FakeTransport.registerProducer(self._transport, producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        iosim.FakeTransport.unregisterProducer(self._transport)
+from stalroute.tls_layer import TLSLayer, Wire, insert_layer
 
 
 class TLSFakeTransport(iosim.FakeTransport):
-    """An ``iosim`` transport whose ``startTLS`` negotiates real TLS; the TLS layer flushes
-    its writes with ``clock`` (as it does with the reactor)."""
+    """An ``iosim`` transport whose ``startTLS`` negotiates real TLS with stalroute's layer,
+    routed the way Twisted's TCP transport routes it (``twisted.internet._newtls``)."""
 
     TLS = False
-    tls_layer: TLSMemoryBIOProtocol | None = None
-
-    def __init__(self, protocol: IProtocol, isServer: bool, hostAddress: IPv4Address,
-                 peerAddress: IPv4Address, clock: MemoryReactorClock) -> None:
-        super().__init__(protocol, isServer, hostAddress, peerAddress)
-        self.clock = clock
 
     def startTLS(self, contextFactory: IOpenSSLContextFactory, beNormal: bool = True) -> None:
-        producer, streaming = self.producer, self.streamingProducer
-        if producer is not None:
-            self.unregisterProducer()
-        factory = TLSMemoryBIOFactory(contextFactory, beNormal != self.isServer, None,
-                                      self.clock)
-        layer = factory.protocol(factory, self.protocol, False)
-        self.protocol = self.tls_layer = layer
-        self.getHandle = layer.getHandle
-        self.getPeerCertificate = layer.getPeerCertificate
-        directlyProvides(self, ISSLTransport)
-        self.TLS = True
-        layer.makeConnection(_Wire(self))
-        if producer is not None:
-            self.registerProducer(producer, streaming)
+        insert_layer(self, contextFactory, Wire(self, iosim.FakeTransport),
+                     client=beNormal != self.isServer)
+
+    @property
+    def tls_layer(self) -> TLSLayer | None:
+        return self.protocol if self.TLS else None
 
     def write(self, data: bytes) -> None:
         if self.tls_layer is not None:
@@ -101,12 +58,6 @@ class TLSFakeTransport(iosim.FakeTransport):
             self.tls_layer.loseConnection()
         else:
             super().loseConnection()
-
-    def abortConnection(self) -> None:
-        if self.tls_layer is not None:
-            self.tls_layer.abortConnection()
-        else:
-            super().abortConnection()
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         if self.tls_layer is not None:
@@ -127,8 +78,8 @@ def connect(client: IProtocol, server: IProtocol, clock: MemoryReactorClock,
     pumping the result moves the bytes and runs ``clock``'s calls that are due."""
     client_side, server_side = (IPv4Address("TCP", *client_address),
                                 IPv4Address("TCP", *server_address))
-    return iosim.connect(server, TLSFakeTransport(server, True, server_side, client_side, clock),
-                         client, TLSFakeTransport(client, False, client_side, server_side, clock),
+    return iosim.connect(server, TLSFakeTransport(server, True, server_side, client_side),
+                         client, TLSFakeTransport(client, False, client_side, server_side),
                          clock=clock)
 
 

@@ -1,0 +1,310 @@
+"""The TLS layer under ``startTLS``: pyOpenSSL on memory BIOs, without Twisted's extra turns.
+
+Twisted's own layer (``TLSMemoryBIOProtocol``, as ``BufferingTLSTransport``) defers every
+write to the next reactor turn to aggregate small ones, builds a ``Failure`` for every failed
+read, and wraps producers in two adapters. A proxy writes once per read it relays, so none of
+that pays here: this layer encrypts and sends at once, delivers what one socket read decrypts
+in one call, and passes producers through to the socket (the ciphertext waiting there is what
+flow control is about). Measured in ``bench/README.md`` ("lean TLS layer").
+
+Behaviour kept from Twisted's layer, which the rest of stalroute and its tests rely on:
+writes before the handshake wait for it; ``loseConnection`` sends ``close_notify`` once the
+pending writes and any registered producer are done, then waits for the peer's (or its FIN;
+``closing.close_with_grace`` bounds the wait); a connection that ends without the peer's
+``close_notify`` reports ``ConnectionLost``, an orderly one the transport's reason; a TLS error
+or a failed certificate verification (``failVerification``, called by Twisted's client
+options) is the reason ``connectionLost`` gets; ``transport.TLS`` and ``transport.getHandle()``
+give the ``SSL.Connection``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from types import SimpleNamespace
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import (
+    IOpenSSLContextFactory,
+    IProtocol,
+)
+from twisted.python.failure import Failure
+
+#: Bytes asked of OpenSSL per call: the plaintext of up to two records, or the ciphertext of
+#: a relayed socket read (Twisted reads 64 KiB), below the size glibc would ``mmap``.
+_CHUNK = 2**16
+#: The most plaintext one TLS record carries.
+_RECORD = 2**14
+
+
+def _represents_eof(error: SSL.Error) -> bool:
+    """An OpenSSL error that says the peer closed the socket without ``close_notify``."""
+    if isinstance(error, SSL.SysCallError):
+        return str(error.args[1]).casefold().startswith("unexpected eof")
+    queue = error.args[0] if error.args else None
+    if not queue:  # OpenSSL 4 reports a truncated stream with an empty queue
+        return True
+    return str(queue[-1][2]).casefold().startswith("unexpected eof")
+
+
+class Wire:
+    """What the layer writes ciphertext to: the methods of the transport's ``base`` class,
+    below the TLS routing of its own (an abort is never routed through TLS)."""
+
+    __slots__ = ("write", "loseConnection", "abortConnection", "registerProducer",
+                 "unregisterProducer")
+
+    def __init__(self, transport: Any, base: Any) -> None:
+        self.write = partial(base.write, transport)
+        self.loseConnection = partial(base.loseConnection, transport)
+        self.abortConnection = transport.abortConnection
+        self.registerProducer = partial(base.registerProducer, transport)
+        self.unregisterProducer = partial(base.unregisterProducer, transport)
+
+
+class TLSLayer:
+    """The protocol of a transport once TLS starts: decrypts for ``wrapped``, and encrypts
+    what the transport is asked to write (Twisted's TCP transport routes ``write``,
+    ``loseConnection`` and the producer calls here while ``transport.TLS`` is set)."""
+
+    __slots__ = ("wrapped", "_creator", "_client", "_tls", "_wire", "disconnecting",
+                 "_handshake_done", "_finished", "_reason", "_unsent", "_producer")
+
+    #: Asked by Twisted's options for the application's ALPN protocols
+    #: (``protosFromProtocol``): none under ``startTLS``, as with Twisted's layer.
+    factory = SimpleNamespace(wrappedFactory=None)
+
+    def __init__(self, wrapped: IProtocol, creator: Any, client: bool) -> None:
+        self.wrapped = wrapped
+        self._creator = creator
+        self._client = client
+        self._tls: SSL.Connection
+        self._wire: Wire
+        self.disconnecting = False
+        self._handshake_done = False
+        self._finished = False  # no more TLS traffic: closed, failed or aborted
+        self._reason: Failure | None = None
+        self._unsent: list[bytes] = []  # written before the handshake (or a renegotiation)
+        self._producer: object | None = None
+
+    # -- below: the socket -------------------------------------------------------------
+
+    def makeConnection(self, wire: Wire) -> None:
+        self._wire = wire
+        self._tls = self._new_connection()
+        self._handshake()
+
+    def _new_connection(self) -> SSL.Connection:
+        """The ``SSL.Connection`` of the creator: a context factory's context (what
+        Twisted's ``startTLS`` amounts to for one), else the creator's own connection
+        (client options set SNI and verification there)."""
+        creator = self._creator
+        if IOpenSSLContextFactory.providedBy(creator):
+            connection = SSL.Connection(creator.getContext(), None)
+        elif self._client:
+            connection = creator.clientConnectionForTLS(self)
+        else:
+            connection = creator.serverConnectionForTLS(self)
+        if self._client:
+            connection.set_connect_state()
+        else:
+            connection.set_accept_state()
+        connection.set_app_data(self)
+        return connection
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished:
+            return
+        self._tls.bio_write(data)
+        if not self._handshake_done:
+            self._handshake()
+            if not self._handshake_done:
+                return
+        self._read()
+
+    def _handshake(self) -> None:
+        try:
+            self._tls.do_handshake()
+        except SSL.WantReadError:
+            self._flush()
+            return
+        except SSL.Error:
+            self._fail(Failure())
+            return
+        if self._finished:  # the certificate failed verification during the handshake
+            return
+        self._handshake_done = True
+        completed = getattr(self.wrapped, "handshakeCompleted", None)
+        if completed is not None:  # first: it may abort (an ACME validation) before a word
+            completed()
+        if self._unsent:
+            self._send_unsent()
+
+    def _read(self) -> None:
+        """Deliver all the plaintext that is complete, in one call, then what OpenSSL
+        answers (a ``close_notify``, session tickets, an alert)."""
+        received: list[bytes] = []
+        recv = self._tls.recv
+        ended: Failure | None = None
+        closed = False
+        while True:
+            try:
+                received.append(recv(_CHUNK))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                closed = True
+                break
+            except SSL.Error:
+                ended = Failure()
+                break
+        if received:
+            self.wrapped.dataReceived(received[0] if len(received) == 1 else b"".join(received))
+        if closed:
+            self._finished = True
+            self._shutdown()
+            self._wire.loseConnection()
+        elif ended is not None:
+            self._fail(ended)
+        else:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send what OpenSSL wrote to the outgoing BIO."""
+        try:
+            while True:
+                ciphertext = self._tls.bio_read(_CHUNK)
+                self._wire.write(ciphertext)
+                if len(ciphertext) < _CHUNK:
+                    return
+        except SSL.WantReadError:
+            return
+
+    def _fail(self, reason: Failure) -> None:
+        """A TLS error (or a truncated stream): it is the reason the protocol is given."""
+        if isinstance(reason.value, SSL.Error) and _represents_eof(reason.value):
+            reason = Failure(ConnectionLost())
+        if self._reason is None:
+            self._reason = reason
+        self._finished = True
+        self._flush()  # the alert, if OpenSSL wrote one
+        self._wire.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self._finished:  # how did the stream end: close_notify, or truncated?
+            self._tls.bio_shutdown()
+            self._read()
+            self._finished = True
+        self.wrapped.connectionLost(self._reason or reason)
+
+    # -- above: what the transport routes here while TLS is on ---------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._finished or (self.disconnecting and self._producer is None):
+            return
+        if not self._handshake_done or self._unsent:
+            self._unsent.append(data)
+            return
+        self._send(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def _send(self, data: bytes) -> None:
+        send = self._tls.send
+        offset = 0
+        try:
+            while offset < len(data):  # a record at a time (pyOpenSSL writes partially)
+                offset += send(data[offset:offset + _RECORD])
+        except SSL.WantReadError:  # a renegotiation wants the peer first
+            self._unsent.append(data[offset:])
+        except SSL.Error:
+            self._fail(Failure())
+            return
+        self._flush()
+
+    def _send_unsent(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        self._send(b"".join(unsent))
+        if self.disconnecting and not self._unsent and self._producer is None:
+            self._shutdown()
+
+    def loseConnection(self) -> None:
+        if self.disconnecting:
+            return
+        self.disconnecting = True
+        if not self._handshake_done:
+            if not self._unsent:
+                self.abortConnection()
+            return
+        if not self._unsent and self._producer is None:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Send ``close_notify``; close the socket once the peer's arrived too."""
+        try:
+            both = self._tls.shutdown()
+        except SSL.Error:
+            both = False
+        self._flush()
+        if both:
+            self._wire.loseConnection()
+
+    def abortConnection(self) -> None:
+        self._finished = self.disconnecting = True
+        self._wire.abortConnection()
+
+    def failVerification(self, reason: Failure) -> None:
+        """Called by Twisted's client options when the peer's certificate fails."""
+        self._reason = reason
+        self.abortConnection()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self._finished:
+            producer.stopProducing()
+            return
+        self._producer = producer
+        self._wire.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self._producer is None:
+            return
+        self._producer = None
+        self._wire.unregisterProducer()
+        if self.disconnecting and not self._unsent and self._handshake_done:
+            self._shutdown()
+
+    def getHandle(self) -> SSL.Connection:
+        return self._tls
+
+    def getPeerCertificate(self) -> Any:
+        return self._tls.get_peer_certificate()
+
+
+def insert_layer(transport: Any, creator: Any, wire: Wire, client: bool) -> None:
+    """Put a :class:`TLSLayer` between ``transport`` and its protocol (what Twisted's
+    ``startTLS`` does with its own layer, less the ``ISSLTransport`` declaration no caller
+    asks for)."""
+    producer, streaming = transport.producer, transport.streamingProducer
+    if producer is not None:
+        transport.unregisterProducer()
+    layer = TLSLayer(transport.protocol, creator, client)
+    transport.protocol = layer
+    transport.getHandle = layer.getHandle
+    transport.getPeerCertificate = layer.getPeerCertificate
+    transport.TLS = True
+    layer.makeConnection(wire)
+    if producer is not None:
+        transport.registerProducer(producer, streaming)
+
+
+def start_tls(transport: Any, creator: Any) -> None:
+    """Start TLS on a connection: the server end on accepted connections, the client end on
+    backend legs. A transport that is not a socket's (tests) starts TLS its own way."""
+    if isinstance(transport, FileDescriptor):
+        client = transport._tlsClientDefault  # type: ignore[attr-defined]  # as Twisted's
+        insert_layer(transport, creator, Wire(transport, FileDescriptor), client)
+    else:
+        transport.startTLS(creator)
