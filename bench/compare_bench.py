@@ -70,6 +70,8 @@ BIG_USER, BIG_MAILBOX = "bigbench", "Bench"
 NAMES = ("localhost", "node1.test", "node2.test")
 #: The direct target's meter counts no proxy: no process has this pid.
 NO_PROXY = -1
+#: The column of ``--baseline-tree``'s stalroute.
+BASELINE = "stalroute baseline"
 Address = tuple[str, int]
 
 
@@ -430,6 +432,14 @@ def run(args: argparse.Namespace) -> None:
         stalroute_http = cleanup.enter_context(StalrouteProcess(
             http_proxy_config(nginx, free_port()), workdir / "stalroute-http",
             mappings={HTTP_USER: "nginx"}))
+        baseline = baseline_http = None
+        if args.baseline_tree:
+            baseline = cleanup.enter_context(StalrouteProcess(
+                stalroute_imap_config(certificate, ca, nodes), workdir / "stalroute-baseline",
+                mappings=mappings, source=args.baseline_tree))
+            baseline_http = cleanup.enter_context(StalrouteProcess(
+                http_proxy_config(nginx, free_port()), workdir / "stalroute-baseline-http",
+                mappings={HTTP_USER: "nginx"}, source=args.baseline_tree))
         haproxy, haproxy_imap, haproxy_http = start_haproxy(
             workdir / "haproxy", certificate, ca.cert_path, nodes, nginx)
         cleanup.callback(haproxy.stop)
@@ -449,6 +459,9 @@ def run(args: argparse.Namespace) -> None:
             Target("stalroute", everyone(stalroute.listener("imaps")), stalroute.pid, dovecot),
             Target("HAProxy", everyone((LOOPBACK, haproxy_imap)), haproxy.pid, dovecot),
         ]
+        if baseline is not None:
+            imap.insert(2, Target(BASELINE, everyone(baseline.listener("imaps")), baseline.pid,
+                                  dovecot))
         try:
             nginx_mail, nginx_imap = start_nginx_mail(workdir / "nginx-mail", certificate, routes)
             cleanup.callback(nginx_mail.stop)
@@ -461,6 +474,9 @@ def run(args: argparse.Namespace) -> None:
                        stalroute_http.pid, nginx_backend),
                 Target("HAProxy", {HTTP_USER: (LOOPBACK, haproxy_http)}, haproxy.pid,
                        nginx_backend)]
+        if baseline_http is not None:
+            http.insert(2, Target(BASELINE, {HTTP_USER: baseline_http.listener("web")},
+                                  baseline_http.pid, nginx_backend))
 
         for target in imap:  # warm-up, and what TLS each one negotiates
             connection = ImapConnection(target.addresses[users[0]], context)
@@ -490,6 +506,9 @@ def run(args: argparse.Namespace) -> None:
 
     print(f"\n{datetime.date.today()}, {os.cpu_count()} cores shared by the load generator, "
           f"the Dovecot nodes, nginx and the proxy measured; one worker per proxy.")
+    if args.baseline_tree:
+        print(f"{BASELINE}: {describe_tree(args.baseline_tree)}; stalroute: "
+              f"{describe_tree(Path(__file__).resolve().parents[1])}")
     print(versions() + "; client TLS: " + "; ".join(f"{t.name} {t.tls}" for t in imap) + "\n")
     print_table(("metric", *(target.name for target in imap)),
                 rows(imap, resumed, http if args.http_seconds else [], args))
@@ -500,6 +519,16 @@ def run(args: argparse.Namespace) -> None:
         print(f"\nprofiled stalroute: {profiled.per_second:.0f} logins/s under cProfile "
               f"({profiled.errors} errors)")
         print_profile(args.profile.resolve())
+
+
+def describe_tree(tree: Path) -> str:
+    """The commit a checkout is at (and whether it has changes), for the table's header."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", "-C", str(tree), *argv], capture_output=True,
+                              text=True).stdout.strip()
+    return f"{tree} at {git('rev-parse', '--short', 'HEAD')}" + (
+        " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no")
+        else "")
 
 
 def profile_stalroute(args: argparse.Namespace, config: dict[str, Any], mappings: dict[str, str],
@@ -539,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="HTTP keep-alive connections (one process each)")
     parser.add_argument("--max-seconds", type=float, default=60.0,
                         help="time limit for opening the idle sessions")
+    parser.add_argument("--baseline-tree", type=Path, metavar="DIR",
+                        help="another checkout of stalroute (git worktree add DIR REV), "
+                             "measured as one more column in the same run")
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="also profile a stalroute under load (cProfile) into FILE")
     parser.add_argument("--profile-seconds", type=float, default=10.0,

@@ -229,8 +229,10 @@ class StalrouteProcess:
         mappings: Mapping[str, str] | None = None,
         python: str = sys.executable,
         twistd_options: Sequence[str] = (),
+        source: Path = REPO_ROOT,
     ) -> None:
-        """``twistd_options`` go before the plugin name (e.g. a benchmark's ``--profile``)."""
+        """``twistd_options`` go before the plugin name (e.g. a benchmark's ``--profile``);
+        ``source`` is the checkout whose stalroute runs (a benchmark's baseline commit)."""
         self.workdir = workdir
         self.config = copy.deepcopy(dict(config))
         self.config_path = workdir / "stalroute.toml"
@@ -242,7 +244,7 @@ class StalrouteProcess:
         self.mappings = dict(mappings or {})
         env = {k: v for k, v in os.environ.items() if not k.startswith(("STALROUTE_", "PROXY_"))}
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+            p for p in (str(source), os.environ.get("PYTHONPATH", "")) if p
         )
         self._process = ManagedProcess(
             [
@@ -259,7 +261,7 @@ class StalrouteProcess:
             ],
             name="stalroute",
             output_path=workdir / "stalroute.out",
-            cwd=REPO_ROOT,
+            cwd=source,
             env=env,
         )
 
