@@ -32,10 +32,11 @@ from twisted.internet.interfaces import (
 )
 from twisted.python.failure import Failure
 
-#: Bytes asked of OpenSSL per call: the plaintext of up to two records, or the ciphertext of
-#: a relayed socket read (Twisted reads 64 KiB), below the size glibc would ``mmap``.
-_CHUNK = 2**16
-#: The most plaintext one TLS record carries.
+#: Bytes asked of OpenSSL per call (more than a record's plaintext or ciphertext).
+_CHUNK = 2**15
+#: The most plaintext one TLS record carries. Memory BIOs never shrink, so the layer moves
+#: data through them a record at a time: an idle connection that once relayed a large read
+#: keeps ~17 KiB per BIO, not the 64 KiB (or more) of the read.
 _RECORD = 2**14
 
 
@@ -115,14 +116,20 @@ class TLSLayer:
         return connection
 
     def dataReceived(self, data: bytes) -> None:
-        if self._finished:
-            return
-        self._tls.bio_write(data)
-        if not self._handshake_done:
-            self._handshake()
+        """Decrypt a socket read, a record's worth at a time (a memory BIO keeps the largest
+        size it ever held, for the connection's life), and deliver it all in one call."""
+        received: list[bytes] = []
+        closed, failure = False, None
+        for offset in range(0, len(data), _RECORD):
+            if self._finished or closed or failure:
+                break
+            self._tls.bio_write(data[offset:offset + _RECORD])
             if not self._handshake_done:
-                return
-        self._read()
+                self._handshake()
+                if not self._handshake_done:
+                    continue
+            closed, failure = self._decrypt(received)
+        self._deliver(received, closed, failure)
 
     def _handshake(self) -> None:
         try:
@@ -142,32 +149,31 @@ class TLSLayer:
         if self._unsent:
             self._send_unsent()
 
-    def _read(self) -> None:
-        """Deliver all the plaintext that is complete, in one call, then what OpenSSL
-        answers (a ``close_notify``, session tickets, an alert)."""
-        received: list[bytes] = []
+    def _decrypt(self, received: list[bytes]) -> tuple[bool, Failure | None]:
+        """Append the plaintext of the complete records; whether the peer closed the stream
+        (``close_notify``), and the TLS error that ended it, if one did."""
         recv = self._tls.recv
-        ended: Failure | None = None
-        closed = False
         while True:
             try:
                 received.append(recv(_CHUNK))
             except SSL.WantReadError:
-                break
+                return False, None
             except SSL.ZeroReturnError:
-                closed = True
-                break
+                return True, None
             except SSL.Error:
-                ended = Failure()
-                break
+                return False, Failure()
+
+    def _deliver(self, received: list[bytes], closed: bool, failure: Failure | None) -> None:
+        """Give the protocol what was decrypted, then send what OpenSSL answers (a
+        ``close_notify``, session tickets, an alert)."""
         if received:
             self.wrapped.dataReceived(received[0] if len(received) == 1 else b"".join(received))
         if closed:
             self._finished = True
             self._shutdown()
             self._wire.loseConnection()
-        elif ended is not None:
-            self._fail(ended)
+        elif failure is not None:
+            self._fail(failure)
         else:
             self._flush()
 
@@ -195,7 +201,8 @@ class TLSLayer:
     def connectionLost(self, reason: Failure) -> None:
         if not self._finished:  # how did the stream end: close_notify, or truncated?
             self._tls.bio_shutdown()
-            self._read()
+            received: list[bytes] = []
+            self._deliver(received, *self._decrypt(received))
             self._finished = True
         self.wrapped.connectionLost(self._reason or reason)
 
@@ -216,14 +223,13 @@ class TLSLayer:
         send = self._tls.send
         offset = 0
         try:
-            while offset < len(data):  # a record at a time (pyOpenSSL writes partially)
+            while offset < len(data):  # a record at a time, each sent before the next
                 offset += send(data[offset:offset + _RECORD])
+                self._flush()
         except SSL.WantReadError:  # a renegotiation wants the peer first
             self._unsent.append(data[offset:])
         except SSL.Error:
             self._fail(Failure())
-            return
-        self._flush()
 
     def _send_unsent(self) -> None:
         unsent, self._unsent = self._unsent, []

@@ -106,6 +106,31 @@ def test_a_large_write_arrives_whole(certificate):
     assert b"".join(client.received) == payload
 
 
+def test_data_moves_through_the_bios_a_record_at_a_time(certificate):
+    """A memory BIO keeps the largest size it ever held: a relayed 256 KiB must not leave
+    BIOs of that size on an idle connection."""
+    server, client, pump = pair(certificate)
+    pump.flush()
+    into, out_of = [], []
+    for peer, sizes, method in ((server, into, "bio_write"), (client, out_of, "bio_read")):
+        connection = peer.layer.getHandle()
+        original = getattr(connection, method)
+
+        def recorded(arg: Any, original: Any = original, sizes: list[int] = sizes) -> Any:
+            result = original(arg)
+            sizes.append(len(arg if isinstance(arg, bytes) else result))
+            return result
+
+        setattr(connection, method, recorded)
+    payload = b"x" * 2**18
+    client.transport.write(payload)  # one write, one pump: 256 KiB in one "socket read"
+    pump.flush()
+    assert b"".join(server.received) == payload
+    assert len(server.received) == 1  # still one delivery
+    record = 2**14 + 256  # a record's ciphertext, at most
+    assert max(into) <= 2**14 and max(out_of) <= record and sum(out_of) >= len(payload)
+
+
 def test_lose_connection_sends_close_notify_and_waits_for_the_peers(certificate):
     server, client, pump = pair(certificate)
     pump.flush()
