@@ -107,6 +107,7 @@ class Target:
     relay_cpu: float = 0.0  # proxy CPU seconds over all the relayed bytes
     relay_bytes: int = 0
     idle: tuple[int, float] | None = None  # (sessions held, KiB per session)
+    idle_fetched: tuple[int, float] | None = None  # KiB per session a FETCH each added
     tls: str = ""
     resumption: ResumptionTally | None = None  # clients offer their last TLS session
 
@@ -231,9 +232,10 @@ def measure_relay(target: Target, context: ssl.SSLContext, size: int, fetches: i
 
 
 def hold_idle_sessions(target: Target, context: ssl.SSLContext, count: int, limit: float,
-                       nodes: list[DovecotNode]) -> None:
-    """Open up to ``count`` sessions (LOGIN + SELECT), leave them idle, read the proxy's RSS,
-    close them and wait for Dovecot to end its ``imap`` processes."""
+                       nodes: list[DovecotNode], fetch: bool) -> None:
+    """Open up to ``count`` sessions (LOGIN + SELECT), leave them idle, read the proxy's RSS;
+    if ``fetch``, FETCH the account's second message (``--idle-fetch-kib``) on each and read
+    it again; close them and wait for Dovecot to end its ``imap`` processes."""
     sessions = target.sessions()
     before = tree_rss_kib(target.pid)
     deadline = time.monotonic() + limit
@@ -257,11 +259,17 @@ def hold_idle_sessions(target: Target, context: ssl.SSLContext, count: int, limi
             with contextlib.suppress(Exception):
                 if (connection := future.result()) is not None:
                     opened.append(connection)
-    time.sleep(1.0)
-    after = tree_rss_kib(target.pid)
+        time.sleep(1.0)
+        after = tree_rss_kib(target.pid)
+        target.idle = (len(opened), (after - before) / max(len(opened), 1))
+        if fetch:
+            list(pool.map(lambda connection: connection.command(b"FETCH 2 (BODY.PEEK[])"),
+                          opened))
+            time.sleep(1.0)
+            target.idle_fetched = (len(opened),
+                                   (tree_rss_kib(target.pid) - after) / max(len(opened), 1))
     for connection in opened:
         connection.close()
-    target.idle = (len(opened), (after - before) / max(len(opened), 1))
     settle = time.monotonic() + 30
     while dovecot_sessions(nodes) > 10 and time.monotonic() < settle:
         time.sleep(0.2)
@@ -368,6 +376,10 @@ def rows(imap: list[Target], resumed: list[Target], http: list[Target],
     if args.idle:
         table.append(("memory per idle session, KiB (proxy RSS; sessions held)", *cells(
             lambda t: f"{t.idle[1]:.1f} ({t.idle[0]})" if t.idle else "-", proxies_only=True)))
+    if args.idle and args.idle_fetch_kib:
+        table.append((f"  added by a FETCH of {args.idle_fetch_kib} KiB on each", *cells(
+            lambda t: f"{t.idle_fetched[1]:.1f} ({t.idle_fetched[0]})" if t.idle_fetched
+            else "-", proxies_only=True)))
     table += [
         (f"relay MB/s, FETCH {args.size_mb} MiB (median of {args.fetches})",
          *cells(lambda t: f"{relay_rate(t):.0f}")),
@@ -418,7 +430,9 @@ def run(args: argparse.Namespace) -> None:
             cleanup.callback(node.stop)
             nodes.append(node.start())
             for user in users:
-                node.seed(user, [make_message(f"{name} welcome for {user}", to=user)])
+                node.seed(user, [make_message(f"{name} welcome for {user}", to=user),
+                                 make_message(f"{name} attachment for {user}", to=user,
+                                              size=args.idle_fetch_kib * 1024)])
             node.seed(BIG_USER, [payload], mailbox=BIG_MAILBOX)
         routes = {user: nodes[number % 2] for number, user in enumerate(users)}
         routes[BIG_USER] = nodes[0]
@@ -494,7 +508,8 @@ def run(args: argparse.Namespace) -> None:
         measure_latency(imap, context, args.latency_sessions)
         for target in imap[1:] if args.idle else []:  # before the relay grows the heaps
             note(f"{target.name}: {args.idle} idle sessions")
-            hold_idle_sessions(target, context, args.idle, args.max_seconds, nodes)
+            hold_idle_sessions(target, context, args.idle, args.max_seconds, nodes,
+                               fetch=args.idle_fetch_kib > 0)
         for target in imap:
             note(f"{target.name}: relay, FETCH {args.size_mb} MiB × {args.fetches}")
             measure_relay(target, context, len(payload), args.fetches)
@@ -560,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="one-client sessions per target")
     parser.add_argument("--idle", type=int, default=1000,
                         help="idle sessions held per proxy for the memory row (0: skip)")
+    parser.add_argument("--idle-fetch-kib", type=int, default=0, metavar="KIB",
+                        help="then FETCH a message of this size on each held idle session and "
+                             "measure again (what a relayed read leaves on an idle session)")
     parser.add_argument("--size-mb", type=int, default=20, help="MiB of the relayed message")
     parser.add_argument("--fetches", type=int, default=5, help="large FETCHes per target")
     parser.add_argument("--http-seconds", type=float, default=12.0,
