@@ -36,8 +36,10 @@ from twisted.python.failure import Failure
 _CHUNK = 2**15
 #: The most plaintext one TLS record carries. Memory BIOs never shrink, so the layer moves
 #: data through them a record at a time: an idle connection that once relayed a large read
-#: keeps ~17 KiB per BIO, not the 64 KiB (or more) of the read.
+#: keeps a record's worth per BIO, not the 64 KiB (or more) of the read.
 _RECORD = 2**14
+#: A TLS record header: content type (1 byte), version (2), length of the body (2).
+_HEADER = 5
 
 
 def _represents_eof(error: SSL.Error) -> bool:
@@ -48,6 +50,44 @@ def _represents_eof(error: SSL.Error) -> bool:
     if not queue:  # OpenSSL 4 reports a truncated stream with an empty queue
         return True
     return str(queue[-1][2]).casefold().startswith("unexpected eof")
+
+
+class RecordBoundaries:
+    """Cuts a stream of TLS records where each record ends, across reads, by the length in
+    its header, so that the incoming BIO is given one record at a time. Only where the data
+    is cut depends on it: the pieces always join up to the data, valid or not."""
+
+    __slots__ = ("_header", "_body_left")
+
+    def __init__(self) -> None:
+        self._header = b""  # the part of the next record's header seen so far
+        self._body_left = 0  # bytes of the current record's body still to come
+
+    def cut(self, data: bytes) -> list[bytes]:
+        pieces: list[bytes] = []
+        start = position = 0
+        end = len(data)
+        while position < end:
+            if self._body_left:
+                step = min(self._body_left, end - position)
+                self._body_left -= step
+                position += step
+                at_boundary = not self._body_left
+            else:
+                step = min(_HEADER - len(self._header), end - position)
+                self._header += data[position:position + step]
+                position += step
+                at_boundary = False
+                if len(self._header) == _HEADER:
+                    self._body_left = int.from_bytes(self._header[3:], "big")
+                    self._header = b""
+                    at_boundary = not self._body_left
+            if at_boundary:
+                pieces.append(data[start:position])
+                start = position
+        if start < end:
+            pieces.append(data[start:])
+        return pieces
 
 
 class Wire:
@@ -70,8 +110,9 @@ class TLSLayer:
     what the transport is asked to write (Twisted's TCP transport routes ``write``,
     ``loseConnection`` and the producer calls here while ``transport.TLS`` is set)."""
 
-    __slots__ = ("wrapped", "_creator", "_client", "_tls", "_wire", "disconnecting",
-                 "_handshake_done", "_finished", "_reason", "_unsent", "_producer")
+    __slots__ = ("wrapped", "_creator", "_client", "_tls", "_wire", "_records",
+                 "disconnecting", "_handshake_done", "_finished", "_reason", "_unsent",
+                 "_producer")
 
     #: Asked by Twisted's options for the application's ALPN protocols
     #: (``protosFromProtocol``): none under ``startTLS``, as with Twisted's layer.
@@ -83,6 +124,7 @@ class TLSLayer:
         self._client = client
         self._tls: SSL.Connection
         self._wire: Wire
+        self._records = RecordBoundaries()
         self.disconnecting = False
         self._handshake_done = False
         self._finished = False  # no more TLS traffic: closed, failed or aborted
@@ -116,14 +158,14 @@ class TLSLayer:
         return connection
 
     def dataReceived(self, data: bytes) -> None:
-        """Decrypt a socket read, a record's worth at a time (a memory BIO keeps the largest
-        size it ever held, for the connection's life), and deliver it all in one call."""
+        """Decrypt a socket read a record at a time (a memory BIO keeps the largest size it
+        ever held, for the connection's life), and deliver it all in one call."""
         received: list[bytes] = []
         closed, failure = False, None
-        for offset in range(0, len(data), _RECORD):
+        for piece in self._records.cut(data):
             if self._finished or closed or failure:
                 break
-            self._tls.bio_write(data[offset:offset + _RECORD])
+            self._tls.bio_write(piece)
             if not self._handshake_done:
                 self._handshake()
                 if not self._handshake_done:

@@ -95,6 +95,7 @@ from stalroute.sasl import (
 )
 from stalroute.sqlparams import ENGINES, parameter_problem
 from stalroute.sqlparams import translate as sql_translate
+from stalroute.tls_layer import RecordBoundaries
 from tests.fuzz.harness import Input, check_credentials, chunks
 from tests.fuzz import protocol_targets
 
@@ -136,6 +137,24 @@ def fuzz_proxyproto(data: bytes) -> None:
             assert 0 <= kind <= 255 and len(value) <= len(payload)
     except ProxyHeaderError:
         pass
+
+
+def fuzz_tls_records(data: bytes) -> None:
+    """The TLS layer's record cutter, over reads of any size: the pieces join up to each read
+    and every piece but a read's last ends where a record ends (a walk over the headers of
+    the whole stream says where)."""
+    reads = chunks(Input(data[::-1]), data)
+    ends, position = set(), 0
+    while position + 5 <= len(data):
+        position += 5 + int.from_bytes(data[position + 3:position + 5], "big")
+        ends.add(position)
+    cutter, position = RecordBoundaries(), 0
+    for read in reads:
+        pieces = cutter.cut(read)
+        assert b"".join(pieces) == read
+        for piece in pieces:
+            position += len(piece)
+            assert piece is pieces[-1] or position in ends, (position, sorted(ends))
 
 
 # --- SASL and identities ----------------------------------------------------------------------
@@ -861,6 +880,8 @@ SEEDS: dict[str, list[bytes]] = {
                     b'{"id":7,"call":"apply","args":{"op":"kick","args":{}}}',
                     b'{"event":"log","text":"x"}', b'{"id":1,"result":null}', b"[1]"))],
     "lines": [b"\x02\x01\x00\x00\x00\x00a LOGIN {3}\r\nabc \"q\\\"x\"\r\n250-a\r\n250 b\r\n"],
+    "tls_records": [b"\x16\x03\x01\x00\x04abcd\x17\x03\x03\x00\x00\x17\x03\x03\x01\x00"
+                    + bytes(256) + b"\x15\x03\x03\x00\x02\x01\x00"],
     "sqlparams": [b"\x02SELECT d FROM m WHERE login = $1 AND note NOT LIKE 'old%' -- $2\n",
                   b"\x05INSERT INTO m VALUES (?, ?) ON CONFLICT (a) DO UPDATE SET d = ?2 /* $3 */",
                   b"\x01SELECT '$1', \"c$1\", E'it\\'s $1', $$ $1 $$, $f$ $2 $f$ FROM t"],

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -17,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
-from stalroute.tls_layer import TLSLayer
+from stalroute.tls_layer import RecordBoundaries, TLSLayer
 from tests.harness.memory import (
     TLSFakeTransport, client_options_without_verification, connect, server_options,
 )
@@ -127,8 +129,41 @@ def test_data_moves_through_the_bios_a_record_at_a_time(certificate):
     pump.flush()
     assert b"".join(server.received) == payload
     assert len(server.received) == 1  # still one delivery
-    record = 2**14 + 256  # a record's ciphertext, at most
-    assert max(into) <= 2**14 and max(out_of) <= record and sum(out_of) >= len(payload)
+    record = 5 + 2**14 + 256  # a record's header and ciphertext, at most
+    assert max(into) <= record and max(out_of) <= record and sum(out_of) >= len(payload)
+
+
+def records(lengths: list[int]) -> bytes:
+    return b"".join(b"\x17\x03\x03" + n.to_bytes(2, "big") + bytes(n) for n in lengths)
+
+
+@given(st.lists(st.integers(0, 300), max_size=8), st.lists(st.integers(1, 400), max_size=8))
+def test_record_boundaries_cut_where_records_end_across_reads(lengths, reads):
+    """However the stream is split into reads, the pieces join up to it and each piece but
+    a read's last ends where a record ends."""
+    stream = records(lengths)
+    ends, total = set(), 0
+    for n in lengths:
+        total += 5 + n
+        ends.add(total)
+    cutter, offset, joined = RecordBoundaries(), 0, b""
+    cuts = [min(sum(reads[:i + 1]), len(stream)) for i in range(len(reads))] + [len(stream)]
+    for cut in cuts:
+        read, offset = stream[offset:cut], max(offset, cut)
+        pieces = cutter.cut(read)
+        assert b"".join(pieces) == read
+        for piece in pieces[:-1]:
+            joined += piece
+            assert len(joined) in ends
+        if pieces:
+            joined += pieces[-1]
+    assert joined == stream
+
+
+@given(st.binary(max_size=2000))
+def test_record_boundaries_lose_nothing_of_garbage(data):
+    cutter = RecordBoundaries()
+    assert b"".join(cutter.cut(data[:700]) + cutter.cut(data[700:])) == data
 
 
 def test_lose_connection_sends_close_notify_and_waits_for_the_peers(certificate):
