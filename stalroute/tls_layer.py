@@ -57,32 +57,39 @@ class RecordBoundaries:
     its header, so that the incoming BIO is given one record at a time. Only where the data
     is cut depends on it: the pieces always join up to the data, valid or not."""
 
-    __slots__ = ("_header", "_body_left")
+    __slots__ = ("_header", "_left")
 
     def __init__(self) -> None:
-        self._header = b""  # the part of the next record's header seen so far
-        self._body_left = 0  # bytes of the current record's body still to come
+        self._header = b""  # the start of a header that the previous read cut off
+        self._left = 0  # bytes of the current record still to come (0: a header is next)
+
+    @property
+    def mid_record(self) -> bool:
+        """The last piece cut ended inside a record: nothing of it can be decrypted yet."""
+        return bool(self._left or self._header)
 
     def cut(self, data: bytes) -> list[bytes]:
+        """``data`` in pieces that end where records end (the last one may end inside a
+        record: see :attr:`mid_record`)."""
         pieces: list[bytes] = []
         start = position = 0
         end = len(data)
         while position < end:
-            if self._body_left:
-                step = min(self._body_left, end - position)
-                self._body_left -= step
-                position += step
-                at_boundary = not self._body_left
-            else:
-                step = min(_HEADER - len(self._header), end - position)
-                self._header += data[position:position + step]
-                position += step
-                at_boundary = False
-                if len(self._header) == _HEADER:
-                    self._body_left = int.from_bytes(self._header[3:], "big")
+            if not self._left:  # a header is next
+                if self._header or position + _HEADER > end:  # split between reads
+                    taken = min(_HEADER - len(self._header), end - position)
+                    self._header += data[position:position + taken]
+                    position += taken
+                    if len(self._header) < _HEADER:
+                        break
+                    self._left = self._header[3] << 8 | self._header[4]
                     self._header = b""
-                    at_boundary = not self._body_left
-            if at_boundary:
+                else:
+                    self._left = _HEADER + (data[position + 3] << 8 | data[position + 4])
+            step = min(self._left, end - position)
+            position += step
+            self._left -= step
+            if not self._left:
                 pieces.append(data[start:position])
                 start = position
         if start < end:
@@ -162,7 +169,9 @@ class TLSLayer:
         ever held, for the connection's life), and deliver it all in one call."""
         received: list[bytes] = []
         closed, failure = False, None
-        for piece in self._records.cut(data):
+        pieces = self._records.cut(data)
+        last = len(pieces) - 1
+        for index, piece in enumerate(pieces):
             if self._finished or closed or failure:
                 break
             self._tls.bio_write(piece)
@@ -170,7 +179,10 @@ class TLSLayer:
                 self._handshake()
                 if not self._handshake_done:
                     continue
-            closed, failure = self._decrypt(received)
+            if index < last:  # one whole record: one read takes it
+                closed, failure = self._decrypt(received, drain=False)
+            elif not self._records.mid_record:  # the last whole record: drain the BIO
+                closed, failure = self._decrypt(received, drain=True)
         self._deliver(received, closed, failure)
 
     def _handshake(self) -> None:
@@ -191,9 +203,9 @@ class TLSLayer:
         if self._unsent:
             self._send_unsent()
 
-    def _decrypt(self, received: list[bytes]) -> tuple[bool, Failure | None]:
-        """Append the plaintext of the complete records; whether the peer closed the stream
-        (``close_notify``), and the TLS error that ended it, if one did."""
+    def _decrypt(self, received: list[bytes], drain: bool) -> tuple[bool, Failure | None]:
+        """Append the plaintext of a record (``drain``: of every complete record); whether
+        the peer closed the stream (``close_notify``), and the TLS error that ended it."""
         recv = self._tls.recv
         while True:
             try:
@@ -204,6 +216,8 @@ class TLSLayer:
                 return True, None
             except SSL.Error:
                 return False, Failure()
+            if not drain:
+                return False, None
 
     def _deliver(self, received: list[bytes], closed: bool, failure: Failure | None) -> None:
         """Give the protocol what was decrypted, then send what OpenSSL answers (a
@@ -221,11 +235,18 @@ class TLSLayer:
 
     def _flush(self) -> None:
         """Send what OpenSSL wrote to the outgoing BIO."""
+        ciphertext: list[bytes] = []
+        self._take_ciphertext(ciphertext)
+        if ciphertext:
+            self._wire.write(ciphertext[0] if len(ciphertext) == 1 else b"".join(ciphertext))
+
+    def _take_ciphertext(self, ciphertext: list[bytes]) -> None:
+        """Move what OpenSSL wrote to the outgoing BIO into ``ciphertext``."""
         try:
             while True:
-                ciphertext = self._tls.bio_read(_CHUNK)
-                self._wire.write(ciphertext)
-                if len(ciphertext) < _CHUNK:
+                chunk = self._tls.bio_read(_CHUNK)
+                ciphertext.append(chunk)
+                if len(chunk) < _CHUNK:
                     return
         except SSL.WantReadError:
             return
@@ -244,7 +265,7 @@ class TLSLayer:
         if not self._finished:  # how did the stream end: close_notify, or truncated?
             self._tls.bio_shutdown()
             received: list[bytes] = []
-            self._deliver(received, *self._decrypt(received))
+            self._deliver(received, *self._decrypt(received, drain=True))
             self._finished = True
         self.wrapped.connectionLost(self._reason or reason)
 
@@ -263,15 +284,21 @@ class TLSLayer:
 
     def _send(self, data: bytes) -> None:
         send = self._tls.send
+        ciphertext: list[bytes] = []
+        failure = None
         offset = 0
         try:
-            while offset < len(data):  # a record at a time, each sent before the next
+            while offset < len(data):  # a record at a time, each out of the BIO at once
                 offset += send(data[offset:offset + _RECORD])
-                self._flush()
+                self._take_ciphertext(ciphertext)
         except SSL.WantReadError:  # a renegotiation wants the peer first
             self._unsent.append(data[offset:])
         except SSL.Error:
-            self._fail(Failure())
+            failure = Failure()
+        if ciphertext:
+            self._wire.write(ciphertext[0] if len(ciphertext) == 1 else b"".join(ciphertext))
+        if failure is not None:
+            self._fail(failure)
 
     def _send_unsent(self) -> None:
         unsent, self._unsent = self._unsent, []

@@ -155,6 +155,7 @@ def fuzz_tls_records(data: bytes) -> None:
         for piece in pieces:
             position += len(piece)
             assert piece is pieces[-1] or position in ends, (position, sorted(ends))
+        assert not pieces or (position in ends) != cutter.mid_record, (position, sorted(ends))
 
 
 # --- SASL and identities ----------------------------------------------------------------------
