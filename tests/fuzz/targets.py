@@ -144,17 +144,18 @@ def fuzz_tls_records(data: bytes) -> None:
     and every piece but a read's last ends where a record ends (a walk over the headers of
     the whole stream says where)."""
     reads = chunks(Input(data[::-1]), data)
+    stream = b"".join(reads)
     ends, position = set(), 0
-    while position + 5 <= len(data):
-        position += 5 + int.from_bytes(data[position + 3:position + 5], "big")
+    while position + 5 <= len(stream):
+        position += 5 + int.from_bytes(stream[position + 3:position + 5], "big")
         ends.add(position)
     cutter, position = RecordBoundaries(), 0
     for read in reads:
         pieces = cutter.cut(read)
         assert b"".join(pieces) == read
-        for piece in pieces:
+        for number, piece in enumerate(pieces, 1):
             position += len(piece)
-            assert piece is pieces[-1] or position in ends, (position, sorted(ends))
+            assert number == len(pieces) or position in ends, (position, sorted(ends))
         assert not pieces or (position in ends) != cutter.mid_record, (position, sorted(ends))
 
 
