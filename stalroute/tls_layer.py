@@ -5,7 +5,8 @@ write to the next reactor turn to aggregate small ones, builds a ``Failure`` for
 read, and wraps producers in two adapters. A proxy writes once per read it relays, so none of
 that pays here: this layer encrypts and sends at once, delivers what one socket read decrypts
 in one call, and passes producers through to the socket (the ciphertext waiting there is what
-flow control is about). Measured in ``bench/README.md`` ("lean TLS layer").
+flow control is about), and moves data through the memory BIOs a record at a time (they never
+shrink). Measured in ``bench/README.md`` ("stalroute's TLS layer").
 
 Behaviour kept from Twisted's layer, which the rest of stalroute and its tests rely on:
 writes before the handshake wait for it; ``loseConnection`` sends ``close_notify`` once the
@@ -183,6 +184,8 @@ class TLSLayer:
                 closed, failure = self._decrypt(received, drain=False)
             elif not self._records.mid_record:  # the last whole record: drain the BIO
                 closed, failure = self._decrypt(received, drain=True)
+        if self._unsent and self._handshake_done and not self._finished:
+            self._send_unsent()  # what a renegotiation held back, before any answer
         self._deliver(received, closed, failure)
 
     def _handshake(self) -> None:
