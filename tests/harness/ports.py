@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,10 @@ LOOPBACK = "127.0.0.1"
 #: The lowest port handed out.
 LOWEST_PORT = 10_000
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+#: The ports this process handed out lately, not handed out again: two servers given ports by
+#: separate calls, neither listening yet, would otherwise be able to get the same one (two
+#: Dovecot nodes of one test once did). Bounded: the oldest are forgotten first.
+_handed_out: deque[int] = deque(maxlen=8_192)
 
 
 def _below_ephemeral() -> int:
@@ -46,13 +51,17 @@ def held_ports(count: int, host: str = LOOPBACK) -> Iterator[list[int]]:
     with contextlib.ExitStack() as stack:
         ports: list[int] = []
         while len(ports) < count:
+            port = random.randint(LOWEST_PORT, highest)
+            if port in _handed_out:
+                continue
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                sock.bind((host, random.randint(LOWEST_PORT, highest)))
+                sock.bind((host, port))
             except OSError:  # taken (or held by this very call): try another
                 sock.close()
                 continue
             ports.append(stack.enter_context(sock).getsockname()[1])
+        _handed_out.extend(ports)
         yield ports
 
 

@@ -23,6 +23,7 @@ from tests.harness.clients import (
     proxy_v2_header,
 )
 from tests.harness.dovecot import welcome_subject
+from tests.harness import ports
 from tests.harness.pki import CertificateAuthority, sha256_fingerprint
 from tests.harness.processes import ManagedProcess, session_processes
 from tests.harness.stalroute import dump_toml
@@ -120,3 +121,13 @@ def test_dump_toml_round_trips() -> None:
         "odd key": {"path": 'C:\\dir "x"'},
     }
     assert tomllib.loads(dump_toml(document)) == document
+
+
+def test_free_ports_never_hands_out_a_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two servers given ports by separate calls, neither listening yet, must not get the same
+    one: the random draw that once gave two Dovecot nodes of one test the same port is made
+    to repeat itself here."""
+    first = ports.free_port()
+    draws = iter([first, first, first + 1 if first + 1 < 32_000 else first - 1])
+    monkeypatch.setattr(ports.random, "randint", lambda low, high: next(draws))
+    assert ports.free_port() != first
