@@ -13,7 +13,8 @@ Measured with one raw-``ssl`` client for every target: IMAP logins/s and proxy C
 (``/proc``, the proxy's process tree), the same for returning clients that resume their last
 TLS session, one-client latency, proxy memory per idle session, relay of a large FETCH; HTTP
 keep-alive requests/s and CPU per request. ``--profile FILE`` adds a fresh stalroute under
-twistd's cProfile with the same IMAP load (the table stays unprofiled).
+cProfile on the CPU clock (``bench/cpu_profile.py``) with the same IMAP load (the table stays
+unprofiled).
 
 Run as root (Dovecot): ``.venv/bin/python bench/compare_bench.py`` (under 3 minutes).
 See bench/README.md for the rows and how to read them.
@@ -47,7 +48,7 @@ from bench.common import (  # noqa: E402
     ImapConnection, imap_session, issue_rsa_certificate, note, print_table,
 )
 from bench.http_bench import USER as HTTP_USER  # noqa: E402
-from bench.http_bench import print_profile, profile_options  # noqa: E402
+from bench.http_bench import print_profile, profile_arguments, write_profile  # noqa: E402
 from bench.http_bench import proxy_config as http_proxy_config  # noqa: E402
 from bench.workers_bench import (  # noqa: E402
     CpuMeter, Load, ProcessCpu, http_generator, own_cpu, process_tree,
@@ -548,16 +549,18 @@ def describe_tree(tree: Path) -> str:
 
 def profile_stalroute(args: argparse.Namespace, config: dict[str, Any], mappings: dict[str, str],
                       cafile: str, workdir: Path) -> Load:
-    """A fresh stalroute under cProfile (written when it stops), loaded as in the table."""
+    """A fresh stalroute under cProfile, loaded as in the table; its profile in ``--profile``."""
     path = args.profile.resolve()
     note(f"profiled stalroute: {args.profile_seconds:.0f} s of IMAP logins, profile to {path}")
     with StalrouteProcess(config, workdir / "stalroute-profiled", mappings=mappings,
-                          twistd_options=profile_options(path)) as proxy:
+                          python_args=profile_arguments(path)) as proxy:
         address = proxy.listener("imaps")
         sessions = [(user, address) for user in mappings if user != BIG_USER]
-        return run_generators(imap_generator, (sessions, cafile, args.threads,
+        load = run_generators(imap_generator, (sessions, cafile, args.threads,
                                                args.profile_seconds, None),
                               args.clients, args.profile_seconds)
+        write_profile(proxy.pid, path)
+        return load
 
 
 def main(argv: list[str] | None = None) -> int:

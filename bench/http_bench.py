@@ -20,9 +20,10 @@ On a small machine the client, nginx and stalroute share the cores: read the rat
 and stalroute's CPU per request (its process's user + system time over the phase, from
 ``/proc``), which does not depend on how the cores are shared.
 
-``--profile FILE`` runs stalroute under cProfile (twistd ``--profile``): the profile is written
-to ``FILE`` when stalroute stops, and its top functions by own and cumulative time are printed
-(cProfile slows stalroute down: read the req/s of a profiled run as relative only).
+``--profile FILE`` runs stalroute under cProfile on the process's CPU clock
+(``bench/cpu_profile.py``): the profile of the whole run is written to ``FILE`` and its top
+functions by own and cumulative time are printed (cProfile slows stalroute down, about twice
+for Python code: read the req/s of a profiled run as relative only).
 ``--keep-alive-only`` skips the phase with a new connection per request.
 
 Reading the numbers: nginx answering a ``return 200`` in C is the ceiling, not the goal.
@@ -42,6 +43,7 @@ import multiprocessing
 import os
 import pstats
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -56,6 +58,8 @@ from tests.harness.ports import LOOPBACK, free_port  # noqa: E402
 from tests.harness.stalroute import StalrouteProcess  # noqa: E402
 
 USER = "bench@example.org"
+#: The profiler stalroute runs under with ``--profile``.
+PROFILER = Path(__file__).with_name("cpu_profile.py")
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)")
 
 
@@ -204,11 +208,21 @@ def proxy_config(node: NginxNode, port: int) -> dict:
     }
 
 
-def profile_options(path: Path | None) -> list[str]:
-    """twistd options that write a cProfile of the whole run to ``path`` when it stops."""
-    if path is None:
-        return []
-    return [f"--profile={path}", "--profiler=cprofile", "--savestats"]
+def profile_arguments(path: Path | None) -> list[str]:
+    """Interpreter arguments that run stalroute under cProfile on the CPU clock
+    (``bench/cpu_profile.py``); :func:`write_profile` then has it write ``path``."""
+    return [] if path is None else [str(PROFILER), str(path)]
+
+
+def write_profile(pid: int, path: Path, timeout: float = 30.0) -> None:
+    """Have the profiled stalroute ``pid`` write its profile to ``path`` now."""
+    path.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"stalroute wrote no profile to {path} in {timeout:.0f} s")
+        time.sleep(0.1)
 
 
 def print_profile(path: Path, top: int = 25) -> None:
@@ -235,7 +249,7 @@ def main() -> None:
             NginxNode("bench", parent_dir=Path(scratch)) as node:
         proxy = StalrouteProcess(proxy_config(node, free_port()), Path(scratch) / "stalroute",
                                  mappings={USER: "nginx"},
-                                 twistd_options=profile_options(profile))
+                                 python_args=profile_arguments(profile))
         with proxy:
             direct = (LOOPBACK, node.port)
             routed = proxy.listener("web")
@@ -248,6 +262,8 @@ def main() -> None:
                 through = measure(routed, keepalive, args.seconds, args.clients, proxy.pid)
                 rows.append((label, base, through))
             rss = proxy.rss_kb()
+            if profile is not None:
+                write_profile(proxy.pid, profile)
 
     print(f"\nHTTP: {args.clients} client processes, {args.seconds:.0f} s per phase, "
           f"GET /jmap/session with Basic auth (nginx answers 100-odd bytes)\n")

@@ -228,11 +228,12 @@ class StalrouteProcess:
         *,
         mappings: Mapping[str, str] | None = None,
         python: str = sys.executable,
-        twistd_options: Sequence[str] = (),
+        python_args: Sequence[str] = (),
         source: Path = REPO_ROOT,
     ) -> None:
-        """``twistd_options`` go before the plugin name (e.g. a benchmark's ``--profile``);
-        ``source`` is the checkout whose stalroute runs (a benchmark's baseline commit)."""
+        """``python_args`` go between the interpreter and ``-c`` (a benchmark's profiler,
+        ``bench/cpu_profile.py``); ``source`` is the checkout whose stalroute runs (a
+        benchmark's baseline commit)."""
         self.workdir = workdir
         self.config = copy.deepcopy(dict(config))
         self.config_path = workdir / "stalroute.toml"
@@ -249,12 +250,12 @@ class StalrouteProcess:
         self._process = ManagedProcess(
             [
                 python,
+                *python_args,
                 "-c",
                 _TWISTD,
                 "-n",
                 "--pidfile=",
                 f"--logfile={self.log.path}",
-                *twistd_options,
                 "stalroute",
                 "--config",
                 self.config_path,
