@@ -226,7 +226,7 @@ class TLSLayer:
         """Give the protocol what was decrypted, then send what OpenSSL answers (a
         ``close_notify``, session tickets, an alert)."""
         if received:
-            self.wrapped.dataReceived(received[0] if len(received) == 1 else b"".join(received))
+            self.wrapped.dataReceived(b"".join(received))  # one part is passed on, not copied
         if closed:
             self._finished = True
             self._shutdown()
@@ -241,7 +241,7 @@ class TLSLayer:
         ciphertext: list[bytes] = []
         self._take_ciphertext(ciphertext)
         if ciphertext:
-            self._wire.write(ciphertext[0] if len(ciphertext) == 1 else b"".join(ciphertext))
+            self._wire.write(b"".join(ciphertext))
 
     def _take_ciphertext(self, ciphertext: list[bytes]) -> None:
         """Move what OpenSSL wrote to the outgoing BIO into ``ciphertext``."""
@@ -299,7 +299,7 @@ class TLSLayer:
         except SSL.Error:
             failure = Failure()
         if ciphertext:
-            self._wire.write(ciphertext[0] if len(ciphertext) == 1 else b"".join(ciphertext))
+            self._wire.write(b"".join(ciphertext))
         if failure is not None:
             self._fail(failure)
 
