@@ -238,15 +238,19 @@ class _Progress:
 
 
 class _OneLeg(Factory):
-    """Connects one prepared leg (quietly: one factory per connection would log twice)."""
+    """Connects one prepared leg (quietly: one factory per connection would log twice).
+
+    It lets go of the leg once built: Twisted's connector and its client transport refer to
+    each other until the collector's next full pass, and the leg must not wait with them."""
 
     noisy = False
 
     def __init__(self, leg: BackendLeg) -> None:
-        self._leg = leg
+        self._leg: BackendLeg | None = leg
 
-    def buildProtocol(self, addr) -> BackendLeg:
-        return self._leg
+    def buildProtocol(self, addr) -> BackendLeg | None:
+        leg, self._leg = self._leg, None
+        return leg
 
 
 class BackendConnector:

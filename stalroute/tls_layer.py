@@ -20,6 +20,7 @@ give the ``SSL.Connection``.
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 from types import SimpleNamespace
 from typing import Any
@@ -120,7 +121,7 @@ class TLSLayer:
 
     __slots__ = ("wrapped", "_creator", "_client", "_tls", "_wire", "_records",
                  "disconnecting", "_handshake_done", "_finished", "_reason", "_unsent",
-                 "_producer")
+                 "_producer", "__weakref__")
 
     #: Asked by Twisted's options for the application's ALPN protocols
     #: (``protosFromProtocol``): none under ``startTLS``, as with Twisted's layer.
@@ -155,7 +156,7 @@ class TLSLayer:
         if IOpenSSLContextFactory.providedBy(creator):
             connection = SSL.Connection(creator.getContext(), None)
         elif self._client:
-            connection = creator.clientConnectionForTLS(self)
+            connection = creator.clientConnectionForTLS(_WeakLayer(self))
         else:
             connection = creator.serverConnectionForTLS(self)
         if self._client:
@@ -271,6 +272,9 @@ class TLSLayer:
             self._deliver(received, *self._decrypt(received, drain=True))
             self._finished = True
         self.wrapped.connectionLost(self._reason or reason)
+        # The last reference back to the layer: without it, the connection's objects (and
+        # OpenSSL's memory) go by reference counting now, not at the collector's next full pass.
+        self._tls.set_app_data(None)
 
     # -- above: what the transport routes here while TLS is on ---------------------------
 
@@ -357,8 +361,24 @@ class TLSLayer:
     def getHandle(self) -> SSL.Connection:
         return self._tls
 
-    def getPeerCertificate(self) -> Any:
-        return self._tls.get_peer_certificate()
+
+class _WeakLayer:
+    """The layer as Twisted's client options see it (they ask for ``factory`` and call
+    ``failVerification``), held weakly: their verify callback keeps it until it is called,
+    which a resumed session never does, and the callback lives in a reference cycle of
+    pyOpenSSL's, freed only by the collector's full passes."""
+
+    __slots__ = ("_layer",)
+
+    factory = TLSLayer.factory
+
+    def __init__(self, layer: TLSLayer) -> None:
+        self._layer = weakref.ref(layer)
+
+    def failVerification(self, reason: Failure) -> None:
+        layer = self._layer()
+        if layer is not None:
+            layer.failVerification(reason)
 
 
 def insert_layer(transport: Any, creator: Any, wire: Wire, client: bool) -> None:
@@ -370,10 +390,14 @@ def insert_layer(transport: Any, creator: Any, wire: Wire, client: bool) -> None
         transport.unregisterProducer()
     layer = TLSLayer(transport.protocol, creator, client)
     transport.protocol = layer
-    transport.getHandle = layer.getHandle
-    transport.getPeerCertificate = layer.getPeerCertificate
     transport.TLS = True
     layer.makeConnection(wire)
+    # Weakly: a client transport outlives its connection in a reference cycle of Twisted's
+    # (with its connector), and must not keep OpenSSL's memory with it.
+    handle = weakref.ref(layer.getHandle())
+    transport.getHandle = handle
+    transport.getPeerCertificate = (
+        lambda: handle().get_peer_certificate())  # type: ignore[union-attr]
     if producer is not None:
         transport.registerProducer(producer, streaming)
 

@@ -14,7 +14,7 @@ import itertools
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
+from typing import Callable, ClassVar
 
 from stalroute.config import DEFAULT_IMAP_ADVERTISE, ProtocolCapabilities
 from stalroute.protocols.base import (
@@ -145,15 +145,6 @@ class IMAPPreAuth(LinePreAuth[IMAPCapabilities]):
         super().__init__(settings, LiteralAssembler(MAX_PREAUTH_LINE, synchronising=True))
         #: The tag of the command being answered (the login's while one is outstanding).
         self._tag = b""
-        self._handlers: dict[bytes, Callable[[_Arguments], list[PreAuthEvent]]] = {
-            b"CAPABILITY": self._capability,
-            b"NOOP": self._noop,
-            b"ID": self._id,
-            b"LOGOUT": self._logout,
-            b"STARTTLS": self._starttls,
-            b"LOGIN": self._login,
-            b"AUTHENTICATE": self._authenticate,
-        }
 
     def greeting(self) -> list[PreAuthEvent]:
         banner = safe_text(self.settings.banner, "Ready.")
@@ -200,11 +191,11 @@ class IMAPPreAuth(LinePreAuth[IMAPCapabilities]):
         self._tag = tag
         if name is None:
             return self._refuse(b"Missing command")
-        handler = self._handlers.get(name)
+        handler = self._HANDLERS.get(name)
         if handler is None:
             return self._refuse(b"Command not permitted before authentication")
         try:
-            return handler(arguments)
+            return handler(self, arguments)
         except _SyntaxError:
             return self._refuse(b"Invalid arguments")
 
@@ -296,6 +287,19 @@ class IMAPPreAuth(LinePreAuth[IMAPCapabilities]):
             initial_response = arguments.atom()
         arguments.end()
         return self._start_sasl(mechanism, initial_response)
+
+    #: The commands it answers: functions of the class (a table of bound methods would make
+    #: every machine a reference cycle, freed only by the collector's full passes).
+    _HANDLERS: ClassVar[dict[bytes, Callable[[IMAPPreAuth, _Arguments],
+                                             list[PreAuthEvent]]]] = {
+        b"CAPABILITY": _capability,
+        b"NOOP": _noop,
+        b"ID": _id,
+        b"LOGOUT": _logout,
+        b"STARTTLS": _starttls,
+        b"LOGIN": _login,
+        b"AUTHENTICATE": _authenticate,
+    }
 
 
 def _id_parameters(arguments: _Arguments) -> dict[str, bytes | None]:

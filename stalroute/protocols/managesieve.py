@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import ClassVar
 
 from stalroute.config import (
     DEFAULT_SIEVE_EXTENSIONS,
@@ -117,13 +118,6 @@ class ManageSievePreAuth(LinePreAuth[SieveCapabilities]):
     def __init__(self, settings: PreAuthSettings[SieveCapabilities]) -> None:
         # ManageSieve has no literal continuation: "{n}" and "{n+}" are both read at once.
         super().__init__(settings, LiteralAssembler(MAX_PREAUTH_LINE, synchronising=False))
-        self._handlers: dict[bytes, Callable[[Arguments], list[PreAuthEvent]]] = {
-            b"CAPABILITY": self._capability,
-            b"NOOP": self._noop,
-            b"LOGOUT": self._logout,
-            b"STARTTLS": self._starttls,
-            b"AUTHENTICATE": self._authenticate,
-        }
 
     def greeting(self) -> list[PreAuthEvent]:
         banner = safe_text(self.settings.banner, "Ready.")
@@ -195,11 +189,11 @@ class ManageSievePreAuth(LinePreAuth[SieveCapabilities]):
             name = arguments.word(_COMMAND_NAME).upper()
         except ArgumentError:
             return self._bad(b'NO "Invalid command."\r\n')
-        handler = self._handlers.get(name)
+        handler = self._HANDLERS.get(name)
         if handler is None:
             return self._bad(b'NO "Command not allowed before authentication."\r\n')
         try:
-            return handler(arguments)
+            return handler(self, arguments)
         except ArgumentError:
             return self._bad(b'NO "Invalid arguments."\r\n')
 
@@ -238,6 +232,17 @@ class ManageSievePreAuth(LinePreAuth[SieveCapabilities]):
             initial_response = arguments.string()
         arguments.end()
         return self._start_sasl(mechanism.decode("ascii", "replace"), initial_response)
+
+    #: The commands it answers: functions of the class (a table of bound methods would make
+    #: every machine a reference cycle, freed only by the collector's full passes).
+    _HANDLERS: ClassVar[dict[bytes, Callable[[ManageSievePreAuth, Arguments],
+                                             list[PreAuthEvent]]]] = {
+        b"CAPABILITY": _capability,
+        b"NOOP": _noop,
+        b"LOGOUT": _logout,
+        b"STARTTLS": _starttls,
+        b"AUTHENTICATE": _authenticate,
+    }
 
 
 # --- the backend side ---------------------------------------------------------------------

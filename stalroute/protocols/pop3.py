@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import ClassVar
 
 from stalroute.config import ProtocolCapabilities
 from stalroute.protocols.base import (
@@ -77,17 +78,6 @@ class POP3PreAuth(LinePreAuth[POP3Capabilities]):
         super().__init__(settings)
         self._user: bytes | None = None
         self._utf8 = False
-        self._handlers: dict[bytes, Callable[[bytes | None], list[PreAuthEvent]]] = {
-            b"CAPA": self._capa,
-            b"NOOP": self._noop,
-            b"UTF8": self._utf8_command,
-            b"QUIT": self._quit,
-            b"STLS": self._stls,
-            b"USER": self._user_command,
-            b"PASS": self._pass,
-            b"AUTH": self._auth,
-            b"APOP": self._apop,
-        }
 
     def greeting(self) -> list[PreAuthEvent]:
         return [Reply(b"+OK " + safe_text(self.settings.banner, "Ready.") + b"\r\n")]
@@ -125,10 +115,10 @@ class POP3PreAuth(LinePreAuth[POP3Capabilities]):
     def _execute(self, unit: object) -> list[PreAuthEvent]:
         assert isinstance(unit, bytes)
         name, space, argument = unit.partition(b" ")
-        handler = self._handlers.get(name.upper())
+        handler = self._HANDLERS.get(name.upper())
         if handler is None:
             return self._bad(b"-ERR Unknown command or not allowed before authentication\r\n")
-        return handler(argument if space else None)
+        return handler(self, argument if space else None)
 
     def _invalid(self) -> list[PreAuthEvent]:
         return self._bad(b"-ERR Invalid arguments\r\n")
@@ -215,6 +205,21 @@ class POP3PreAuth(LinePreAuth[POP3Capabilities]):
 
     def _apop(self, argument: bytes | None) -> list[PreAuthEvent]:
         return [Reply(b"-ERR APOP is not supported\r\n")]
+
+    #: The commands it answers: functions of the class (a table of bound methods would make
+    #: every machine a reference cycle, freed only by the collector's full passes).
+    _HANDLERS: ClassVar[dict[bytes, Callable[[POP3PreAuth, bytes | None],
+                                             list[PreAuthEvent]]]] = {
+        b"CAPA": _capa,
+        b"NOOP": _noop,
+        b"UTF8": _utf8_command,
+        b"QUIT": _quit,
+        b"STLS": _stls,
+        b"USER": _user_command,
+        b"PASS": _pass,
+        b"AUTH": _auth,
+        b"APOP": _apop,
+    }
 
 
 # --- the backend side ---------------------------------------------------------------------

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import ClassVar
 
 from stalroute.config import DEFAULT_SUBMISSION_EHLO, ProtocolCapabilities
 from stalroute.protocols.base import (
@@ -88,15 +89,6 @@ class SubmissionPreAuth(LinePreAuth[SubmissionCapabilities]):
         super().__init__(settings)
         self._hostname = safe_text(settings.hostname, "localhost").replace(b" ", b"")
         self._skip = 0  # bytes of a refused BDAT chunk still to discard
-        self._handlers: dict[bytes, Callable[[bytes | None], list[PreAuthEvent]]] = {
-            b"EHLO": self._ehlo,
-            b"HELO": self._helo,
-            b"NOOP": self._noop,
-            b"RSET": self._rset,
-            b"QUIT": self._quit,
-            b"STARTTLS": self._starttls,
-            b"AUTH": self._auth,
-        }
 
     def greeting(self) -> list[PreAuthEvent]:
         banner = safe_text(self.settings.banner, "Ready.")
@@ -158,9 +150,9 @@ class SubmissionPreAuth(LinePreAuth[SubmissionCapabilities]):
         assert isinstance(unit, bytes)
         name, space, argument = unit.partition(b" ")
         verb = name.upper()
-        handler = self._handlers.get(verb)
+        handler = self._HANDLERS.get(verb)
         if handler is not None:
-            return handler(argument if space else None)
+            return handler(self, argument if space else None)
         if verb in _TRANSACTION:
             if verb == b"BDAT":
                 size = _BDAT.match(argument) if space else None
@@ -216,6 +208,19 @@ class SubmissionPreAuth(LinePreAuth[SubmissionCapabilities]):
             return self._bad(b"503 5.5.1 Send EHLO first\r\n")
         initial_response = words[1] if len(words) == 2 else None
         return self._start_sasl(words[0].decode("ascii", "replace"), initial_response)
+
+    #: The commands it answers: functions of the class (a table of bound methods would make
+    #: every machine a reference cycle, freed only by the collector's full passes).
+    _HANDLERS: ClassVar[dict[bytes, Callable[[SubmissionPreAuth, bytes | None],
+                                             list[PreAuthEvent]]]] = {
+        b"EHLO": _ehlo,
+        b"HELO": _helo,
+        b"NOOP": _noop,
+        b"RSET": _rset,
+        b"QUIT": _quit,
+        b"STARTTLS": _starttls,
+        b"AUTH": _auth,
+    }
 
 
 # --- the backend side ---------------------------------------------------------------------

@@ -4,9 +4,13 @@ tests pin the behaviour it keeps from Twisted's layer and what it does different
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 from OpenSSL import SSL
@@ -19,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
+from stalroute.tls import ResumingClientTLS
 from stalroute.tls_layer import RecordBoundaries, TLSLayer
 from tests.harness.memory import (
     TLSFakeTransport, client_options_without_verification, connect, server_options,
@@ -299,3 +304,41 @@ def test_a_tls_error_after_the_handshake_is_the_reason(certificate):
     pump.flush()
     assert server.reason is not None and server.reason.check(SSL.Error)
     assert server.received == []
+
+
+def test_a_closed_connection_is_freed_without_the_cycle_collector(ca, certificate):
+    """Nothing of the layer's refers back to it once the connection is lost, so a finished
+    connection's objects and OpenSSL's memory go at once, not at the collector's next full
+    pass. The client resumes its session, so Twisted's verify callback is never called (it
+    forgets its protocol only when called)."""
+    legs = ResumingClientTLS(ssl.optionsForClientTLS("imap.test", trustRoot=ssl.Certificate.loadPEM(
+        ca.cert_path.read_bytes())))
+
+    tickets = ssl.CertificateOptions(
+        certificate=x509.load_pem_x509_certificate(certificate.cert_path.read_bytes()),
+        privateKey=serialization.load_pem_private_key(certificate.key_path.read_bytes(), None),
+        enableSessionTickets=True)
+
+    def conversation() -> tuple[Peer, Peer, Any]:
+        server, client = Peer(tickets, b"* OK ready\r\n"), Peer(legs)
+        pump = connect(client, server, MemoryReactorClock(), ("127.0.0.1", 40000),
+                       ("127.0.0.1", 993))
+        pump.flush()  # the tickets came before the greeting
+        legs.remember(client.transport.getHandle())
+        client.transport.loseConnection()
+        pump.flush()
+        assert client.reason is not None and server.reason is not None
+        return server, client, pump
+
+    conversation()
+    server, client, pump = conversation()
+    layers = [weakref.ref(server.layer), weakref.ref(client.layer)]
+    tls = [weakref.ref(server.transport.getHandle()), weakref.ref(client.transport.getHandle())]
+    for transport in (server.transport, client.transport):
+        del transport.protocol  # as Twisted's TCP transport does once the connection is lost
+    gc.disable()
+    try:
+        del server, client, pump
+        assert [ref() for ref in layers + tls] == [None] * 4
+    finally:
+        gc.enable()
