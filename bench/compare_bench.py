@@ -12,9 +12,10 @@ TLS toward backends), and "direct" (TLS at the account's Dovecot node).
 Measured with one raw-``ssl`` client for every target: IMAP logins/s and proxy CPU per session
 (``/proc``, the proxy's process tree), the same for returning clients that resume their last
 TLS session, one-client latency, proxy memory per idle session, relay of a large FETCH; HTTP
-keep-alive requests/s and CPU per request. ``--profile FILE`` adds a fresh stalroute under
-cProfile on the CPU clock (``bench/cpu_profile.py``) with the same IMAP load (the table stays
-unprofiled).
+keep-alive requests/s and CPU per request. ``--floor`` adds ``bench/floor_proxy.py`` (HAProxy's
+job on stalroute's TLS stack, no stalroute logic) as a column. ``--profile FILE`` adds a fresh
+stalroute under cProfile on the CPU clock (``bench/cpu_profile.py``) with the same IMAP load (the
+table stays unprofiled).
 
 Run as root (Dovecot): ``.venv/bin/python bench/compare_bench.py`` (under 3 minutes).
 See bench/README.md for the rows and how to read them.
@@ -55,7 +56,7 @@ from bench.workers_bench import (  # noqa: E402
     run_generators,
 )
 from bench.peers import (  # noqa: E402
-    RoomyDovecotNode, dovecot_sessions, start_haproxy, start_nginx_mail,
+    RoomyDovecotNode, dovecot_sessions, start_floor_proxy, start_haproxy, start_nginx_mail,
 )
 from tests.harness.clients import make_message  # noqa: E402
 from tests.harness.dovecot import DovecotNode  # noqa: E402
@@ -73,6 +74,7 @@ NAMES = ("localhost", "node1.test", "node2.test")
 NO_PROXY = -1
 #: The column of ``--baseline-tree``'s stalroute.
 BASELINE = "stalroute baseline"
+FLOOR = "Python floor"
 Address = tuple[str, int]
 
 
@@ -234,11 +236,13 @@ def measure_relay(target: Target, context: ssl.SSLContext, size: int, fetches: i
 
 def hold_idle_sessions(target: Target, context: ssl.SSLContext, count: int, limit: float,
                        nodes: list[DovecotNode], fetch: bool) -> None:
-    """Open up to ``count`` sessions (LOGIN + SELECT), leave them idle, read the proxy's RSS;
-    if ``fetch``, FETCH the account's second message (``--idle-fetch-kib``) on each and read
-    it again; close them and wait for Dovecot to end its ``imap`` processes."""
+    """Open up to ``count`` sessions (LOGIN + SELECT) in two halves and leave them idle; the
+    proxy's RSS growth over the second half is the memory per session (what the first ones
+    allocate once, pools and caches, does not count). Run on a fresh proxy: memory a process
+    freed but kept, of sessions that ended, is taken up first and would pass for sessions
+    costing less. If ``fetch``, FETCH the account's second message (``--idle-fetch-kib``) on
+    each and read it again; close them and wait for Dovecot to end its ``imap`` processes."""
     sessions = target.sessions()
-    before = tree_rss_kib(target.pid)
     deadline = time.monotonic() + limit
 
     def open_one(number: int) -> ImapConnection | None:
@@ -253,16 +257,23 @@ def hold_idle_sessions(target: Target, context: ssl.SSLContext, count: int, limi
             raise
         return connection
 
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(open_one, number) for number in range(count)]
+    def open_many(numbers: range) -> list[ImapConnection]:
+        futures = [pool.submit(open_one, number) for number in numbers]
         opened = []
         for future in futures:
             with contextlib.suppress(Exception):
                 if (connection := future.result()) is not None:
                     opened.append(connection)
         time.sleep(1.0)
+        return opened
+
+    with ThreadPoolExecutor(8) as pool:
+        opened = open_many(range(count // 2))
+        before = tree_rss_kib(target.pid)
+        second_half = open_many(range(count // 2, count))
         after = tree_rss_kib(target.pid)
-        target.idle = (len(opened), (after - before) / max(len(opened), 1))
+        opened += second_half
+        target.idle = (len(opened), (after - before) / max(len(second_half), 1))
         if fetch:
             list(pool.map(lambda connection: connection.command(b"FETCH 2 (BODY.PEEK[])"),
                           opened))
@@ -477,6 +488,12 @@ def run(args: argparse.Namespace) -> None:
         if baseline is not None:
             imap.insert(2, Target(BASELINE, everyone(baseline.listener("imaps")), baseline.pid,
                                   dovecot))
+        if args.floor:
+            floor, floor_imap = start_floor_proxy(workdir / "floor", certificate, ca.cert_path,
+                                                  nodes)
+            cleanup.callback(floor.stop)
+            imap.insert(-1, Target(FLOOR, everyone((LOOPBACK, floor_imap)), floor.pid,
+                                   dovecot))  # before HAProxy, the last one so far
         try:
             nginx_mail, nginx_imap = start_nginx_mail(workdir / "nginx-mail", certificate, routes)
             cleanup.callback(nginx_mail.stop)
@@ -497,6 +514,10 @@ def run(args: argparse.Namespace) -> None:
             connection = ImapConnection(target.addresses[users[0]], context)
             target.tls = f"{connection.tls.version()} {(connection.tls.cipher() or ('?',))[0]}"
             connection.logout()
+        for target in imap[1:] if args.idle else []:  # first: what earlier sessions freed
+            note(f"{target.name}: {args.idle} idle sessions")  # would be taken up first
+            hold_idle_sessions(target, context, args.idle, args.max_seconds, nodes,
+                               fetch=args.idle_fetch_kib > 0)
         note(f"IMAP logins: {args.seconds:.0f} s per target in {args.slices} slices, "
              f"{args.clients} processes × {args.threads} threads")
         measure_logins(imap, args, cafile, args.seconds)
@@ -507,10 +528,6 @@ def run(args: argparse.Namespace) -> None:
             measure_logins(resumed, args, cafile, args.resumed_seconds)
         note(f"one-client latency: {args.latency_sessions} sessions per target")
         measure_latency(imap, context, args.latency_sessions)
-        for target in imap[1:] if args.idle else []:  # before the relay grows the heaps
-            note(f"{target.name}: {args.idle} idle sessions")
-            hold_idle_sessions(target, context, args.idle, args.max_seconds, nodes,
-                               fetch=args.idle_fetch_kib > 0)
         for target in imap:
             note(f"{target.name}: relay, FETCH {args.size_mb} MiB × {args.fetches}")
             measure_relay(target, context, len(payload), args.fetches)
@@ -592,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-tree", type=Path, metavar="DIR",
                         help="another checkout of stalroute (git worktree add DIR REV), "
                              "measured as one more column in the same run")
+    parser.add_argument("--floor", action="store_true",
+                        help="add bench/floor_proxy.py (HAProxy's job on stalroute's TLS "
+                             "stack, no stalroute logic) as one more column")
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="also profile a stalroute under load (cProfile) into FILE")
     parser.add_argument("--profile-seconds", type=float, default=10.0,

@@ -54,6 +54,11 @@ def start_server(name: str, directory: Path, config: str, argv: list[str], check
     checked = subprocess.run(check, capture_output=True, text=True, timeout=30)
     if checked.returncode != 0:
         raise RuntimeError(f"{name} rejected its config: {checked.stdout}{checked.stderr}")
+    return launch(name, directory, argv, ports)
+
+
+def launch(name: str, directory: Path, argv: list[str], ports: list[int]) -> ManagedProcess:
+    """A managed, reaped child, once it listens on ``ports``."""
     process = ManagedProcess(argv, name=name, output_path=directory / "output.log").start()
     try:
         process.wait_for_ports([(LOOPBACK, port) for port in ports], 15.0)
@@ -106,6 +111,16 @@ backend nginx
     server = start_server("haproxy", directory, config, ["haproxy", "-db", "-f", str(path)],
                               ["haproxy", "-c", "-q", "-f", str(path)], [imap_port, http_port])
     return server, imap_port, http_port
+
+
+def start_floor_proxy(directory: Path, certificate: IssuedCertificate, ca_file: Path,
+                      nodes: list[DovecotNode]) -> tuple[ManagedProcess, int]:
+    """``bench/floor_proxy.py`` before the nodes (round robin, as HAProxy); it and its port."""
+    port = free_port()
+    backends = [f"{LOOPBACK}:{node.ports.imaps_haproxy}:{node.hostname}" for node in nodes]
+    argv = [sys.executable, str(Path(__file__).with_name("floor_proxy.py")), str(port),
+            str(certificate.cert_path), str(certificate.key_path), str(ca_file), *backends]
+    return launch("floor proxy", directory, argv, [port]), port
 
 
 def start_nginx_mail(directory: Path, certificate: IssuedCertificate,
