@@ -100,7 +100,9 @@ class LinePreAuth(PreAuthMachine[C]):
     """A pre-auth server machine for a line-based protocol; subclasses add the syntax.
 
     ``literals`` is the assembler of a protocol whose commands carry ``{n}`` literals (IMAP,
-    ManageSieve); the others read bare lines.
+    ManageSieve); the others read bare lines. A subclass's table of commands is a class-level
+    table of functions: a table of bound methods in each machine would make every machine a
+    reference cycle, freed only by the collector's full passes.
     """
 
     def __init__(self, settings: PreAuthSettings[C],

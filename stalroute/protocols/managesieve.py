@@ -233,8 +233,7 @@ class ManageSievePreAuth(LinePreAuth[SieveCapabilities]):
         arguments.end()
         return self._start_sasl(mechanism.decode("ascii", "replace"), initial_response)
 
-    #: The commands it answers: functions of the class (a table of bound methods would make
-    #: every machine a reference cycle, freed only by the collector's full passes).
+    #: The commands it answers (a class-level table: see :class:`LinePreAuth`).
     _HANDLERS: ClassVar[dict[bytes, Callable[[ManageSievePreAuth, Arguments],
                                              list[PreAuthEvent]]]] = {
         b"CAPABILITY": _capability,

@@ -206,8 +206,7 @@ class POP3PreAuth(LinePreAuth[POP3Capabilities]):
     def _apop(self, argument: bytes | None) -> list[PreAuthEvent]:
         return [Reply(b"-ERR APOP is not supported\r\n")]
 
-    #: The commands it answers: functions of the class (a table of bound methods would make
-    #: every machine a reference cycle, freed only by the collector's full passes).
+    #: The commands it answers (a class-level table: see :class:`LinePreAuth`).
     _HANDLERS: ClassVar[dict[bytes, Callable[[POP3PreAuth, bytes | None],
                                              list[PreAuthEvent]]]] = {
         b"CAPA": _capa,

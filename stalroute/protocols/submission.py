@@ -209,8 +209,7 @@ class SubmissionPreAuth(LinePreAuth[SubmissionCapabilities]):
         initial_response = words[1] if len(words) == 2 else None
         return self._start_sasl(words[0].decode("ascii", "replace"), initial_response)
 
-    #: The commands it answers: functions of the class (a table of bound methods would make
-    #: every machine a reference cycle, freed only by the collector's full passes).
+    #: The commands it answers (a class-level table: see :class:`LinePreAuth`).
     _HANDLERS: ClassVar[dict[bytes, Callable[[SubmissionPreAuth, bytes | None],
                                              list[PreAuthEvent]]]] = {
         b"EHLO": _ehlo,
