@@ -33,6 +33,7 @@ from stalroute.config import (  # noqa: E402
     CertificateConfig, DestinationConfig, TLSConfig, TLSProtocolsConfig,
 )
 from stalroute.tls import ResumingClientTLS, ServerTLS, backend_tls  # noqa: E402
+from stalroute.tls_layer import TLSLayer  # noqa: E402
 from tests.harness.pki import CertificateAuthority  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def heap_in_use() -> int:
 class _LegProtocol:
     """What Twisted's client options ask of the protocol (ALPN: none) and may call."""
 
-    factory = type("NoFactory", (), {"wrappedFactory": None})()
+    factory = TLSLayer.factory
 
     def failVerification(self, reason: object) -> None:
         raise RuntimeError(f"verification failed: {reason}")

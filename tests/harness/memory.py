@@ -83,10 +83,13 @@ def connect(client: IProtocol, server: IProtocol, clock: MemoryReactorClock,
                          clock=clock)
 
 
-def server_options(cert_pem: bytes, key_pem: bytes) -> IOpenSSLContextFactory:
-    """The TLS settings of an in-memory server presenting one certificate."""
+def server_options(cert_pem: bytes, key_pem: bytes,
+                   session_tickets: bool = False) -> IOpenSSLContextFactory:
+    """The TLS settings of an in-memory server presenting one certificate (issuing session
+    tickets, with ``session_tickets``, so that a client can resume)."""
     return ssl.CertificateOptions(certificate=x509.load_pem_x509_certificate(cert_pem),
-                                  privateKey=serialization.load_pem_private_key(key_pem, None))
+                                  privateKey=serialization.load_pem_private_key(key_pem, None),
+                                  enableSessionTickets=session_tickets)
 
 
 def client_options_without_verification() -> IOpenSSLContextFactory:

@@ -9,8 +9,6 @@ import weakref
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 from OpenSSL import SSL
@@ -314,10 +312,8 @@ def test_a_closed_connection_is_freed_without_the_cycle_collector(ca, certificat
     legs = ResumingClientTLS(ssl.optionsForClientTLS("imap.test", trustRoot=ssl.Certificate.loadPEM(
         ca.cert_path.read_bytes())))
 
-    tickets = ssl.CertificateOptions(
-        certificate=x509.load_pem_x509_certificate(certificate.cert_path.read_bytes()),
-        privateKey=serialization.load_pem_private_key(certificate.key_path.read_bytes(), None),
-        enableSessionTickets=True)
+    tickets = server_options(certificate.cert_path.read_bytes(),
+                             certificate.key_path.read_bytes(), session_tickets=True)
 
     def conversation() -> tuple[Peer, Peer, Any]:
         server, client = Peer(tickets, b"* OK ready\r\n"), Peer(legs)
